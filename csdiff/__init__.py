@@ -1,0 +1,3 @@
+"""csdiff: diffusion features with content shift suppressed."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,6 @@
+"""`python -m csdiff` is the same entry point as the `csdiff` console script."""
+
+from csdiff.cli import main
+
+if __name__ == "__main__":
+    main()
