@@ -1,0 +1,176 @@
+"""Read named activations out of one UNet call.
+
+Plain forward hooks on stock diffusers modules (registered per call, so they see peft's
+LoRA wrappers that replace ``to_q`` etc.); attention probabilities through an attention
+processor installed only on the layers asked for, while every other layer keeps diffusers'
+fast default processor.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from csdiff.backbone.names import UP_CROSS, Activation, enumerate_activations, up_cross_maps
+
+
+class AttentionMapProcessor:
+    """Computes attention explicitly so the head-averaged probabilities can be kept.
+
+    Mathematically the same as diffusers' default scaled-dot-product processor (a test
+    compares both); costs O(N_q·N_k) memory, which is why it is installed only where needed.
+    """
+
+    def __init__(self, store: dict[str, torch.Tensor], key: str) -> None:
+        self.store = store
+        self.key = key
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kwargs):
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        spatial = hidden_states.ndim == 4
+        if spatial:
+            b, c, h, w = hidden_states.shape
+            hidden_states = hidden_states.view(b, c, h * w).transpose(1, 2)
+        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+        batch, n_keys, _ = context.shape
+        attention_mask = attn.prepare_attention_mask(attention_mask, n_keys, batch)
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+        query = attn.to_q(hidden_states)
+        if encoder_hidden_states is not None and attn.norm_cross:
+            context = attn.norm_encoder_hidden_states(context)
+        key, value = attn.to_k(context), attn.to_v(context)
+        query, key, value = (attn.head_to_batch_dim(x) for x in (query, key, value))
+        probs = attn.get_attention_scores(query, key, attention_mask)  # (B·heads, N_q, N_k)
+        self.store[self.key] = probs.view(batch, attn.heads, *probs.shape[1:]).mean(1)
+        out = attn.batch_to_head_dim(torch.bmm(probs, value))
+        out = attn.to_out[1](attn.to_out[0](out))
+        if spatial:
+            out = out.transpose(-1, -2).reshape(b, c, h, w)
+        if attn.residual_connection:
+            out = out + residual
+        return out / attn.rescale_output_factor
+
+
+def _first_tensor(output: Any) -> torch.Tensor:
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, (tuple, list)):
+        return output[0]
+    return output.sample  # diffusers output dataclasses
+
+
+def _tokens_to_map(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    b, n, c = x.shape
+    return x.transpose(1, 2).reshape(b, c, *size)
+
+
+class ActivationCapture:
+    """Context manager: hooks for the given names during one UNet call; results in ``features``.
+
+    ``latent_size`` (h, w) is needed only for ``up_cross``, whose maps are resized to it.
+    """
+
+    def __init__(self, unet: nn.Module, names: list[str], latent_size: tuple[int, int] | None = None) -> None:
+        self.unet = unet
+        self.names = names
+        self.latent_size = latent_size
+        table = enumerate_activations(unet)
+        self.acts: list[Activation] = [table[n] for n in names if n != UP_CROSS]
+        self.up_cross = up_cross_maps(unet) if UP_CROSS in names else {}
+        self.features: dict[str, torch.Tensor] = {}
+        self._maps: dict[str, torch.Tensor] = {}
+        self._sizes: dict[str, tuple[int, int]] = {}
+        self._handles: list[Any] = []
+        self._processors: dict[str, Any] = {}
+
+    def _install_map(self, path: str) -> None:
+        if path not in self._processors:
+            attn = self.unet.get_submodule(path)
+            self._processors[path] = attn.processor
+            attn.set_processor(AttentionMapProcessor(self._maps, path))
+            self._track_size(path.rsplit(".transformer_blocks", 1)[0])
+
+    def _track_size(self, spatial: str) -> None:
+        """Record the H×W entering a transformer, to fold its tokens back into a map."""
+        if spatial not in self._sizes:
+            self._sizes[spatial] = (0, 0)
+            module = self.unet.get_submodule(spatial)
+            self._handles.append(module.register_forward_pre_hook(self._size_hook(spatial)))
+
+    def __enter__(self) -> "ActivationCapture":
+        for act in self.acts:
+            if act.kind in ("self-map", "cross-map"):
+                self._install_map(act.module)
+                continue
+            module = self.unet.get_submodule(act.module)
+            if act.kind == "input":
+                self._handles.append(module.register_forward_pre_hook(self._input_hook(act.name)))
+            else:
+                self._handles.append(module.register_forward_hook(self._output_hook(act)))
+            if act.spatial is not None:
+                self._track_size(act.spatial)
+        for paths in self.up_cross.values():
+            for path in paths:
+                self._install_map(path)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()
+        for path, processor in self._processors.items():
+            self.unet.get_submodule(path).set_processor(processor)
+        self._handles.clear()
+        self._processors.clear()
+        if exc[0] is None:
+            self._collect_maps()
+
+    def _input_hook(self, name: str):
+        def hook(module, args):
+            self.features[name] = args[0]
+
+        return hook
+
+    def _size_hook(self, path: str):
+        def hook(module, args, *_):
+            self._sizes[path] = tuple(args[0].shape[-2:])
+
+        return hook
+
+    def _output_hook(self, act: Activation):
+        def hook(module, args, output):
+            out = _first_tensor(output)
+            if act.kind == "tokens":
+                out = _tokens_to_map(out, self._sizes[act.spatial])
+            self.features[act.name] = out
+
+        return hook
+
+    def _map_of(self, path: str) -> torch.Tensor:
+        """(B, N_q, N_k) probabilities → (B, N_k, H, W) on the query grid."""
+        probs = self._maps[path]
+        b, n_q, n_k = probs.shape
+        size = self._sizes[path.rsplit(".transformer_blocks", 1)[0]]
+        return probs.transpose(1, 2).reshape(b, n_k, *size)
+
+    def _collect_maps(self) -> None:
+        if not self._maps:  # the UNet was not called inside the context
+            return
+        for act in self.acts:
+            if act.kind in ("self-map", "cross-map"):
+                self.features[act.name] = self._map_of(act.module)
+        if self.up_cross:
+            if self.latent_size is None:
+                raise ValueError("up_cross needs the latent size")
+            levels = []
+            for paths in self.up_cross.values():
+                mean = torch.stack([self._map_of(p) for p in paths]).mean(0)
+                resized = F.interpolate(mean.float(), size=self.latent_size, mode="bilinear", align_corners=False)
+                levels.append(resized.to(mean.dtype))
+            self.features[UP_CROSS] = torch.cat(levels, dim=1)
+        self._maps.clear()

@@ -1,0 +1,256 @@
+"""The guided diffusion feature extractor (DESIGN §1).
+
+One VAE encode per batch, then per variant: noise at exactly ``timestep`` (optionally a
+guided DDIM chain from ``denoise_from``), ControlNet residuals, one UNet call with hooks.
+UNet, VAE and text encoder are shared by all variants; prompt embeddings, LoRA adapters,
+ControlNet models, condition maps and identical ControlNet calls are computed once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from csdiff.backbone.capture import ActivationCapture
+from csdiff.backbone.conditions import canny_condition
+from csdiff.backbone.loading import BackboneSpec, load_controlnet, load_sd_components, parse_dtype
+from csdiff.backbone.lora import LoRARegistry
+from csdiff.backbone.names import resolve_layers
+from csdiff.backbone.prompts import encode_prompt
+from csdiff.backbone.variants import ControlNet, Variant, as_variant
+
+Features = dict[str, dict[str, torch.Tensor]]
+
+
+class DiffusionFeatureExtractor(nn.Module):
+    """Frozen Stable Diffusion → dense features of several guided variants.
+
+    Args:
+        model: hub id, local diffusers folder, single-file checkpoint, or ``tiny``.
+        layers: activation names (see ``csdiff layers``) or named sets (``legacy``, ``practical``);
+            features come back in this order.
+        img_size: side the images are resized to (a multiple of 64 for SD 1.5 topology).
+        timestep: the integer diffusion step of extraction (exactly this ``t``; the reference
+            research code silently used ``t+1`` on SD 1.5).
+        variants: the guided variants (dataclasses or plain dicts).
+        base_model: configuration folder for single-file checkpoints.
+        latent: ``mean`` of the VAE posterior, or a ``sample`` drawn with ``vae_seed``.
+        fresh_noise: draw new noise per image and call (training augmentation) instead of
+            the batch-independent, seeded noise map of each variant.
+        dtype: dtype of the frozen parts; ``feature_dtype``: dtype of returned features.
+    """
+
+    def __init__(
+        self,
+        model: str = "tiny",
+        layers: Sequence[str] = ("up-level1-upsampler-out",),
+        img_size: int = 128,
+        timestep: int = 50,
+        variants: Sequence[Variant | dict] = (Variant(name="plain"),),
+        base_model: str | None = None,
+        latent: str = "mean",
+        vae_seed: int = 0,
+        fresh_noise: bool = False,
+        dtype: str = "float32",
+        feature_dtype: str = "float32",
+    ) -> None:
+        super().__init__()
+        if latent not in ("mean", "sample"):
+            raise ValueError(f"latent must be 'mean' or 'sample', got {latent!r}")
+        self.variants = [as_variant(v) for v in variants]
+        if not self.variants:
+            raise ValueError("give at least one variant")
+        names = [v.name for v in self.variants]
+        if len(set(names)) != len(names):
+            raise ValueError(f"variant names must be unique, got {names}")
+        parts = load_sd_components(model, base_model=base_model, dtype=dtype)
+        self.unet, self.vae, self.text_encoder = parts.unet, parts.vae, parts.text_encoder
+        self.tokenizer, self.scheduler, self.spec = parts.tokenizer, parts.scheduler, parts.spec
+        self.layers = resolve_layers(self.unet, layers)
+        self.latent_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        self.size_multiple = self.latent_factor * 2 ** (len(self.unet.config.block_out_channels) - 1)
+        if img_size <= 0 or img_size % self.size_multiple:
+            raise ValueError(
+                f"img_size={img_size} does not suit this model: it must be a positive multiple of {self.size_multiple} "
+                f"(VAE ×{self.latent_factor}, then {len(self.unet.config.block_out_channels) - 1} UNet downsamplings)"
+            )
+        n_steps = self.scheduler.config.num_train_timesteps
+        for t in [timestep] + [v.denoise_from for v in self.variants if v.denoise_from is not None]:
+            if not 0 <= t < n_steps:
+                raise ValueError(f"timestep {t} is outside the scheduler's range [0, {n_steps})")
+        for v in self.variants:
+            if v.denoise_from is not None and v.denoise_from <= timestep:
+                raise ValueError(f"variant {v.name!r}: denoise_from ({v.denoise_from}) must be above timestep ({timestep})")
+        self.img_size, self.timestep = img_size, timestep
+        self.latent, self.vae_seed, self.fresh_noise = latent, vae_seed, fresh_noise
+        self.dtype = parse_dtype(dtype)
+        self.feature_dtype = parse_dtype(feature_dtype)
+        self.loras = LoRARegistry(self.unet, self.text_encoder)
+        self.controlnets = nn.ModuleDict()
+        self.controlnet_ids: dict[str, str] = {}
+        self._controlnet_keys: dict[str, str] = {}
+        for v in self.variants:
+            for lora in v.loras:
+                self.loras.load(lora.path)
+            for cn in v.controlnets:
+                if cn.model not in self._controlnet_keys:
+                    key = f"cn{len(self._controlnet_keys)}"
+                    self.controlnets[key], self.controlnet_ids[cn.model] = load_controlnet(cn.model, dtype)
+                    self._controlnet_keys[cn.model] = key
+        self._prompt_cache: dict[tuple, torch.Tensor] = {}
+        self.requires_grad_(False)
+        self.eval()
+
+    # --- frozen: stays in eval mode even when an enclosing module trains ---
+    def train(self, mode: bool = True) -> "DiffusionFeatureExtractor":
+        return super().train(False)
+
+    @property
+    def device(self) -> torch.device:
+        return self.unet.device
+
+    def describe(self) -> dict:
+        """Plain-dict description (backbone spec, settings): goes into checkpoints' hyperparameters."""
+        return dict(
+            backbone=self.spec.to_dict(),
+            controlnets=dict(self.controlnet_ids),
+            layers=list(self.layers),
+            img_size=self.img_size,
+            timestep=self.timestep,
+            latent=self.latent,
+            variants=[v.to_dict() for v in self.variants],
+        )
+
+    def feature_channels(self) -> dict[str, tuple[int, int, int]]:
+        """(C, h, w) of each layer at ``img_size`` (one probe call on a blank image)."""
+        probe = torch.zeros(1, 3, self.img_size, self.img_size, device=self.device)
+        feats = self.forward(probe, variants=[self.variants[0].name])[self.variants[0].name]
+        return {name: tuple(f.shape[1:]) for name, f in feats.items()}
+
+    # --- pieces ---
+    def prompt_embedding(self, prompt: str, text_key: tuple) -> torch.Tensor:
+        key = (prompt, text_key)
+        if key not in self._prompt_cache:
+            self._prompt_cache[key] = encode_prompt(self.tokenizer, self.text_encoder, prompt)
+        return self._prompt_cache[key]
+
+    def _apply(self, fn, *args, **kwargs):
+        self._prompt_cache.clear()  # embeddings follow the module's device/dtype
+        return super()._apply(fn, *args, **kwargs)
+
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """Resize to ``img_size``, VAE-encode, scale: (B,3,H,W) in [-1,1] → (B,4,h,w)."""
+        x = self.resize(images).to(self.dtype)
+        posterior = self.vae.encode(x).latent_dist
+        if self.latent == "mean":
+            z = posterior.mean
+        else:
+            eps = self._seeded_noise(self.vae_seed, posterior.mean.shape[1:], images.shape[0])
+            z = posterior.mean + posterior.std * eps
+        return z * self.vae.config.scaling_factor
+
+    def resize(self, images: torch.Tensor) -> torch.Tensor:
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"images must be (B, 3, H, W) in [-1, 1], got shape {tuple(images.shape)}")
+        if images.shape[-2:] == (self.img_size, self.img_size):
+            return images.to(self.device)
+        return F.interpolate(images.to(self.device).float(), size=(self.img_size, self.img_size), mode="bilinear", align_corners=False, antialias=True)
+
+    def _seeded_noise(self, seed: int, shape: Sequence[int], batch: int) -> torch.Tensor:
+        """One noise map per seed, broadcast over the batch: an image's features never depend on its batch."""
+        gen = torch.Generator(device="cpu").manual_seed(seed)
+        noise = torch.randn((1, *shape), generator=gen, dtype=torch.float32)
+        return noise.to(self.device, self.dtype).expand(batch, *shape)
+
+    def _noise(self, variant: Variant, shape: Sequence[int], batch: int) -> torch.Tensor:
+        if self.fresh_noise:
+            return torch.randn((batch, *shape), device=self.device, dtype=self.dtype)
+        return self._seeded_noise(variant.seed, shape, batch)
+
+    def add_noise(self, latents: torch.Tensor, noise: torch.Tensor, t: int) -> torch.Tensor:
+        """Forward diffusion to exactly step ``t`` with the scheduler's own ``add_noise``."""
+        steps = torch.full((latents.shape[0],), t, dtype=torch.long, device=latents.device)
+        return self.scheduler.add_noise(latents, noise, steps)
+
+    def ddim_step(self, x: torch.Tensor, eps: torch.Tensor, t: int) -> torch.Tensor:
+        """Deterministic DDIM update from step t to t-1 (eta 0)."""
+        ac = self.scheduler.alphas_cumprod.to(x.device, torch.float32)
+        a_t, a_prev = ac[t], ac[t - 1]
+        x0 = (x.float() - (1 - a_t).sqrt() * eps.float()) / a_t.sqrt()
+        return (a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps.float()).to(x.dtype)
+
+    def conditions(self, variant: Variant, images: torch.Tensor, provided: dict[str, torch.Tensor] | None, cache: dict) -> list[torch.Tensor]:
+        out = []
+        for cn in variant.controlnets:
+            if cn.condition == "provided":
+                if not provided or variant.name not in provided:
+                    raise ValueError(f"variant {variant.name!r} uses a provided ControlNet condition: pass conditions={{{variant.name!r}: tensor}}")
+                cond = self.resize(provided[variant.name].float() * 2 - 1) * 0.5 + 0.5
+            else:
+                key = ("canny", cn.low, cn.high)
+                if key not in cache:
+                    cache[key] = canny_condition(self.resize(images), cn.low, cn.high)
+                cond = cache[key]
+            out.append(cond.to(self.device, self.dtype))
+        return out
+
+    def control_residuals(self, variant, noisy, t, emb, conds, cache: dict | None, share_key: tuple | None) -> dict:
+        """Summed ControlNet residuals. With a ``share_key`` (what fixes the noisy latent and the
+        embedding), an identical call made for an earlier variant is reused, not repeated."""
+        down, mid = None, None
+        for cn, cond in zip(variant.controlnets, conds):
+            key = None if share_key is None else (cn.model, cn.condition, cn.low, cn.high, cn.scale, t, share_key)
+            if key is not None and key in cache:
+                d, m = cache[key]
+            else:
+                net = self.controlnets[self._controlnet_keys[cn.model]]
+                d, m = net(noisy, t, encoder_hidden_states=emb, controlnet_cond=cond, conditioning_scale=cn.scale, return_dict=False)
+                if key is not None:
+                    cache[key] = (d, m)
+            down = list(d) if down is None else [a + b for a, b in zip(down, d)]
+            mid = m if mid is None else mid + m
+        if down is None:
+            return {}
+        return dict(down_block_additional_residuals=down, mid_block_additional_residual=mid)
+
+    @torch.no_grad()
+    def forward(
+        self,
+        images: torch.Tensor,
+        conditions: dict[str, torch.Tensor] | None = None,
+        variants: Sequence[str] | None = None,
+    ) -> Features:
+        """Features of each variant: ``{variant: {layer: (B, C, h, w)}}`` in the order of ``layers``.
+
+        ``conditions`` maps variant names to condition images in [0, 1] for ``provided``
+        ControlNet conditions; ``variants`` restricts the call to some variants.
+        """
+        chosen = self.variants if variants is None else [v for v in self.variants if v.name in set(variants)]
+        latents = self.encode_images(images)
+        batch, shape = latents.shape[0], latents.shape[1:]
+        cond_cache: dict = {}
+        control_cache: dict = {}
+        out: Features = {}
+        for variant in chosen:
+            text_key = self.loras.activate(list(variant.loras))
+            emb = self.prompt_embedding(variant.prompt, text_key).to(self.device, self.dtype).expand(batch, -1, -1)
+            conds = self.conditions(variant, images, conditions, cond_cache)
+            noise = self._noise(variant, shape, batch)
+            if variant.denoise_from is None:
+                noisy = self.add_noise(latents, noise, self.timestep)
+                # A UNet LoRA does not reach the ControlNet: seed, prompt and text adapters fix its inputs.
+                share_key = None if self.fresh_noise else (variant.seed, variant.prompt, text_key)
+            else:
+                noisy = self.add_noise(latents, noise, variant.denoise_from)
+                for t in range(variant.denoise_from, self.timestep, -1):
+                    extra = self.control_residuals(variant, noisy, t, emb, conds, None, None)
+                    eps = self.unet(noisy, t, encoder_hidden_states=emb, **extra).sample
+                    noisy = self.ddim_step(noisy, eps, t)
+                share_key = None  # the chain depends on every guidance setting: never shared
+            extra = self.control_residuals(variant, noisy, self.timestep, emb, conds, control_cache, share_key)
+            with ActivationCapture(self.unet, self.layers, latent_size=tuple(shape[-2:])) as capture:
+                self.unet(noisy, self.timestep, encoder_hidden_states=emb, **extra)
+            out[variant.name] = {name: capture.features[name].to(self.feature_dtype) for name in self.layers}
+        return out

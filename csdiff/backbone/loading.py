@@ -1,0 +1,229 @@
+"""Load the frozen parts of a Stable Diffusion model from one model string.
+
+A model string is a hub id, a local diffusers folder, a single-file checkpoint
+(``.safetensors`` / ``.ckpt``, which needs a base-model folder for its configuration when
+offline), or ``tiny`` (csdiff's own miniature, shipped as package data). All of them end up
+in the same code: a local folder in the diffusers layout, loaded component by component.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, ControlNetModel, PNDMScheduler, SchedulerMixin, UNet2DConditionModel
+from transformers import CLIPTextModel, CLIPTokenizer
+
+from csdiff.backbone.tiny import TINY_ALIASES
+
+SD_SUBFOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class BackboneNotAvailableError(RuntimeError):
+    """Weights that cannot be found locally nor downloaded."""
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """What was loaded: recorded in checkpoints so that other weights are recognised later.
+
+    ``weights_id`` is the hub revision (commit hash) for hub ids, else a fingerprint of the
+    weight files (names, sizes and sampled bytes; see :func:`fingerprint_files`).
+    """
+
+    model: str
+    weights_id: str
+    base_model: str | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class SDComponents:
+    unet: UNet2DConditionModel
+    vae: AutoencoderKL
+    text_encoder: CLIPTextModel
+    tokenizer: CLIPTokenizer
+    scheduler: SchedulerMixin
+    spec: BackboneSpec
+
+
+def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def _hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+
+
+def _how_to_provide(model: str) -> str:
+    return (
+        f"Download it once on a machine with network access, e.g. "
+        f"`python checkpoints_scripts/download_weights.py {model} --out /path/to/folder`, copy the folder here and "
+        f"pass the folder instead of the hub id (e.g. `--model.init_args.backbone.model /path/to/folder`). "
+        f"The built-in `tiny` model needs no download."
+    )
+
+
+def fingerprint_files(files: list[Path], root: Path) -> str:
+    """A cheap, stable fingerprint of weight files: names, sizes and 3 sampled 1 MiB chunks.
+
+    Hashing multi-GB files in full at every start would cost seconds to minutes; this still
+    tells apart any two real checkpoints.
+    """
+    h = hashlib.sha256()
+    chunk = 1 << 20
+    for f in sorted(files):
+        size = f.stat().st_size
+        h.update(f"{f.relative_to(root).as_posix()}:{size}".encode())
+        with open(f, "rb") as fh:
+            for offset in sorted({0, max(0, size // 2 - chunk // 2), max(0, size - chunk)}):
+                fh.seek(offset)
+                h.update(fh.read(chunk))
+    return h.hexdigest()[:16]
+
+
+def _weight_files(folder: Path) -> list[Path]:
+    return [p for p in folder.rglob("*") if p.suffix in (".safetensors", ".bin", ".ckpt", ".pt") and p.is_file()]
+
+
+def resolve_model_folder(model: str, subfolders: tuple[str, ...] | None = SD_SUBFOLDERS) -> tuple[Path, str]:
+    """Turn a model string into a local folder and its weights id; hub ids are fetched or found in the cache.
+
+    Never retries: offline (``HF_HUB_OFFLINE=1`` or no network), an uncached hub id fails at
+    once with one message that says how to provide the weights.
+    """
+    if model in TINY_ALIASES:
+        folder = TINY_ALIASES[model]
+        if not folder.is_dir():
+            raise BackboneNotAvailableError(
+                f"the packaged `{model}` weights are missing at {folder}; reinstall csdiff or run "
+                f"`python checkpoints_scripts/train_tiny.py`"
+            )
+        return folder, fingerprint_files(_weight_files(folder), folder)
+    path = Path(model).expanduser()
+    if path.is_dir():
+        files = _weight_files(path)
+        if not files:
+            raise BackboneNotAvailableError(f"{path} holds no weight files (*.safetensors, *.bin)")
+        return path, fingerprint_files(files, path)
+    if path.suffix in SINGLE_FILE_SUFFIXES or model.startswith(("/", ".", "~")) or model.count("/") != 1:
+        raise BackboneNotAvailableError(
+            f"no such file or folder: {path} (a hub id has the form `org/name`; built-in: {', '.join(TINY_ALIASES)})"
+        )
+    return _snapshot(model, subfolders)
+
+
+def _snapshot(repo_id: str, subfolders: tuple[str, ...] | None) -> tuple[Path, str]:
+    from huggingface_hub import snapshot_download
+
+    patterns = ["*.json", "*.txt", "*.safetensors"] if subfolders is None else (
+        ["model_index.json"] + [f"{s}/*.{ext}" for s in subfolders for ext in ("json", "txt", "safetensors")]
+    )
+    offline = _hub_offline()
+    try:
+        folder = snapshot_download(
+            repo_id,
+            allow_patterns=patterns,
+            ignore_patterns=["*.fp16.*", "*non_ema*", "*.ema.*"],
+            local_files_only=offline,
+            etag_timeout=10,
+        )
+    except Exception as err:  # the hub client raises many types; all mean "not available here"
+        why = "HF_HUB_OFFLINE is set" if offline else f"the hub could not be reached ({type(err).__name__})"
+        raise BackboneNotAvailableError(
+            f"model {repo_id!r} is not a local file or folder, is not in the local Hugging Face cache, and {why}. "
+            + _how_to_provide(repo_id)
+        ) from None
+    folder = Path(folder)
+    return folder, folder.name  # snapshot folders are named by the hub revision
+
+
+def load_sd_components(
+    model: str = "tiny",
+    base_model: str | None = None,
+    dtype: str | torch.dtype = "float32",
+    load_vae_decoder: bool = False,
+) -> SDComponents:
+    """Load UNet, VAE (encoder only unless asked), text encoder, tokenizer and scheduler, frozen.
+
+    No safety checker, no feature extractor: only what feature extraction needs.
+    """
+    torch_dtype = parse_dtype(dtype)
+    path = Path(model).expanduser()
+    if path.suffix in SINGLE_FILE_SUFFIXES and path.is_file():
+        components = _load_single_file(path, base_model, torch_dtype)
+    else:
+        folder, weights_id = resolve_model_folder(model)
+        missing = [s for s in SD_SUBFOLDERS if not (folder / s).is_dir()]
+        if missing:
+            raise BackboneNotAvailableError(
+                f"{folder} is not a Stable Diffusion folder in the diffusers layout: missing {', '.join(missing)}/"
+            )
+        unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", torch_dtype=torch_dtype)
+        vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", torch_dtype=torch_dtype)
+        text_encoder = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", dtype=torch_dtype)
+        tokenizer = load_tokenizer(folder / "tokenizer", text_encoder.config.vocab_size)
+        scheduler = PNDMScheduler.from_pretrained(folder, subfolder="scheduler")
+        components = SDComponents(unet, vae, text_encoder, tokenizer, scheduler, BackboneSpec(model, weights_id, base_model))
+    if not load_vae_decoder:
+        components.vae.decoder = None
+        components.vae.post_quant_conv = None
+    for module in (components.unet, components.vae, components.text_encoder):
+        module.requires_grad_(False).eval()
+    return components
+
+
+def load_tokenizer(folder: Path, vocab_size: int) -> CLIPTokenizer:
+    """Load a CLIP tokenizer and check it really read its files.
+
+    Some transformers versions return a near-empty tokenizer for missing or unreadable
+    vocabulary files instead of failing.
+    """
+    tokenizer = CLIPTokenizer.from_pretrained(folder)
+    if len(tokenizer) != vocab_size:
+        raise BackboneNotAvailableError(
+            f"tokenizer at {folder} has {len(tokenizer)} tokens but the text encoder expects {vocab_size}: "
+            f"its vocab.json / merges.txt are missing or unreadable"
+        )
+    return tokenizer
+
+
+def _load_single_file(path: Path, base_model: str | None, torch_dtype: torch.dtype) -> SDComponents:
+    """A whole SD checkpoint in one file (original LDM key names), configured by a base folder."""
+    from diffusers import StableDiffusionPipeline
+
+    if base_model is None:
+        raise BackboneNotAvailableError(
+            f"{path} is a single-file checkpoint: it needs a base-model folder in the diffusers layout for its "
+            f"configuration (offline). Pass `base_model` (e.g. `--model.init_args.backbone.base_model "
+            f"/path/to/stable-diffusion-v1-5`, or `tiny` for checkpoints of the tiny model)."
+        )
+    base_folder, _ = resolve_model_folder(base_model)
+    # diffusers reads `.ckpt` files with torch.load(weights_only=True): pickled code is refused.
+    pipe = StableDiffusionPipeline.from_single_file(
+        str(path), config=str(base_folder), local_files_only=True, torch_dtype=torch_dtype,
+        safety_checker=None, requires_safety_checker=False,
+    )
+    tokenizer = load_tokenizer(base_folder / "tokenizer", pipe.text_encoder.config.vocab_size)
+    spec = BackboneSpec(str(path), fingerprint_files([path], path.parent), base_model)
+    return SDComponents(pipe.unet, pipe.vae, pipe.text_encoder, tokenizer, pipe.scheduler, spec)
+
+
+def load_controlnet(model: str, dtype: str | torch.dtype = "float32") -> tuple[ControlNetModel, str]:
+    """Load a ControlNet (hub id, local folder, or ``tiny-controlnet-canny``), frozen; returns it and its weights id."""
+    folder, weights_id = resolve_model_folder(model, subfolders=None)
+    if not (folder / "config.json").is_file():
+        raise BackboneNotAvailableError(f"{folder} is not a ControlNet folder: no config.json")
+    controlnet = ControlNetModel.from_pretrained(folder, torch_dtype=parse_dtype(dtype))
+    return controlnet.requires_grad_(False).eval(), weights_id

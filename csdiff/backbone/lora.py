@@ -1,0 +1,111 @@
+"""LoRA adapters shared by all variants: each file is loaded once as a named adapter.
+
+Files may be diffusers LoRA folders/files, kohya files (``lora_unet_…``/``lora_te_…``), or
+A1111/LDM-named files (``lora_unet_input_blocks_…``; mapped with the UNet's configuration).
+Loading goes through diffusers' converters and peft; switching a variant's adapters is a
+cheap flag change, not a reload.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+from diffusers import StableDiffusionPipeline
+from diffusers.loaders.lora_base import (
+    disable_lora_for_text_encoder,
+    enable_lora_for_text_encoder,
+    set_adapters_for_text_encoder,
+)
+from peft.tuners.tuners_utils import BaseTunerLayer
+from torch import nn
+
+LORA_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".bin")
+
+
+class LoRAError(ValueError):
+    """A LoRA file that is missing, unreadable or adapts nothing."""
+
+
+@dataclass(frozen=True)
+class LoRA:
+    """One LoRA applied to a variant: a file or diffusers LoRA folder, and its scale."""
+
+    path: str
+    scale: float = 1.0
+
+
+def _adapted_modules(model: nn.Module, adapter: str) -> int:
+    return sum(1 for m in model.modules() if isinstance(m, BaseTunerLayer) and adapter in getattr(m, "lora_A", {}))
+
+
+class LoRARegistry:
+    """Loads LoRA files into a shared UNet and text encoder and activates them per variant."""
+
+    def __init__(self, unet: nn.Module, text_encoder: nn.Module) -> None:
+        self.unet = unet
+        self.text_encoder = text_encoder
+        self.adapters: dict[str, str] = {}  # resolved path -> adapter name
+        self.in_unet: set[str] = set()
+        self.in_text_encoder: set[str] = set()
+
+    def load(self, path: str) -> str:
+        """Load a LoRA once; returns its adapter name."""
+        resolved = str(Path(path).expanduser().resolve())
+        if resolved in self.adapters:
+            return self.adapters[resolved]
+        file = Path(resolved)
+        if not file.exists():
+            raise LoRAError(f"LoRA file not found: {path}. Check the path in the variant's `loras` list.")
+        if file.is_file() and file.suffix not in LORA_SUFFIXES:
+            raise LoRAError(f"{path} is not a LoRA file (expected one of {', '.join(LORA_SUFFIXES)} or a folder)")
+        name = f"lora_{hashlib.sha1(resolved.encode()).hexdigest()[:10]}"
+        kwargs = dict(weight_name=file.name) if file.is_file() else {}
+        location = str(file.parent if file.is_file() else file)
+        try:
+            state_dict, alphas, metadata = StableDiffusionPipeline.lora_state_dict(
+                location, unet_config=self.unet.config, return_lora_metadata=True, local_files_only=True,
+                use_safetensors=None if file.suffix != ".safetensors" else True, **kwargs,
+            )
+        except Exception as err:
+            raise LoRAError(f"cannot read LoRA {path}: {err}") from None
+        try:
+            StableDiffusionPipeline.load_lora_into_unet(state_dict, alphas, self.unet, adapter_name=name, metadata=metadata)
+            if any(k.startswith("text_encoder.") for k in state_dict):
+                StableDiffusionPipeline.load_lora_into_text_encoder(
+                    state_dict, alphas, self.text_encoder, prefix="text_encoder", adapter_name=name, metadata=metadata
+                )
+        except Exception as err:
+            raise LoRAError(f"LoRA {path} does not fit this backbone: {err}") from None
+        n_unet, n_text = _adapted_modules(self.unet, name), _adapted_modules(self.text_encoder, name)
+        if n_unet + n_text == 0:
+            raise LoRAError(
+                f"LoRA {path} adapts zero modules of this backbone (its keys match no UNet or text-encoder layer): "
+                f"is it a LoRA for another model family?"
+            )
+        if n_unet:
+            self.in_unet.add(name)
+        if n_text:
+            self.in_text_encoder.add(name)
+        self.adapters[resolved] = name
+        return name
+
+    def activate(self, loras: list[LoRA]) -> tuple[tuple[str, float], ...]:
+        """Switch to exactly these LoRAs; returns the text-encoder adapter key (for prompt caching)."""
+        names = [(self.load(l.path), l.scale) for l in loras]
+        unet_sel = [(n, s) for n, s in names if n in self.in_unet]
+        text_sel = [(n, s) for n, s in names if n in self.in_text_encoder]
+        if self.in_unet:
+            if unet_sel:
+                self.unet.enable_adapters()
+                self.unet.set_adapters([n for n, _ in unet_sel], weights=[s for _, s in unet_sel])
+            else:
+                self.unet.disable_adapters()
+        if self.in_text_encoder:
+            if text_sel:
+                enable_lora_for_text_encoder(self.text_encoder)
+                set_adapters_for_text_encoder([n for n, _ in text_sel], self.text_encoder, [s for _, s in text_sel])
+            else:
+                disable_lora_for_text_encoder(self.text_encoder)
+        return tuple(text_sel)

@@ -1,0 +1,144 @@
+"""Activation names: one grammar for every UNet feature (DESIGN §2).
+
+``{down-level{L} | mid | up-level{L}}[-repeat{R}]-{res|vit}[...]-{suffix}`` plus samplers and
+``unet-in`` / ``unet-after-conv-in`` / ``unet-out``. A name resolves to a module path on a
+stock diffusers ``UNet2DConditionModel`` and a *kind* that says how the feature is read.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+from typing import Iterable, Literal
+
+from torch import nn
+
+Kind = Literal["output", "input", "tokens", "self-map", "cross-map"]
+
+# Aggregated attention feature: cross-attention maps of up-level1 and up-level2 (DESIGN §2).
+UP_CROSS = "up_cross"
+UP_CROSS_LEVELS = (1, 2)
+
+LAYER_SETS: dict[str, tuple[str, ...]] = {
+    "legacy": (
+        "up-level0-upsampler-out",
+        "up-level1-upsampler-out",
+        "up-level2-upsampler-out",
+        "up-level3-repeat2-vit-out",
+    ),
+    "practical": (
+        "up-level1-repeat1-vit-block0-cross-q",
+        "up-level1-repeat2-res-out",
+        "up-level2-repeat1-vit-block0-cross-q",
+        "up-level3-repeat0-vit-block0-self-k",
+    ),
+}
+
+
+class UnknownLayerError(ValueError):
+    """A layer name that the model does not have."""
+
+
+@dataclass(frozen=True)
+class Activation:
+    """Where a named activation lives and how it is read.
+
+    ``module`` is the dotted path of the hooked module; ``kind``: ``output`` (a (B,C,H,W)
+    output), ``input`` (the module's input, for ``unet-in``), ``tokens`` (a (B,HW,C) output of
+    a transformer sub-module), ``self-map`` / ``cross-map`` (attention probabilities of the
+    ``Attention`` module at ``module``). ``spatial`` is the transformer (``Transformer2DModel``)
+    whose input size gives token-shaped outputs their H×W.
+    """
+
+    name: str
+    module: str
+    kind: Kind
+    spatial: str | None = None
+
+
+_TRANSFORMER_PARTS: tuple[tuple[str, str, Kind], ...] = (
+    ("out", "", "tokens"),
+    ("self-q", ".attn1.to_q", "tokens"),
+    ("self-k", ".attn1.to_k", "tokens"),
+    ("self-v", ".attn1.to_v", "tokens"),
+    ("cross-q", ".attn2.to_q", "tokens"),
+    ("ffn-inner", ".ff.net.0", "tokens"),
+    ("self-map", ".attn1", "self-map"),
+    ("cross-map", ".attn2", "cross-map"),
+)
+
+
+def _block_activations(prefix: str, path: str, block: nn.Module) -> list[Activation]:
+    acts: list[Activation] = []
+    resnets = getattr(block, "resnets", None) or []
+    attentions = getattr(block, "attentions", None) or []
+    for r in range(max(len(resnets), len(attentions))):
+        if r < len(resnets):
+            res = f"{path}.resnets.{r}"
+            acts.append(Activation(f"{prefix}-repeat{r}-res-out", res, "output"))
+            acts.append(Activation(f"{prefix}-repeat{r}-res-increment", f"{res}.conv2", "output"))
+        if r < len(attentions):
+            attn = f"{path}.attentions.{r}"
+            acts.append(Activation(f"{prefix}-repeat{r}-vit-out", attn, "output"))
+            for i in range(len(attentions[r].transformer_blocks)):
+                tb = f"{attn}.transformer_blocks.{i}"
+                for suffix, sub, kind in _TRANSFORMER_PARTS:
+                    acts.append(Activation(f"{prefix}-repeat{r}-vit-block{i}-{suffix}", tb + sub, kind, spatial=attn))
+    return acts
+
+
+def enumerate_activations(unet: nn.Module) -> dict[str, Activation]:
+    """Every valid activation name of a diffusers UNet2DConditionModel, in network order."""
+    acts = [Activation("unet-in", "conv_in", "input"), Activation("unet-after-conv-in", "conv_in", "output")]
+    for level, block in enumerate(unet.down_blocks):
+        acts += _block_activations(f"down-level{level}", f"down_blocks.{level}", block)
+        if getattr(block, "downsamplers", None):
+            acts.append(Activation(f"down-level{level}-downsampler-out", f"down_blocks.{level}.downsamplers.0", "output"))
+    acts += _block_activations("mid", "mid_block", unet.mid_block)
+    for level, block in enumerate(unet.up_blocks):
+        acts += _block_activations(f"up-level{level}", f"up_blocks.{level}", block)
+        if getattr(block, "upsamplers", None):
+            acts.append(Activation(f"up-level{level}-upsampler-out", f"up_blocks.{level}.upsamplers.0", "output"))
+    acts.append(Activation("unet-out", "conv_out", "output"))
+    return {a.name: a for a in acts}
+
+
+def up_cross_maps(unet: nn.Module) -> dict[int, list[str]]:
+    """Module paths of the cross-attention layers that make up ``up_cross``, per up-level."""
+    out: dict[int, list[str]] = {}
+    for level in UP_CROSS_LEVELS:
+        block = unet.up_blocks[level]
+        out[level] = [
+            f"up_blocks.{level}.attentions.{r}.transformer_blocks.{i}.attn2"
+            for r, attn in enumerate(getattr(block, "attentions", None) or [])
+            for i in range(len(attn.transformer_blocks))
+        ]
+    return out
+
+
+def expand_layers(layers: str | Iterable[str]) -> list[str]:
+    """Expand named sets (``legacy``, ``practical``) in place, keeping the user's order."""
+    if isinstance(layers, str):
+        layers = [layers]
+    out: list[str] = []
+    for name in layers:
+        for member in LAYER_SETS.get(name, (name,)):
+            if member not in out:
+                out.append(member)
+    return out
+
+
+def resolve_layers(unet: nn.Module, layers: str | Iterable[str]) -> list[str]:
+    """Validate layer names against a UNet; unknown names fail with the closest valid ones."""
+    names = expand_layers(layers)
+    if not names:
+        raise UnknownLayerError("no layers given: name at least one activation (see `csdiff layers`)")
+    valid = enumerate_activations(unet)
+    for name in names:
+        if name != UP_CROSS and name not in valid:
+            close = difflib.get_close_matches(name, list(valid) + [UP_CROSS, *LAYER_SETS], n=3, cutoff=0.6)
+            hint = f" (did you mean {', '.join(repr(c) for c in close)}?)" if close else ""
+            raise UnknownLayerError(
+                f"unknown layer name {name!r}{hint}. Run `csdiff layers --model <model>` to list all valid names."
+            )
+    return names

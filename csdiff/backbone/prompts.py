@@ -1,0 +1,33 @@
+"""Prompt encoding without the 77-token limit.
+
+A fine-grained prompt may exceed CLIP's 77 tokens: it is cut into windows of 75 tokens,
+each wrapped in BOS/EOS (and padded to 77), encoded separately and concatenated along the
+token axis, so the UNet's cross-attention sees every word.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import CLIPTextModel, CLIPTokenizer
+
+
+def prompt_windows(tokenizer: CLIPTokenizer, prompt: str) -> torch.Tensor:
+    """Token ids of shape (n_windows, 77): BOS + up to 75 tokens + EOS, padded."""
+    length = tokenizer.model_max_length
+    body = length - 2
+    ids = tokenizer(prompt, add_special_tokens=False, truncation=False, verbose=False).input_ids
+    chunks = [ids[i : i + body] for i in range(0, len(ids), body)] or [[]]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    rows = []
+    for chunk in chunks:
+        row = [tokenizer.bos_token_id, *chunk, tokenizer.eos_token_id]
+        rows.append(row + [pad] * (length - len(row)))
+    return torch.tensor(rows, dtype=torch.long)
+
+
+@torch.no_grad()
+def encode_prompt(tokenizer: CLIPTokenizer, text_encoder: CLIPTextModel, prompt: str) -> torch.Tensor:
+    """Text embedding (1, 77·n_windows, D) for the UNet's cross-attention."""
+    ids = prompt_windows(tokenizer, prompt).to(text_encoder.device)
+    hidden = text_encoder(ids)[0]  # (n_windows, 77, D)
+    return hidden.reshape(1, -1, hidden.shape[-1])

@@ -1,0 +1,65 @@
+"""Feature variants: one combination of guidance techniques each (DESIGN §1).
+
+Plain dataclasses of plain values, so configs (YAML, jsonargparse) and checkpoints
+(hyperparameters loaded with ``weights_only=True``) hold them as ordinary dicts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Literal
+
+from csdiff.backbone.lora import LoRA
+
+
+@dataclass(frozen=True)
+class ControlNet:
+    """A ControlNet applied at the extraction timestep.
+
+    ``condition``: ``canny`` (OpenCV Canny of the input at ``img_size``, thresholds
+    ``low``/``high``) or ``provided`` (the caller passes the condition images).
+    """
+
+    model: str
+    condition: Literal["canny", "provided"] = "canny"
+    low: int = 100
+    high: int = 200
+    scale: float = 1.0
+
+
+@dataclass(frozen=True)
+class Variant:
+    """Name, prompt, LoRAs, ControlNets, optional multi-step denoising, noise seed."""
+
+    name: str
+    prompt: str = ""
+    seed: int = 0
+    loras: tuple[LoRA, ...] = field(default_factory=tuple)
+    controlnets: tuple[ControlNet, ...] = field(default_factory=tuple)
+    denoise_from: int | None = None
+
+    def __post_init__(self) -> None:
+        # Accept lists and plain dicts (YAML, hyperparameters) as well as the dataclasses.
+        object.__setattr__(self, "loras", tuple(l if isinstance(l, LoRA) else LoRA(**l) for l in self.loras))
+        object.__setattr__(
+            self, "controlnets", tuple(c if isinstance(c, ControlNet) else ControlNet(**c) for c in self.controlnets)
+        )
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["loras"] = [dict(l) for l in d["loras"]]
+        d["controlnets"] = [dict(c) for c in d["controlnets"]]
+        return d
+
+
+def as_variant(v: Variant | dict) -> Variant:
+    """A Variant from a Variant or a plain dict; unknown keys name the valid ones."""
+    if isinstance(v, Variant):
+        return v
+    if not isinstance(v, dict):
+        raise TypeError(f"a variant must be a mapping or Variant, got {type(v).__name__}")
+    valid = set(Variant.__dataclass_fields__)
+    unknown = sorted(set(v) - valid)
+    if unknown:
+        raise ValueError(f"unknown variant key(s) {unknown} in variant {v.get('name', '?')!r}; valid keys: {sorted(valid)}")
+    return Variant(**v)

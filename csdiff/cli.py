@@ -1,0 +1,160 @@
+"""The `csdiff` command: LightningCLI for fit/validate/test/predict, plus csdiff's own verbs.
+
+Own verbs (``layers``, ``extract``) have jsonargparse parsers too, so every command takes
+``--config``, ``--print_config`` and dotted overrides: one entry point, one config language.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from jsonargparse import ActionConfigFile, ArgumentParser
+
+from csdiff import __version__
+
+LIGHTNING_VERBS = ("fit", "validate", "test", "predict")
+
+
+def _parser(prog: str, description: str) -> ArgumentParser:
+    parser = ArgumentParser(prog=f"csdiff {prog}", description=description, exit_on_error=True)
+    parser.add_argument("--config", action=ActionConfigFile, help="a YAML file with any of these options")
+    return parser
+
+
+def run_layers(argv: list[str]) -> int:
+    """Print every activation name of a model with its (C, H, W) shape at an image size."""
+    from csdiff.backbone.listing import list_layers
+    from csdiff.backbone.loading import load_sd_components
+
+    parser = _parser("layers", "List every valid activation name of a model, with its shape at an image size.")
+    parser.add_argument("--model", type=str, default="tiny", help="hub id, local folder, single file, or `tiny`")
+    parser.add_argument("--base_model", type=str | None, default=None, help="configuration folder for single files")
+    parser.add_argument("--img_size", type=int | None, default=None, help="image side (default: the model's native size)")
+    parser.add_argument("--format", type=str, default="table", choices=["table", "json"])
+    cfg = parser.parse_args(argv)
+    parts = load_sd_components(cfg.model, base_model=cfg.base_model)
+    factor = 2 ** (len(parts.vae.config.block_out_channels) - 1)
+    img_size = cfg.img_size or parts.unet.config.sample_size * factor
+    rows = list_layers(parts, img_size)
+    if cfg.format == "json":
+        print(json.dumps([dict(name=r.name, shape=list(r.shape), module=r.module) for r in rows], indent=1))
+        return 0
+    width = max(len(r.name) for r in rows)
+    print(f"{'name':<{width}}  {'C x H x W':>18}  module")
+    for r in rows:
+        print(f"{r.name:<{width}}  {' x '.join(map(str, r.shape)):>18}  {r.module}")
+    print(f"{len(rows) - 1} activation names (+ up_cross) for {cfg.model} at img_size {img_size}; named sets: legacy, practical")
+    return 0
+
+
+def run_extract(argv: list[str]) -> int:
+    """Extract features of an image or a folder of images and save one safetensors file per image."""
+    import torch
+    from tqdm import tqdm
+
+    from csdiff.backbone import DiffusionFeatureExtractor
+    from csdiff.data.segmentation import ImageFolderDataset
+    from csdiff.io import save_tensors
+
+    parser = _parser("extract", "Extract diffusion features of images and save them (fp16 safetensors, one file per image).")
+    parser.add_class_arguments(DiffusionFeatureExtractor, "extractor")
+    parser.add_argument("--input", type=str, required=True, help="an image file or a folder of images")
+    parser.add_argument("--output", type=str, required=True, help="folder for <image name>.safetensors files")
+    parser.add_argument("--batch_size", type=int, default=1)
+    parser.add_argument("--overwrite", type=bool, default=False, help="recompute files that already exist")
+    parser.set_defaults({"extractor.feature_dtype": "float16"})
+    cfg = parser.parse_args(argv)
+    init = parser.instantiate_classes(cfg)
+    extractor: DiffusionFeatureExtractor = init.extractor
+    source = Path(cfg.input)
+    dataset = ImageFolderDataset(source)
+    out_dir = Path(cfg.output)
+    meta = {"csdiff": json.dumps(extractor.describe())}
+    done = skipped = 0
+    loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size, collate_fn=lambda b: b)
+    for batch in tqdm(loader, desc="extract", unit="batch"):
+        todo = []
+        for item in batch:
+            rel = Path(item["path"]).relative_to(source) if source.is_dir() else Path(Path(item["path"]).name)
+            target = out_dir / rel.with_suffix(".safetensors")
+            if target.exists() and not cfg.overwrite:
+                skipped += 1
+            else:
+                todo.append((item, target))
+        if not todo:
+            continue
+        images = torch.stack([item["image"] for item, _ in todo])
+        features = extractor(images)
+        for i, (_, target) in enumerate(todo):
+            tensors = {f"{v}/{layer}": f[i] for v, layers in features.items() for layer, f in layers.items()}
+            save_tensors(target, tensors, metadata=meta)
+            done += 1
+    print(f"wrote {done} feature files to {out_dir} ({skipped} already present)")
+    return 0
+
+
+OWN_VERBS: dict[str, tuple[Callable[[list[str]], int], str]] = {
+    "layers": (run_layers, "list activation names and shapes of a model"),
+    "extract": (run_extract, "extract and save features of images"),
+}
+
+
+def _overview() -> str:
+    lines = [
+        f"csdiff {__version__}: diffusion features with content shift suppressed",
+        "",
+        "usage: csdiff <command> [--config FILE] [options]   (csdiff <command> --help for its options)",
+        "",
+        "commands:",
+        "  fit        train a task (LightningCLI)",
+        "  validate   score a checkpoint on the validation split",
+        "  test       score a checkpoint on the test split",
+        "  predict    write predictions of a checkpoint",
+    ]
+    lines += [f"  {name:<10} {text}" for name, (_, text) in OWN_VERBS.items()]
+    lines += ["", "options:", "  -h, --help  show this message", "  --version   print the version"]
+    return "\n".join(lines)
+
+
+def run_lightning(argv: list[str]) -> None:
+    from lightning.pytorch import LightningDataModule, LightningModule
+    from lightning.pytorch.cli import LightningCLI
+
+    LightningCLI(
+        LightningModule,
+        LightningDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        args=argv,
+        save_config_kwargs={"overwrite": True},
+    )
+
+
+def _quiet_libraries() -> None:
+    """Silence import-time notices of transformers (e.g. about torchvision, which csdiff does not use)."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+def main(args: list[str] | None = None) -> int:
+    """Entry point of `csdiff` and `python -m csdiff`; ``args`` replaces ``sys.argv[1:]`` (tests)."""
+    argv = list(sys.argv[1:] if args is None else args)
+    _quiet_libraries()
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_overview())
+        return 0
+    if argv[0] == "--version":
+        print(f"csdiff {__version__}")
+        return 0
+    if argv[0] in OWN_VERBS:
+        return OWN_VERBS[argv[0]][0](argv[1:])
+    if argv[0] not in LIGHTNING_VERBS:
+        print(f"csdiff: unknown command {argv[0]!r}\n\n{_overview()}", file=sys.stderr)
+        return 2
+    run_lightning(argv)
+    return 0

@@ -1,0 +1,21 @@
+"""Shared fixtures: everything offline, on CPU, with few threads, on the packaged tiny model."""
+
+from __future__ import annotations
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"  # tests never reach the network
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest
+import torch
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture(scope="session")
+def tiny_parts():
+    """The packaged tiny model's components, loaded once (read-only use)."""
+    from csdiff.backbone.loading import load_sd_components
+
+    return load_sd_components("tiny")

@@ -1,0 +1,250 @@
+"""The extractor against independent references: stock diffusers calls and hand computations."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers import DDIMScheduler
+from helpers import shapes_images
+
+from csdiff.backbone import (
+    LAYER_SETS,
+    UP_CROSS,
+    ControlNet,
+    DiffusionFeatureExtractor,
+    UnknownLayerError,
+    Variant,
+    enumerate_activations,
+    resolve_layers,
+)
+from csdiff.backbone.capture import ActivationCapture, AttentionMapProcessor
+from csdiff.backbone.prompts import encode_prompt, prompt_windows
+
+PROMPT = "a red circle and a blue square on a striped background"
+
+
+@pytest.fixture(scope="module")
+def images():
+    return shapes_images(3, size=64)
+
+
+def make(layers, variants=(Variant("plain", prompt=PROMPT),), **kw) -> DiffusionFeatureExtractor:
+    return DiffusionFeatureExtractor("tiny", layers, img_size=kw.pop("img_size", 64), variants=variants, **kw)
+
+
+def test_sd15_topology_has_197_names(tiny_parts):
+    names = enumerate_activations(tiny_parts.unet)
+    assert len(names) == 197
+    for members in LAYER_SETS.values():
+        assert all(m in names for m in members)
+
+
+def test_named_sets_expand_in_user_order(tiny_parts):
+    assert resolve_layers(tiny_parts.unet, ["unet-out", "legacy"]) == ["unet-out", *LAYER_SETS["legacy"]]
+
+
+def test_unknown_layer_suggests_closest(tiny_parts):
+    with pytest.raises(UnknownLayerError, match="did you mean 'up-level1-upsampler-out'"):
+        resolve_layers(tiny_parts.unet, ["up-level1-upsampler-outt"])
+
+
+def _independent_capture(unet, latent, emb):
+    """Hooks written independently of csdiff's: every module's output / input, every attention's q, k."""
+    seen, handles = {}, []
+    for path, module in unet.named_modules():
+        handles.append(module.register_forward_hook(lambda m, a, o, p=path: seen.__setitem__(p, o)))
+        handles.append(module.register_forward_pre_hook(lambda m, a, p=path: seen.__setitem__(p + "<in", a[0]) if a else None))
+    unet(latent, 50, encoder_hidden_states=emb)
+    for h in handles:
+        h.remove()
+    return seen
+
+
+def test_every_name_equals_an_independent_hook(tiny_parts):
+    unet = tiny_parts.unet
+    torch.manual_seed(0)
+    latent = torch.randn(2, 4, 8, 8)
+    emb = encode_prompt(tiny_parts.tokenizer, tiny_parts.text_encoder, PROMPT).expand(2, -1, -1)
+    table = enumerate_activations(unet)
+    with ActivationCapture(unet, list(table)) as capture:
+        unet(latent, 50, encoder_hidden_states=emb)
+    seen = _independent_capture(unet, latent, emb)
+    for name, act in table.items():
+        got = capture.features[name]
+        if act.kind == "input":
+            ref = seen[act.module + "<in"]
+        elif act.kind == "output":
+            out = seen[act.module]
+            ref = out if torch.is_tensor(out) else out[0]
+        elif act.kind == "tokens":
+            h, w = seen[act.spatial + "<in"].shape[-2:]
+            ref = seen[act.module].permute(0, 2, 1).reshape(2, -1, h, w)
+        else:  # attention probabilities from the independently seen q and k
+            attn = unet.get_submodule(act.module)
+            q, k = seen[act.module + ".to_q"], seen[act.module + ".to_k"]
+            heads = attn.heads
+            qh = q.view(2, q.shape[1], heads, -1).transpose(1, 2)
+            kh = k.view(2, k.shape[1], heads, -1).transpose(1, 2)
+            probs = torch.softmax(qh @ kh.transpose(-1, -2) * attn.scale, dim=-1).mean(1)
+            h, w = seen[act.module.rsplit(".transformer_blocks", 1)[0] + "<in"].shape[-2:]
+            ref = probs.transpose(1, 2).reshape(2, -1, h, w)
+        assert got.shape == ref.shape, name
+        torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5, msg=name)
+
+
+def test_map_processor_matches_default_attention(tiny_parts):
+    unet = tiny_parts.unet
+    torch.manual_seed(1)
+    latent = torch.randn(1, 4, 8, 8)
+    emb = encode_prompt(tiny_parts.tokenizer, tiny_parts.text_encoder, PROMPT)
+    ref = unet(latent, 50, encoder_hidden_states=emb).sample
+    maps = [n for n, a in enumerate_activations(unet).items() if a.kind.endswith("map")]
+    with ActivationCapture(unet, maps):
+        assert all(isinstance(unet.get_submodule(enumerate_activations(unet)[n].module).processor, AttentionMapProcessor) for n in maps)
+        got = unet(latent, 50, encoder_hidden_states=emb).sample
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+    # only the requested layers got the processor, and it is removed afterwards
+    assert not any(isinstance(p, AttentionMapProcessor) for p in unet.attn_processors.values())
+
+
+def test_processor_installed_only_where_asked(tiny_parts):
+    unet = tiny_parts.unet
+    name = "up-level3-repeat0-vit-block0-self-map"
+    with ActivationCapture(unet, [name]):
+        special = [k for k, p in unet.attn_processors.items() if isinstance(p, AttentionMapProcessor)]
+    assert special == ["up_blocks.3.attentions.0.transformer_blocks.0.attn1.processor"]
+
+
+def test_noised_latent_is_scheduler_add_noise_at_exactly_t(images):
+    ex = make(["unet-in"], timestep=50)
+    got = ex(images)["plain"]["unet-in"]
+    x = torch.nn.functional.interpolate(images, size=(64, 64), mode="bilinear", antialias=True)
+    z = ex.vae.encode(x).latent_dist.mean * ex.vae.config.scaling_factor
+    noise = torch.randn((1, 4, 8, 8), generator=torch.Generator().manual_seed(0)).expand(3, -1, -1, -1)
+    ref = ex.scheduler.add_noise(z, noise, torch.tensor([50]))
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+    ac = ex.scheduler.alphas_cumprod[50]  # by hand, exactly t (not t+1)
+    torch.testing.assert_close(got, ac.sqrt() * z + (1 - ac).sqrt() * noise, atol=1e-5, rtol=1e-5)
+
+
+def test_ddim_step_matches_diffusers_scheduler(images):
+    ex = make(["unet-in"])
+    ddim = DDIMScheduler.from_config(ex.scheduler.config, set_alpha_to_one=False)
+    ddim.set_timesteps(1000)
+    torch.manual_seed(2)
+    x, eps = torch.randn(1, 4, 8, 8), torch.randn(1, 4, 8, 8)
+    ref = ddim.step(eps, 60, x, eta=0.0).prev_sample
+    torch.testing.assert_close(ex.ddim_step(x, eps, 60), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_denoise_chain_runs_guided_steps(images):
+    calls = []
+    ex = make(["up-level1-upsampler-out"], variants=[Variant("chain", PROMPT, denoise_from=60)])
+    handle = ex.unet.register_forward_pre_hook(lambda m, a, k: calls.append(int(a[1]) if len(a) > 1 else int(k["timestep"])), with_kwargs=True)
+    ex(images[:1])
+    handle.remove()
+    assert calls == list(range(60, 50, -1)) + [50]
+
+
+def test_controlnet_changes_up_blocks_not_down_blocks(images):
+    layers = ["down-level1-repeat1-res-out", "down-level2-downsampler-out", "up-level1-upsampler-out", "up-level3-repeat2-vit-out"]
+    canny = ControlNet("tiny-controlnet-canny")
+    ex = make(layers, variants=[Variant("plain", PROMPT), Variant("canny", PROMPT, controlnets=[canny])])
+    f = ex(images)
+    for name in layers[:2]:
+        torch.testing.assert_close(f["plain"][name], f["canny"][name], atol=0, rtol=0)
+    for name in layers[2:]:
+        assert (f["plain"][name] - f["canny"][name]).abs().max() > 1e-4
+
+
+def test_controlnet_call_shared_only_when_inputs_identical(images):
+    canny = ControlNet("tiny-controlnet-canny")
+    variants = [Variant("a", PROMPT, controlnets=[canny]), Variant("b", PROMPT, controlnets=[canny]), Variant("c", PROMPT, seed=1, controlnets=[canny])]
+    ex = make(["up-level1-upsampler-out"], variants=variants)
+    calls = []
+    ex.controlnets["cn0"].register_forward_hook(lambda *a: calls.append(1))
+    f = ex(images)
+    assert len(calls) == 2  # a and b share, c has other noise
+    torch.testing.assert_close(f["a"]["up-level1-upsampler-out"], f["b"]["up-level1-upsampler-out"])
+
+
+def test_seeds_reproducible_and_distinct(images):
+    layer = "up-level2-upsampler-out"
+    ex = make([layer], variants=[Variant("s0", PROMPT, seed=0), Variant("s0b", PROMPT, seed=0), Variant("s1", PROMPT, seed=1)])
+    a, b = ex(images), ex(images)
+    torch.testing.assert_close(a["s0"][layer], b["s0"][layer], atol=0, rtol=0)
+    torch.testing.assert_close(a["s0"][layer], a["s0b"][layer], atol=0, rtol=0)
+    assert (a["s0"][layer] - a["s1"][layer]).abs().max() > 1e-3
+
+
+def test_features_do_not_depend_on_batch_mates(images):
+    layer = "up-level2-upsampler-out"
+    ex = make([layer], latent="sample")
+    together = ex(images)["plain"][layer]
+    alone = torch.cat([ex(images[i : i + 1])["plain"][layer] for i in range(3)])
+    torch.testing.assert_close(together, alone, atol=1e-5, rtol=1e-5)
+
+
+def test_fresh_noise_differs_per_call(images):
+    layer = "up-level2-upsampler-out"
+    ex = make([layer], fresh_noise=True)
+    assert (ex(images)["plain"][layer] - ex(images)["plain"][layer]).abs().max() > 1e-3
+
+
+def test_long_prompt_windows(tiny_parts, images):
+    long = ", ".join(["a red circle and a blue square on a striped background"] * 12)
+    ids = prompt_windows(tiny_parts.tokenizer, long)
+    assert ids.shape[0] >= 2 and ids.shape[1] == 77
+    assert (ids[:, 0] == tiny_parts.tokenizer.bos_token_id).all()
+    assert all(tiny_parts.tokenizer.eos_token_id in row for row in ids.tolist())
+    emb = encode_prompt(tiny_parts.tokenizer, tiny_parts.text_encoder, long)
+    assert emb.shape[1] == 77 * ids.shape[0]
+    ex = make([UP_CROSS, "up-level1-repeat0-vit-block0-cross-map"], variants=[Variant("long", long)])
+    f = ex(images[:1])["long"]
+    assert f[UP_CROSS].shape == (1, 77 * ids.shape[0] * 2, 8, 8)  # tokens × levels at img_size/8
+    assert f["up-level1-repeat0-vit-block0-cross-map"].shape == (1, 77 * ids.shape[0], 2, 2)
+
+
+def test_attention_map_shapes_and_normalisation(images):
+    layers = ["up-level3-repeat0-vit-block0-self-map", "up-level2-repeat1-vit-block0-cross-map", UP_CROSS]
+    f = make(layers)(images[:2])["plain"]
+    assert f[layers[0]].shape == (2, 64, 8, 8)
+    assert f[layers[1]].shape == (2, 77, 4, 4)
+    assert f[UP_CROSS].shape == (2, 154, 8, 8)
+    torch.testing.assert_close(f[layers[0]].sum(1), torch.ones(2, 8, 8), atol=1e-5, rtol=0)
+
+
+def test_non_square_input_and_order(images):
+    layers = ["up-level3-repeat2-vit-out", "unet-in", "up-level0-upsampler-out"]
+    f = make(layers, img_size=128)(torch.rand(2, 3, 50, 90) * 2 - 1)["plain"]
+    assert list(f) == layers
+    assert f["up-level3-repeat2-vit-out"].shape == (2, 32, 16, 16)
+
+
+@pytest.mark.parametrize("size", [0, 100, 96])
+def test_bad_img_size_is_a_clear_error(size):
+    with pytest.raises(ValueError, match="multiple of 64"):
+        make(["unet-in"], img_size=size)
+
+
+def test_frozen_and_always_eval():
+    ex = make(["unet-in"])
+    assert not any(p.requires_grad for p in ex.parameters())
+    wrapper = torch.nn.Sequential(ex)
+    wrapper.train()
+    assert not ex.training and not ex.unet.training and not ex.vae.training
+
+
+def test_vae_decoder_not_loaded():
+    ex = make(["unet-in"])
+    assert ex.vae.decoder is None
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_reduced_precision_close_to_float32(images, dtype):
+    layer = "up-level2-upsampler-out"
+    ref = make([layer])(images[:1])["plain"][layer]
+    low = make([layer], dtype=dtype, feature_dtype="float16")(images[:1])["plain"][layer]
+    assert low.dtype == torch.float16
+    rel = (low.float() - ref).norm() / ref.norm()
+    assert rel < 0.05, f"{dtype} features differ by {rel:.3f}"
