@@ -1,0 +1,111 @@
+"""ADE20K (SceneParsing, ADEChallengeData2016): 150 classes, annotation 0 ignored.
+
+The same datamodule reads any dataset in the ADE20K layout with another class list
+(``class_names``/``palette``), which is how the quickstart's synthetic set is read.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from csdiff.data.ade20k_meta import ADE20K_CLASSES, ADE20K_PALETTE
+from csdiff.data.segmentation import DataError, Sample, SegmentationDataModule, apply_lut
+from csdiff.data.transforms import EvalResize
+
+SPLIT_DIRS = {"train": "training", "val": "validation"}
+
+# reduce_zero_label: 0 ("other") → 255, k → k-1, 255 stays 255.
+_REDUCE_ZERO_LUT = np.arange(-1, 255, dtype=np.int16)
+_REDUCE_ZERO_LUT[0] = 255
+_REDUCE_ZERO_LUT[255] = 255
+
+
+def reduce_zero_label(raw: np.ndarray, path: str = "<array>") -> np.ndarray:
+    """ADE20K annotation values → train ids (int16; the dataset checks the range)."""
+    return apply_lut(raw, _REDUCE_ZERO_LUT, path)
+
+
+def _default_palette(n: int) -> list[tuple[int, int, int]]:
+    if n <= len(ADE20K_PALETTE):
+        return list(ADE20K_PALETTE[:n])
+    colours = np.random.default_rng(0).integers(0, 256, size=(n, 3))
+    return [tuple(int(c) for c in row) for row in colours]
+
+
+class ADE20KDataModule(SegmentationDataModule):
+    """``root`` is the ``ADEChallengeData2016`` folder: images/{training,validation}/*.jpg and
+    annotations/{training,validation}/*.png (same stem). ``test`` scores the validation split."""
+
+    def __init__(
+        self,
+        root: str = "data/ade/ADEChallengeData2016",
+        batch_size: int = 2,
+        eval_batch_size: int = 1,
+        num_workers: int = 0,
+        crop_size: int = 512,
+        scale: tuple[int, int] = (2048, 512),
+        ratio_range: tuple[float, float] = (0.5, 2.0),
+        cat_max_ratio: float = 0.75,
+        flip_prob: float = 0.5,
+        photometric: bool = True,
+        eval_resize: EvalResize = ("short", 512),
+        seed: int = 0,
+        predict_root: str | None = None,
+        limit: int | None = None,
+        class_names: list[str] | None = None,
+        palette: list[tuple[int, int, int]] | None = None,
+    ) -> None:
+        super().__init__(
+            root=root,
+            batch_size=batch_size,
+            eval_batch_size=eval_batch_size,
+            num_workers=num_workers,
+            crop_size=crop_size,
+            scale=scale,
+            ratio_range=ratio_range,
+            cat_max_ratio=cat_max_ratio,
+            flip_prob=flip_prob,
+            photometric=photometric,
+            eval_resize=eval_resize,
+            seed=seed,
+            predict_root=predict_root,
+            limit=limit,
+        )
+        names = list(class_names) if class_names is not None else list(ADE20K_CLASSES)
+        colours = [tuple(c) for c in palette] if palette is not None else _default_palette(len(names))
+        if len(colours) != len(names):
+            raise ValueError(f"palette has {len(colours)} colours for {len(names)} class names")
+        self._class_names = names
+        self._palette = colours
+
+    @property
+    def class_names(self) -> list[str]:
+        return self._class_names
+
+    @property
+    def palette(self) -> list[tuple[int, int, int]]:
+        return self._palette
+
+    @property
+    def layout_hint(self) -> str:
+        return (
+            "ADEChallengeData2016/images/{training,validation}/*.jpg and "
+            "ADEChallengeData2016/annotations/{training,validation}/*.png"
+        )
+
+    def find_samples(self, split: str) -> list[Sample]:
+        root = Path(self.root)
+        image_dir = self.check_folder(root / "images" / SPLIT_DIRS[split])
+        label_dir = self.check_folder(root / "annotations" / SPLIT_DIRS[split])
+        samples = []
+        for image in sorted(image_dir.glob("*.jpg")):
+            label = label_dir / f"{image.stem}.png"
+            if not label.is_file():
+                raise DataError(f"label file {label} for image {image} not found")
+            samples.append((str(image), str(label)))
+        return samples
+
+    def label_fn(self, raw: np.ndarray, path: str) -> np.ndarray:
+        return reduce_zero_label(raw, path)
