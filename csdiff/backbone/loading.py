@@ -190,7 +190,13 @@ def load_tokenizer(folder: Path, vocab_size: int) -> CLIPTokenizer:
     Some transformers versions return a near-empty tokenizer for missing or unreadable
     vocabulary files instead of failing.
     """
-    tokenizer = CLIPTokenizer.from_pretrained(folder)
+    try:
+        tokenizer = CLIPTokenizer.from_pretrained(folder)
+    except Exception as err:  # missing files give e.g. "`vocab` and `merges` must be both ..."
+        raise BackboneNotAvailableError(
+            f"tokenizer at {folder} could not be loaded ({type(err).__name__}: {err}): "
+            f"its vocab.json / merges.txt are missing or unreadable"
+        ) from err
     if len(tokenizer) != vocab_size:
         raise BackboneNotAvailableError(
             f"tokenizer at {folder} has {len(tokenizer)} tokens but the text encoder expects {vocab_size}: "
