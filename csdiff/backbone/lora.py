@@ -18,6 +18,7 @@ from diffusers.loaders.lora_base import (
     enable_lora_for_text_encoder,
     set_adapters_for_text_encoder,
 )
+from diffusers.utils.state_dict_utils import DIFFUSERS_OLD_TO_DIFFUSERS, convert_state_dict
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
@@ -34,6 +35,33 @@ class LoRA:
 
     path: str
     scale: float = 1.0
+
+
+def _fold_alphas(state_dict: dict, alphas: dict | None) -> tuple[dict, dict | None]:
+    """Scale each down weight by its module's alpha/rank, so every adapted layer has scaling 1.
+
+    diffusers turns per-module alphas that differ (resized kohya files, block-wise alphas) into
+    peft alpha patterns that match no attention or text-encoder module, silently giving those
+    modules the most common alpha. Unknown key layouts are left to diffusers unchanged.
+    """
+    if not alphas:
+        return state_dict, alphas
+    out = dict(state_dict)
+    for key, alpha in alphas.items():
+        base = key.removesuffix(".alpha")
+        down = next((k for k in (base, base + ".lora.down.weight") if k in out), None)
+        if down is None:
+            return state_dict, alphas
+        out[down] = out[down] * (float(alpha) / out[down].shape[0])
+    return out, None
+
+
+def _text_encoder_keys_to_new_format(state_dict: dict) -> dict:
+    """Old-format kohya text-encoder keys (``to_q_lora.down``) to ``q_proj.lora_linear_layer.down``:
+    diffusers recognises the old format only when ``out_proj`` is adapted too."""
+    te = {k: v for k, v in state_dict.items() if k.startswith("text_encoder.")}
+    rest = {k: v for k, v in state_dict.items() if not k.startswith("text_encoder.")}
+    return {**rest, **convert_state_dict(te, DIFFUSERS_OLD_TO_DIFFUSERS)}
 
 
 def _adapted_modules(model: nn.Module, adapter: str) -> int:
@@ -70,6 +98,8 @@ class LoRARegistry:
             )
         except Exception as err:
             raise LoRAError(f"cannot read LoRA {path}: {err}") from None
+        state_dict, alphas = _fold_alphas(state_dict, alphas)
+        state_dict = _text_encoder_keys_to_new_format(state_dict)
         try:
             StableDiffusionPipeline.load_lora_into_unet(state_dict, alphas, self.unet, adapter_name=name, metadata=metadata)
             if any(k.startswith("text_encoder.") for k in state_dict):
@@ -77,6 +107,8 @@ class LoRARegistry:
                     state_dict, alphas, self.text_encoder, prefix="text_encoder", adapter_name=name, metadata=metadata
                 )
         except Exception as err:
+            if "not found in the base model" in str(err):  # peft: no key names a module of this model
+                raise LoRAError(f"LoRA {path} adapts zero modules of this backbone ({err}): is it a LoRA for another model family?") from None
             raise LoRAError(f"LoRA {path} does not fit this backbone: {err}") from None
         n_unet, n_text = _adapted_modules(self.unet, name), _adapted_modules(self.text_encoder, name)
         if n_unet + n_text == 0:
