@@ -119,11 +119,26 @@ def _overview() -> str:
     return "\n".join(lines)
 
 
-def run_lightning(argv: list[str]) -> None:
+def run_lightning(argv: list[str]):
+    """Run a LightningCLI subcommand in-process; returns the CLI object (trainer, model, datamodule)."""
     from lightning.pytorch import LightningDataModule, LightningModule
     from lightning.pytorch.cli import LightningCLI
 
-    LightningCLI(
+    class CSDiffCLI(LightningCLI):
+        def _require_checkpoint(self) -> None:
+            if self.config[self.subcommand].get("ckpt_path") is None:
+                raise SystemExit(
+                    f"csdiff {self.subcommand}: no checkpoint given, and scoring untrained heads means nothing. "
+                    f"Pass --ckpt_path PATH (e.g. <log_dir>/checkpoints/last.ckpt from `csdiff fit`)."
+                )
+
+        def before_test(self) -> None:
+            self._require_checkpoint()
+
+        def before_predict(self) -> None:
+            self._require_checkpoint()
+
+    return CSDiffCLI(
         LightningModule,
         LightningDataModule,
         subclass_mode_model=True,

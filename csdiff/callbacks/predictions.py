@@ -1,0 +1,48 @@
+"""Write segmentation predictions: label PNGs, colour overlays, benchmark submission files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import cv2
+import numpy as np
+from lightning.pytorch.callbacks import BasePredictionWriter
+
+from csdiff.data.cityscapes import train_ids_to_label_ids
+from csdiff.io import save_image
+from csdiff.tasks.segmentation import overlay
+
+
+class SegmentationPredictionWriter(BasePredictionWriter):
+    """Writes ``labels/<name>.png`` (train ids), ``overlays/<name>.jpg`` and optionally
+    ``submission/<name>.png``: ``ade20k`` (class index + 1, as the ADE20K server expects) or
+    ``cityscapes`` (official label ids, as the Cityscapes evaluation scripts expect).
+
+    Every file is written atomically, so an interrupted run leaves no truncated file; a
+    rerun overwrites.
+    """
+
+    def __init__(
+        self,
+        output_dir: str = "predictions",
+        submission_format: Literal["ade20k", "cityscapes"] | None = None,
+        overlays: bool = True,
+    ) -> None:
+        super().__init__(write_interval="batch")
+        self.output_dir = Path(output_dir)
+        self.submission_format = submission_format
+        self.overlays = overlays
+
+    def write_on_batch_end(self, trainer, pl_module, prediction: list[dict[str, Any]], batch_indices, batch, batch_idx: int, dataloader_idx: int) -> None:
+        for item in prediction:
+            pred, stem = item["pred"], Path(item["path"]).stem
+            save_image(self.output_dir / "labels" / f"{stem}.png", pred)
+            if self.overlays:
+                rgb = ((item["image"].permute(1, 2, 0).numpy() + 1) * 127.5).clip(0, 255).astype(np.uint8)
+                rgb = cv2.resize(rgb, (pred.shape[1], pred.shape[0]), interpolation=cv2.INTER_LINEAR)
+                save_image(self.output_dir / "overlays" / f"{stem}.jpg", overlay(rgb, pred, pl_module.palette))
+            if self.submission_format == "ade20k":
+                save_image(self.output_dir / "submission" / f"{stem}.png", pred + 1)
+            elif self.submission_format == "cityscapes":
+                save_image(self.output_dir / "submission" / f"{stem}.png", train_ids_to_label_ids(pred).astype(np.uint8))

@@ -1,0 +1,5 @@
+"""LightningModules composing the frozen backbone with trainable heads."""
+
+from csdiff.tasks.segmentation import SegmentationTask
+
+__all__ = ["SegmentationTask"]

@@ -1,0 +1,206 @@
+"""Semantic segmentation on gated diffusion features (ADE20K, Cityscapes, the quickstart)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from lightning.pytorch import LightningModule
+from torch import Tensor
+
+from csdiff.backbone import DiffusionFeatureExtractor
+from csdiff.io import save_text
+from csdiff.metrics import SegmentationMetrics, format_iou_table
+from csdiff.models import FCNHead, GatedFusion, SegmentationLoss, UPerHead
+from csdiff.tasks.checkpoints import FrozenBackboneCheckpointMixin
+from csdiff.tasks.options import BackboneOptions, GateOptions, VariantOptions
+from csdiff.tasks.slide import slide_logits
+
+PAPER_LAYERS = ["up-level0-upsampler-out", "up-level1-upsampler-out", "up-level2-upsampler-out"]
+
+
+def overlay(image: np.ndarray, label: np.ndarray, palette: np.ndarray, alpha: float = 0.5) -> np.ndarray:
+    """Blend a colour-coded label map (ignore → transparent) onto an RGB uint8 image."""
+    colours = palette[np.clip(label, 0, len(palette) - 1)]
+    valid = (label < len(palette))[..., None]
+    blended = (image * (1 - alpha) + colours * alpha).astype(np.uint8)
+    return np.where(valid, blended, image)
+
+
+class SegmentationTask(FrozenBackboneCheckpointMixin, LightningModule):
+    """Frozen guided extractor → gate → UPerHead (+ FCN auxiliary head); CE + Lovasz.
+
+    Validation and test use slide inference on the (dataset-resized) image, resize the
+    logits to the original label size and accumulate intersection/union over the split.
+
+    Args:
+        num_classes: classes of the dataset (must match the datamodule's).
+        backbone: extractor options (model, img_size, timestep, ...).
+        variants: one dict per variant (name, prompt, seed, loras, controlnets, denoise_from).
+        layers: activation names; any order (they are sorted fine to coarse for the head).
+        gate: GatedFusion options. head_channels/pool_scales/dropout: UPerHead.
+        aux_weight: FCN auxiliary head loss weight (0 = no auxiliary head), on ``aux_level``
+            (index in fine-to-coarse order).
+        lr, weight_decay, poly_power, min_lr: AdamW with a per-iteration poly schedule.
+        train_noise: ``seeded`` (each variant's fixed noise map) or ``fresh`` noise per
+            image and step (augmentation).
+        slide_crop, slide_stride: sliding-window inference on evaluation images.
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        backbone: BackboneOptions | None = None,
+        variants: list[VariantOptions] | None = None,
+        layers: list[str] | None = None,
+        gate: GateOptions | None = None,
+        head_channels: int = 512,
+        pool_scales: list[int] | None = None,
+        dropout: float = 0.1,
+        aux_weight: float = 0.4,
+        aux_level: int = 1,
+        aux_channels: int = 256,
+        ce_weight: float = 1.0,
+        lovasz_weight: float = 1.0,
+        lr: float = 1.6e-4,
+        weight_decay: float = 1e-3,
+        poly_power: float = 0.9,
+        min_lr: float = 1e-4,
+        train_noise: Literal["seeded", "fresh"] = "seeded",
+        slide_crop: int = 512,
+        slide_stride: int = 512,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        backbone = dict(backbone or {})
+        variants = [dict(v) for v in (variants or [{"name": "plain"}])]
+        layers = list(layers or PAPER_LAYERS)
+        self.extractor = DiffusionFeatureExtractor(layers=layers, variants=variants, **backbone)
+        shapes = self.extractor.feature_channels()
+        # UPerHead wants levels fine to coarse; configs may list them in any order.
+        self.levels = sorted(self.extractor.layers, key=lambda name: -shapes[name][1])
+        channels = [shapes[name][0] for name in self.levels]
+        self.variant_names = [v.name for v in self.extractor.variants]
+        self.gate = GatedFusion(channels, len(self.variant_names), **dict(gate or {}))
+        self.head = UPerHead(channels, num_classes, head_channels, pool_scales or (1, 2, 3, 6), dropout)
+        if aux_weight > 0 and not 0 <= aux_level < len(channels):
+            raise ValueError(f"aux_level={aux_level} but there are only {len(channels)} levels")
+        self.aux_head = FCNHead(channels[aux_level], num_classes, aux_channels) if aux_weight > 0 else None
+        self.criterion = SegmentationLoss(ce_weight, lovasz_weight)
+        self.val_metrics = SegmentationMetrics(num_classes)
+        self.test_metrics = SegmentationMetrics(num_classes)
+        self.num_classes = num_classes
+        self.class_names = [str(i) for i in range(num_classes)]
+        self.palette = np.array([[(37 * i) % 256, (91 * i) % 256, (173 * i) % 256] for i in range(num_classes)], np.uint8)
+
+    # --- wiring with the datamodule ---
+    def setup(self, stage: str) -> None:
+        dm = getattr(self.trainer, "datamodule", None)
+        if dm is None:
+            return
+        if getattr(dm, "num_classes", self.num_classes) != self.num_classes:
+            raise ValueError(
+                f"the model is configured for num_classes={self.num_classes} but the datamodule "
+                f"{type(dm).__name__} has {dm.num_classes}: set `model.init_args.num_classes: {dm.num_classes}`"
+            )
+        if hasattr(dm, "class_names"):
+            self.class_names = list(dm.class_names)
+        if hasattr(dm, "palette"):
+            self.palette = np.array(dm.palette, dtype=np.uint8)
+
+    # --- model ---
+    def features(self, images: Tensor) -> list[list[Tensor]]:
+        """Per variant, per level (fine to coarse) float32 maps."""
+        self.extractor.fresh_noise = self.training and self.hparams.train_noise == "fresh"
+        feats = self.extractor(images)
+        return [[feats[v][name].float() for name in self.levels] for v in self.variant_names]
+
+    def forward(self, images: Tensor) -> tuple[Tensor, Tensor | None, Any]:
+        fused = self.gate(self.features(images))
+        logits = self.head(fused.features)
+        aux = self.aux_head(fused.features[self.hparams.aux_level]) if self.aux_head is not None else None
+        return logits, aux, fused
+
+    def predict_crops(self, crops: Tensor) -> Tensor:
+        return self.forward(crops)[0]
+
+    # --- training ---
+    def training_step(self, batch: dict, batch_idx: int) -> dict:
+        logits, aux, fused = self(batch["image"])
+        labels = batch["label"]
+        seg = self.criterion(logits, labels)
+        loss = seg + fused.loss
+        logs = {"train/loss_seg": seg, "train/loss_gate": fused.loss}
+        if aux is not None:
+            aux_loss = self.criterion(aux, labels)
+            loss = loss + self.hparams.aux_weight * aux_loss
+            logs["train/loss_aux"] = aux_loss
+        logs["train/loss"] = loss
+        for level, weights in zip(self.levels, fused.weights):
+            for v, name in enumerate(self.variant_names):
+                logs[f"gate/{level}/{name}"] = weights[v].mean()
+        self.log_dict(logs, batch_size=labels.shape[0], prog_bar=False)
+        self.log("loss", loss, prog_bar=True, logger=False, batch_size=labels.shape[0])
+        return {"loss": loss, "gate_weights": [w.detach() for w in fused.weights]}
+
+    def configure_optimizers(self) -> dict:
+        params = [p for p in self.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        lr, min_lr, power = self.hparams.lr, self.hparams.min_lr, self.hparams.poly_power
+
+        def poly(step: int) -> float:
+            return ((lr - min_lr) * (1 - min(step, total) / total) ** power + min_lr) / lr
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, poly)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    # --- evaluation ---
+    def predict_image(self, image: Tensor, out_size: tuple[int, int]) -> Tensor:
+        """Slide inference on one (3,H,W) image; returns class ids (h, w) at ``out_size``."""
+        logits = slide_logits(self.predict_crops, image[None], self.num_classes, self.hparams.slide_crop, self.hparams.slide_stride)
+        logits = F.interpolate(logits, size=tuple(out_size), mode="bilinear", align_corners=False)
+        return logits.argmax(1)[0]
+
+    def _evaluate(self, batch: dict, metrics: SegmentationMetrics) -> list[Tensor]:
+        preds = []
+        for image, label in zip(batch["image"], batch["label"]):
+            pred = self.predict_image(image, label.shape[-2:])
+            metrics.update(pred, label)
+            preds.append(pred)
+        return preds
+
+    def validation_step(self, batch: dict, batch_idx: int) -> dict:
+        return {"preds": self._evaluate(batch, self.val_metrics)}
+
+    def test_step(self, batch: dict, batch_idx: int) -> dict:
+        return {"preds": self._evaluate(batch, self.test_metrics)}
+
+    def _log_metrics(self, prefix: str, metrics: SegmentationMetrics) -> dict:
+        scores = metrics.compute()
+        self.log_dict({f"{prefix}/{k}": scores[k] for k in ("mIoU", "aAcc", "mAcc")}, sync_dist=False)
+        metrics.reset()
+        return scores
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_metrics("val", self.val_metrics)
+
+    def on_test_epoch_end(self) -> None:
+        scores = self._log_metrics("test", self.test_metrics)
+        table = format_iou_table(scores["IoU"].cpu(), self.class_names)
+        if self.trainer.is_global_zero:
+            print(table)
+            if self.trainer.log_dir:
+                save_text(Path(self.trainer.log_dir) / "test_per_class_iou.txt", table + "\n")
+
+    # --- prediction ---
+    def predict_step(self, batch: dict, batch_idx: int) -> list[dict]:
+        """Class-id maps at each image's original size (written by ``SegmentationPredictionWriter``)."""
+        out = []
+        for image, path, size in zip(batch["image"], batch["path"], batch["orig_size"]):
+            pred = self.predict_image(image, tuple(int(s) for s in size))
+            out.append({"path": path, "pred": pred.cpu().numpy().astype(np.uint8), "image": image.cpu()})
+        return out
