@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 import numpy as np
@@ -48,3 +49,11 @@ def write_kohya_lora(
         tensors[f"{name}.alpha"] = torch.tensor(float(alpha))
     save_file(tensors, str(path))
     return path
+
+
+def load_script(name: str):
+    """Import a generator script from tests/data (a folder of scripts, not a package)."""
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).parent / "data" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

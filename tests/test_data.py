@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -11,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from cityscapesscripts.helpers.labels import labels as cs_labels
+from helpers import load_script
 
 from csdiff.data import (
     ADE20KDataModule,
@@ -29,15 +29,8 @@ from csdiff.data.segmentation import EpochSampler
 from csdiff.data.transforms import pad_to, random_crop, random_flip, random_resize, resize_short_side
 
 
-def _script(name: str):
-    spec = importlib.util.spec_from_file_location(name, Path(__file__).parent / "data" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-make_fake_ade20k = _script("make_fake_ade20k").make_fake_ade20k
-make_fake_cityscapes = _script("make_fake_cityscapes").make_fake_cityscapes
+make_fake_ade20k = load_script("make_fake_ade20k").make_fake_ade20k
+make_fake_cityscapes = load_script("make_fake_cityscapes").make_fake_cityscapes
 
 
 @pytest.fixture
