@@ -67,7 +67,7 @@ def run_extract(argv: list[str]) -> int:
     parser.add_argument("--overwrite", type=bool, default=False, help="recompute files that already exist")
     parser.set_defaults({"extractor.feature_dtype": "float16"})
     cfg = parser.parse_args(argv)
-    init = parser.instantiate_classes(cfg)
+    init = parser.instantiate(cfg)
     extractor: DiffusionFeatureExtractor = init.extractor
     source = Path(cfg.input)
     dataset = ImageFolderDataset(source)
@@ -86,7 +86,8 @@ def run_extract(argv: list[str]) -> int:
                 todo.append((item, target))
         if not todo:
             continue
-        images = torch.stack([item["image"] for item, _ in todo])
+        # images differ in size: bring each to img_size first, then batch
+        images = torch.cat([extractor.resize(item["image"][None]) for item, _ in todo])
         features = extractor(images)
         for i, (_, target) in enumerate(todo):
             tensors = {f"{v}/{layer}": f[i] for v, layers in features.items() for layer, f in layers.items()}

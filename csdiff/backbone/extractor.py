@@ -34,7 +34,7 @@ class DiffusionFeatureExtractor(nn.Module):
         img_size: side the images are resized to (a multiple of 64 for SD 1.5 topology).
         timestep: the integer diffusion step of extraction (exactly this ``t``; the reference
             research code silently used ``t+1`` on SD 1.5).
-        variants: the guided variants (dataclasses or plain dicts).
+        variants: the guided variants (dataclasses or plain dicts); default one plain variant.
         base_model: configuration folder for single-file checkpoints.
         latent: ``mean`` of the VAE posterior, or a ``sample`` drawn with ``vae_seed``.
         fresh_noise: draw new noise per image and call (training augmentation) instead of
@@ -48,7 +48,7 @@ class DiffusionFeatureExtractor(nn.Module):
         layers: Sequence[str] = ("up-level1-upsampler-out",),
         img_size: int = 128,
         timestep: int = 50,
-        variants: Sequence[Variant | dict] = (Variant(name="plain"),),
+        variants: Sequence[Variant | dict] | None = None,
         base_model: str | None = None,
         latent: str = "mean",
         vae_seed: int = 0,
@@ -59,7 +59,7 @@ class DiffusionFeatureExtractor(nn.Module):
         super().__init__()
         if latent not in ("mean", "sample"):
             raise ValueError(f"latent must be 'mean' or 'sample', got {latent!r}")
-        self.variants = [as_variant(v) for v in variants]
+        self.variants = [as_variant(v) for v in (variants or [Variant(name="plain")])]
         if not self.variants:
             raise ValueError("give at least one variant")
         names = [v.name for v in self.variants]

@@ -1,0 +1,95 @@
+"""csdiff's own verbs and entry-point basics, in-process through main(args=...)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from safetensors import safe_open
+
+from csdiff import __version__
+from csdiff.cli import main
+
+
+def test_version_and_help(capsys):
+    assert main(["--version"]) == 0
+    assert __version__ in capsys.readouterr().out
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    for verb in ("fit", "validate", "test", "predict", "layers", "extract"):
+        assert verb in out
+
+
+def test_unknown_command_exits_2(capsys):
+    assert main(["frobnicate"]) == 2
+    assert "unknown command" in capsys.readouterr().err
+
+
+def test_layers_lists_197_names_with_shapes(capsys):
+    assert main(["layers", "--model", "tiny", "--img_size", "64", "--format", "json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    names = {r["name"]: r["shape"] for r in rows}
+    assert len(names) == 198  # 197 activation names + up_cross
+    assert names["up-level1-upsampler-out"] == [64, 4, 4]
+    assert names["up-level3-repeat0-vit-block0-self-map"] == [64, 8, 8]
+    assert names["up_cross"] == [154, 8, 8]
+
+
+def test_layers_table_and_config_file(tmp_path, capsys):
+    cfg = tmp_path / "layers.yaml"
+    cfg.write_text("model: tiny\nimg_size: 128\n")
+    assert main(["layers", "--config", str(cfg)]) == 0
+    out = capsys.readouterr().out
+    assert "up-level2-upsampler-out" in out and "64 x 16 x 16" in out
+
+
+def _images(folder: Path, n: int) -> None:
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        cv2.imwrite(str(folder / f"img{i}.png"), rng.integers(0, 255, (40 + 8 * i, 56, 3), dtype=np.uint8))
+
+
+def test_extract_writes_one_file_per_image_and_skips_done(tmp_path, capsys):
+    _images(tmp_path / "in" / "sub", 3)
+    args = [
+        "extract", "--extractor.model", "tiny", "--extractor.img_size", "64",
+        "--extractor.layers", '["up-level1-upsampler-out", "up_cross"]',
+        "--extractor.variants", '[{"name": "plain", "prompt": "a photo"}, {"name": "s1", "seed": 1}]',
+        "--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"), "--batch_size", "2",
+    ]
+    assert main(args) == 0
+    files = sorted((tmp_path / "out" / "sub").glob("*.safetensors"))
+    assert [f.name for f in files] == ["img0.safetensors", "img1.safetensors", "img2.safetensors"]
+    with safe_open(str(files[0]), "pt") as f:
+        assert set(f.keys()) == {"plain/up-level1-upsampler-out", "plain/up_cross", "s1/up-level1-upsampler-out", "s1/up_cross"}
+        tensor = f.get_tensor("plain/up-level1-upsampler-out")
+        assert tuple(tensor.shape) == (64, 4, 4) and str(tensor.dtype) == "torch.float16"
+        meta = json.loads(f.metadata()["csdiff"])
+        assert meta["backbone"]["model"] == "tiny" and meta["timestep"] == 50
+    assert not list((tmp_path / "out").rglob("*.tmp*"))
+    capsys.readouterr()
+    assert main(args) == 0
+    assert "(3 already present)" in capsys.readouterr().out
+
+
+def test_console_script_exit_codes(tmp_path):
+    """The installed `python -m csdiff` entry point: 0 on success, non-zero on an unknown command."""
+    ok = subprocess.run([sys.executable, "-m", "csdiff", "--version"], capture_output=True, text=True)
+    assert ok.returncode == 0 and __version__ in ok.stdout
+    bad = subprocess.run([sys.executable, "-m", "csdiff", "frobnicate"], capture_output=True, text=True)
+    assert bad.returncode == 2
+
+
+@pytest.mark.parametrize("verb", ["layers", "extract"])
+def test_own_verbs_print_config(verb, capsys):
+    extra = ["--input", "x", "--output", "y"] if verb == "extract" else []
+    with pytest.raises(SystemExit) as info:
+        main([verb, *extra, "--print_config"])
+    assert info.value.code in (0, None)
+    assert "model" in capsys.readouterr().out
