@@ -7,6 +7,7 @@ Own verbs (``layers``, ``extract``) have jsonargparse parsers too, so every comm
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -16,6 +17,17 @@ from jsonargparse import ActionConfigFile, ArgumentParser
 from csdiff import __version__
 
 LIGHTNING_VERBS = ("fit", "validate", "test", "predict")
+DEBUG_ENV = "CSDIFF_DEBUG"
+
+
+def error_line(err: BaseException) -> str:
+    """One line for the user: the error's own message, also when it was re-raised from a
+    DataLoader worker (whose message embeds the worker's traceback)."""
+    text = str(err).strip() or type(err).__name__
+    if "Original Traceback" in text:
+        last = [line for line in text.splitlines() if line.strip()][-1]
+        text = last.split(": ", 1)[1] if ": " in last else last
+    return " ".join(text.split())
 
 
 def _parser(prog: str, description: str) -> ArgumentParser:
@@ -133,6 +145,12 @@ def run_lightning(argv: list[str]):
                     f"Pass --ckpt_path PATH (e.g. <log_dir>/checkpoints/last.ckpt from `csdiff fit`)."
                 )
 
+        def before_fit(self) -> None:
+            # last.ckpt by default, so `--ckpt_path last` can resume any run (an explicit false wins)
+            for callback in self.trainer.checkpoint_callbacks:
+                if callback.save_last is None:
+                    callback.save_last = True
+
         def before_test(self) -> None:
             self._require_checkpoint()
 
@@ -167,10 +185,16 @@ def main(args: list[str] | None = None) -> int:
     if argv[0] == "--version":
         print(f"csdiff {__version__}")
         return 0
-    if argv[0] in OWN_VERBS:
-        return OWN_VERBS[argv[0]][0](argv[1:])
-    if argv[0] not in LIGHTNING_VERBS:
+    if argv[0] not in OWN_VERBS and argv[0] not in LIGHTNING_VERBS:
         print(f"csdiff: unknown command {argv[0]!r}\n\n{_overview()}", file=sys.stderr)
         return 2
-    run_lightning(argv)
-    return 0
+    try:
+        if argv[0] in OWN_VERBS:
+            return OWN_VERBS[argv[0]][0](argv[1:])
+        run_lightning(argv)
+        return 0
+    except Exception as err:
+        if os.environ.get(DEBUG_ENV, "") not in ("", "0"):
+            raise
+        print(f"csdiff: error: {error_line(err)}  (set {DEBUG_ENV}=1 for the full traceback)", file=sys.stderr)
+        return 1
