@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
+from argparse import ArgumentError
 from collections.abc import Callable
 from pathlib import Path
 
@@ -20,6 +22,16 @@ LIGHTNING_VERBS = ("fit", "validate", "test", "predict")
 DEBUG_ENV = "CSDIFF_DEBUG"
 
 
+def config_error_line(text: str) -> str:
+    """The essence of a jsonargparse error: the innermost key and its first concrete problem."""
+    keys = re.findall(r'Parser key "([^"]+)"', text)
+    vague = ("Does not validate", "Subtypes:", "Errors:", "Given value", "Problem with given class_path", "Expected a <class 'NoneType'>")
+    problems = [line.strip(" -") for line in text.splitlines() if line.strip() and not any(v in line for v in vague)]
+    problems = [p for p in problems if not p.startswith("Parser key")] or [text.strip().splitlines()[0]]
+    where = f"invalid value for {'.'.join(keys)}: " if keys else ""
+    return " ".join((where + problems[0]).split())
+
+
 def error_line(err: BaseException) -> str:
     """One line for the user: the error's own message, also when it was re-raised from a
     DataLoader worker (whose message embeds the worker's traceback)."""
@@ -27,6 +39,9 @@ def error_line(err: BaseException) -> str:
     if "Original Traceback" in text:
         last = [line for line in text.splitlines() if line.strip()][-1]
         text = last.split(": ", 1)[1] if ": " in last else last
+    if "Does not validate against any of the Union subtypes" in text:  # raised while instantiating a class
+        problems = [l.strip(" -") for l in text.splitlines() if l.strip().startswith("- ") and "NoneType" not in l]
+        text = problems[0] if problems else config_error_line(text)
     return " ".join(text.split())
 
 
@@ -132,8 +147,12 @@ def _overview() -> str:
     return "\n".join(lines)
 
 
-def run_lightning(argv: list[str]):
-    """Run a LightningCLI subcommand in-process; returns the CLI object (trainer, model, datamodule)."""
+def run_lightning(argv: list[str] | None):
+    """Run a LightningCLI subcommand in-process (``None``: from ``sys.argv``); returns the CLI object.
+
+    Parsers raise instead of printing usage and exiting, so ``main`` can report a bad config
+    key in one line.
+    """
     from lightning.pytorch import LightningDataModule, LightningModule
     from lightning.pytorch.cli import LightningCLI
 
@@ -164,6 +183,7 @@ def run_lightning(argv: list[str]):
         subclass_mode_data=True,
         args=argv,
         save_config_kwargs={"overwrite": True},
+        parser_kwargs={"exit_on_error": False, **{verb: {"exit_on_error": False} for verb in LIGHTNING_VERBS}},
     )
 
 
@@ -191,8 +211,11 @@ def main(args: list[str] | None = None) -> int:
     try:
         if argv[0] in OWN_VERBS:
             return OWN_VERBS[argv[0]][0](argv[1:])
-        run_lightning(argv)
+        run_lightning(None if args is None else argv)
         return 0
+    except ArgumentError as err:
+        print(f"csdiff {argv[0]}: {config_error_line(str(err))}. See `csdiff {argv[0]} --help` or --print_config.", file=sys.stderr)
+        return 2
     except Exception as err:
         if os.environ.get(DEBUG_ENV, "") not in ("", "0"):
             raise

@@ -15,8 +15,10 @@ from typing import Any
 import cv2
 import numpy as np
 import torch
+import torch.distributed as dist
 from lightning.pytorch import LightningDataModule
-from torch.utils.data import DataLoader, Dataset, Sampler
+from lightning.pytorch.trainer.states import TrainerFn
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from csdiff.data.transforms import IGNORE_INDEX, EvalResize, EvalTransform, SampleTransform, TrainTransform
 
@@ -187,28 +189,82 @@ def collate_segmentation(batch: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-class EpochSampler(Sampler[int]):
+def process_group() -> tuple[int, int]:
+    """(world size, rank) of the initialised default process group; (1, 0) without one."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size(), dist.get_rank()
+    return 1, 0
+
+
+class EpochSampler(DistributedSampler):
     """Shuffle order as a pure function of (seed, epoch), so a resumed run replays it.
 
     ``set_epoch`` (which Lightning calls on samplers by itself) also tells the dataset,
     whose augmentations are keyed on the epoch.
+
+    Under DDP (``num_replicas`` > 1; by default the world size of the initialised process
+    group) rank r takes positions r, r+W, r+2W, ... of the one (seed, epoch) permutation, so
+    the shards are disjoint. The permutation is padded with its own head to a multiple of W,
+    as ``DistributedSampler`` does, because every rank must run the same number of steps.
+    In one process the order is the permutation itself. Being a ``DistributedSampler``,
+    Lightning uses it as is instead of wrapping it in its own (reshuffling) sampler.
     """
 
-    def __init__(self, dataset: SegmentationDataset, seed: int) -> None:
-        self.dataset = dataset
-        self.seed = seed
-        self.epoch = 0
+    def __init__(self, dataset: SegmentationDataset, seed: int, num_replicas: int | None = None, rank: int | None = None) -> None:
+        world, own_rank = process_group()
+        super().__init__(
+            dataset,
+            num_replicas=world if num_replicas is None else num_replicas,
+            rank=own_rank if rank is None else rank,
+            shuffle=True,
+            seed=seed,
+            drop_last=False,
+        )
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
         self.dataset.set_epoch(epoch)
 
     def __len__(self) -> int:
-        return len(self.dataset)
+        return self.num_samples
 
     def __iter__(self):
         seq = np.random.SeedSequence([self.seed, self.epoch], spawn_key=(_SHUFFLE_STREAM,))
-        return iter(np.random.default_rng(seq).permutation(len(self.dataset)).tolist())
+        order = np.random.default_rng(seq).permutation(len(self.dataset)).tolist()
+        if self.num_replicas == 1:
+            return iter(order)
+        pad = self.total_size - len(order)
+        if pad > 0 and order:
+            order += (order * -(-pad // len(order)))[:pad]
+        return iter(order[self.rank : self.total_size : self.num_replicas])
+
+
+class ShardedEvalSampler(DistributedSampler):
+    """Evaluation order under DDP: rank r of W gets indices r, r+W, r+2W, ..., in order.
+
+    No padding: every sample is scored exactly once over all ranks, so a dataset-level
+    metric summed over ranks equals the single-process one; ranks may differ by one batch
+    (W - 1 ranks hold one sample fewer when W does not divide the length). Being a
+    ``DistributedSampler``, Lightning keeps it instead of its padding sampler.
+    """
+
+    def __init__(self, dataset: Dataset, num_replicas: int | None = None, rank: int | None = None) -> None:
+        world, own_rank = process_group()
+        super().__init__(
+            dataset,
+            num_replicas=world if num_replicas is None else num_replicas,
+            rank=own_rank if rank is None else rank,
+            shuffle=False,
+            drop_last=False,
+        )
+        self.total_size = len(dataset)
+        self.num_samples = len(range(self.rank, self.total_size, self.num_replicas))
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __iter__(self):
+        return iter(range(self.rank, self.total_size, self.num_replicas))
 
 
 class SegmentationDataModule(LightningDataModule, ABC):
@@ -362,11 +418,29 @@ class SegmentationDataModule(LightningDataModule, ABC):
         self.set_epoch(self._resumed_epoch())
         return self._loader(dataset, self.batch_size, self._train_sampler)
 
+    def _eval_loader(self, split: str) -> DataLoader:
+        """Sequential in one process; under DDP each rank scores its own unpadded shard."""
+        dataset = self._get(split)
+        world, _ = process_group()
+        if world == 1:
+            return self._loader(dataset, self.eval_batch_size)
+        if split == "val" and len(dataset) < world and self._fitting():
+            # Validation inside `fit` runs through the DDP wrapper, whose first forward after
+            # training syncs buffers: a rank without a single batch would hang the others.
+            raise DataError(
+                f"{len(dataset)} validation images for {world} processes: validating during `fit` "
+                f"needs at least one image per process; use more images or fewer devices"
+            )
+        return self._loader(dataset, self.eval_batch_size, ShardedEvalSampler(dataset))
+
+    def _fitting(self) -> bool:
+        return self.trainer is not None and self.trainer.state.fn == TrainerFn.FITTING
+
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self._get("val"), self.eval_batch_size)
+        return self._eval_loader("val")
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader(self._get("test"), self.eval_batch_size)
+        return self._eval_loader("test")
 
     def predict_dataloader(self) -> DataLoader:
-        return self._loader(self._get("predict"), self.eval_batch_size)
+        return self._eval_loader("predict")

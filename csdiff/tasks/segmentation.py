@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -20,6 +21,8 @@ from csdiff.tasks.options import BackboneOptions, GateOptions, VariantOptions
 from csdiff.tasks.slide import slide_logits
 
 PAPER_LAYERS = ["up-level0-upsampler-out", "up-level1-upsampler-out", "up-level2-upsampler-out"]
+# Keeps the per-epoch torch stream apart from the data's numpy streams, which share (seed, epoch).
+_TRAIN_RNG_STREAM = 2
 
 
 def overlay(image: np.ndarray, label: np.ndarray, palette: np.ndarray, alpha: float = 0.5) -> np.ndarray:
@@ -146,6 +149,31 @@ class SegmentationTask(FrozenBackboneCheckpointMixin, LightningModule):
         self.log("loss", loss, prog_bar=True, logger=False, batch_size=labels.shape[0])
         return {"loss": loss, "gate_weights": [w.detach() for w in fused.weights]}
 
+    def on_train_epoch_start(self) -> None:
+        """Make this epoch's randomness a function of (seed, epoch, rank) alone.
+
+        On resume Lightning restores weights, optimizer and loop counters, but neither the
+        global RNG state nor a sampler's position. ``set_epoch`` selects the data order and
+        augmentations, and torch (CPU and CUDA) is reseeded at the epoch's first batch, which
+        keys dropout and ``train_noise: fresh`` on the epoch: so a run resumed from an
+        end-of-epoch checkpoint (``--ckpt_path last``) trains exactly like an uninterrupted
+        one. The seed is ``seed_everything``'s (0 without it); each DDP rank gets its own stream.
+        """
+        dm = getattr(self.trainer, "datamodule", None)
+        if callable(getattr(dm, "set_epoch", None)):
+            dm.set_epoch(self.current_epoch)  # DDP wrappers may hide the sampler's own set_epoch
+        self._seeded_epoch: int | None = None
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        # Reseed here, not at epoch start: the DataLoader draws its base seed from the global
+        # RNG when its iterator is made, after the epoch-start hook except in a fit's first epoch.
+        epoch = self.current_epoch
+        if getattr(self, "_seeded_epoch", None) != epoch:
+            seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
+            seq = np.random.SeedSequence([seed, epoch, self.global_rank], spawn_key=(_TRAIN_RNG_STREAM,))
+            torch.manual_seed(int(seq.generate_state(1, np.uint64)[0]))  # also seeds every CUDA device
+            self._seeded_epoch = epoch
+
     def configure_optimizers(self) -> dict:
         params = [p for p in self.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
@@ -180,8 +208,10 @@ class SegmentationTask(FrozenBackboneCheckpointMixin, LightningModule):
         return {"preds": self._evaluate(batch, self.test_metrics)}
 
     def _log_metrics(self, prefix: str, metrics: SegmentationMetrics) -> dict:
-        scores = metrics.compute()
-        self.log_dict({f"{prefix}/{k}": scores[k] for k in ("mIoU", "aAcc", "mAcc")}, sync_dist=False)
+        scores = metrics.compute()  # torchmetrics sums the confusion matrices of all ranks here
+        # Every rank now holds the same values; "max" over ranks keeps them exactly (a mean
+        # could round) and tells Lightning they are already dataset-level.
+        self.log_dict({f"{prefix}/{k}": scores[k] for k in ("mIoU", "aAcc", "mAcc")}, sync_dist=True, reduce_fx="max")
         metrics.reset()
         return scores
 
@@ -191,10 +221,11 @@ class SegmentationTask(FrozenBackboneCheckpointMixin, LightningModule):
     def on_test_epoch_end(self) -> None:
         scores = self._log_metrics("test", self.test_metrics)
         table = format_iou_table(scores["IoU"].cpu(), self.class_names)
+        log_dir = self.trainer.log_dir  # a broadcast under DDP: every rank must ask
         if self.trainer.is_global_zero:
             print(table)
-            if self.trainer.log_dir:
-                save_text(Path(self.trainer.log_dir) / "test_per_class_iou.txt", table + "\n")
+            if log_dir:
+                save_text(Path(log_dir) / "test_per_class_iou.txt", table + "\n")
 
     # --- prediction ---
     def predict_step(self, batch: dict, batch_idx: int) -> list[dict]:
