@@ -84,7 +84,7 @@ def run_extract(argv: list[str]) -> int:
 
     from csdiff.backbone import DiffusionFeatureExtractor
     from csdiff.data.segmentation import ImageFolderDataset
-    from csdiff.io import save_tensors
+    from csdiff.io import remove_stale_temporaries, save_tensors
 
     parser = _parser("extract", "Extract diffusion features of images and save them (fp16 safetensors, one file per image).")
     parser.add_class_arguments(DiffusionFeatureExtractor, "extractor")
@@ -99,6 +99,7 @@ def run_extract(argv: list[str]) -> int:
     source = Path(cfg.input)
     dataset = ImageFolderDataset(source)
     out_dir = Path(cfg.output)
+    remove_stale_temporaries(out_dir)  # from an interrupted run; finished files are complete
     meta = {"csdiff": json.dumps(extractor.describe())}
     done = skipped = 0
     loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size, collate_fn=lambda b: b)

@@ -28,6 +28,14 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     return path
 
 
+def remove_stale_temporaries(folder: str | Path) -> int:
+    """Delete temporary files left by a killed run (they are never read); returns how many."""
+    stale = list(Path(folder).rglob(".*.tmp*")) if Path(folder).is_dir() else []
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return len(stale)
+
+
 def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> Path:
     """Atomically write a safetensors file."""
     clean = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}

@@ -93,3 +93,38 @@ def test_own_verbs_print_config(verb, capsys):
         main([verb, *extra, "--print_config"])
     assert info.value.code in (0, None)
     assert "model" in capsys.readouterr().out
+
+
+def test_killed_extract_leaves_only_complete_files_and_resumes(tmp_path):
+    """SIGKILL mid-run: every file present is complete; a rerun finishes the rest identically."""
+    import os
+    import signal
+    import time
+
+    import torch
+    from safetensors.torch import load_file
+
+    _images(tmp_path / "in", 12)
+    out = tmp_path / "out"
+    cmd = [
+        sys.executable, "-m", "csdiff", "extract", "--extractor.model", "tiny", "--extractor.img_size", "128",
+        "--extractor.layers", '["legacy", "up_cross"]', "--input", str(tmp_path / "in"), "--output", str(out),
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list(out.glob("*.safetensors"))) < 2:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    present = sorted(out.glob("*.safetensors"))
+    assert 2 <= len(present) < 12, "the kill should land mid-run"
+    for path in present:
+        assert len(load_file(str(path))) == 5  # loadable and complete: 4 legacy layers + up_cross
+    assert main(cmd[3:]) == 0
+    assert len(list(out.glob("*.safetensors"))) == 12 and not list(out.glob(".*tmp*"))
+    fresh = tmp_path / "fresh"
+    assert main([*cmd[3:-2], "--output", str(fresh)]) == 0
+    for path in sorted(out.glob("*.safetensors")):
+        a, b = load_file(str(path)), load_file(str(fresh / path.name))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
