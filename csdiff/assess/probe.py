@@ -7,13 +7,34 @@ shift in miniature.
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
 import numpy as np
 import torch
 import torch.nn.functional as F
+from diffusers import AutoencoderKL, UNet2DConditionModel
 
 from csdiff.backbone import DiffusionFeatureExtractor
+from csdiff.backbone.tiny import TINY_SD_DIR, UNET_CONFIG, VAE_CONFIG
 from csdiff.data.synthetic import SHAPE_CLASSES, render_shapes
 from csdiff.metrics import SegmentationMetrics
+
+
+def random_weight_copy(folder: str | Path, seed: int = 0) -> Path:
+    """The tiny model with its UNet and VAE re-initialised: the chance-level reference.
+
+    Same architecture, tokenizer, text encoder and VAE scaling factor; written to ``folder``.
+    """
+    folder = Path(folder)
+    shutil.copytree(TINY_SD_DIR, folder, dirs_exist_ok=True)
+    torch.manual_seed(seed)
+    UNet2DConditionModel(**UNET_CONFIG).save_pretrained(folder / "unet")
+    scaling = AutoencoderKL.load_config(TINY_SD_DIR / "vae")["scaling_factor"]
+    vae = AutoencoderKL(**VAE_CONFIG)
+    vae.register_to_config(scaling_factor=scaling)
+    vae.save_pretrained(folder / "vae")
+    return folder
 
 
 def shapes_probe_data(n: int, size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -7,6 +7,7 @@ The same datamodule reads any dataset in the ADE20K layout with another class li
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -41,38 +42,16 @@ class ADE20KDataModule(SegmentationDataModule):
     def __init__(
         self,
         root: str = "data/ade/ADEChallengeData2016",
-        batch_size: int = 2,
-        eval_batch_size: int = 1,
-        num_workers: int = 0,
         crop_size: int = 512,
         scale: tuple[int, int] = (2048, 512),
-        ratio_range: tuple[float, float] = (0.5, 2.0),
-        cat_max_ratio: float = 0.75,
-        flip_prob: float = 0.5,
-        photometric: bool = True,
         eval_resize: EvalResize = ("short", 512),
-        seed: int = 0,
-        predict_root: str | None = None,
-        limit: int | None = None,
         class_names: list[str] | None = None,
         palette: list[tuple[int, int, int]] | None = None,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(
-            root=root,
-            batch_size=batch_size,
-            eval_batch_size=eval_batch_size,
-            num_workers=num_workers,
-            crop_size=crop_size,
-            scale=scale,
-            ratio_range=ratio_range,
-            cat_max_ratio=cat_max_ratio,
-            flip_prob=flip_prob,
-            photometric=photometric,
-            eval_resize=eval_resize,
-            seed=seed,
-            predict_root=predict_root,
-            limit=limit,
-        )
+        """ADE20K defaults; other options (batch sizes, workers, augmentation) as in
+        :class:`SegmentationDataModule`. ``class_names``/``palette`` read other ADE-layout sets."""
+        super().__init__(root=root, crop_size=crop_size, scale=scale, eval_resize=eval_resize, **kwargs)
         names = list(class_names) if class_names is not None else list(ADE20K_CLASSES)
         colours = [tuple(c) for c in palette] if palette is not None else _default_palette(len(names))
         if len(colours) != len(names):

@@ -8,6 +8,7 @@ memory with the same official table, so no preprocessing step is required.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from cityscapesscripts.helpers.labels import labels as _LABELS
@@ -66,36 +67,13 @@ class CityscapesDataModule(SegmentationDataModule):
     def __init__(
         self,
         root: str = "data/cityscapes",
-        batch_size: int = 2,
-        eval_batch_size: int = 1,
-        num_workers: int = 0,
         crop_size: int = 1024,
         scale: tuple[int, int] = (2048, 1024),
-        ratio_range: tuple[float, float] = (0.5, 2.0),
-        cat_max_ratio: float = 0.75,
-        flip_prob: float = 0.5,
-        photometric: bool = True,
         eval_resize: EvalResize = None,
-        seed: int = 0,
-        predict_root: str | None = None,
-        limit: int | None = None,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(
-            root=root,
-            batch_size=batch_size,
-            eval_batch_size=eval_batch_size,
-            num_workers=num_workers,
-            crop_size=crop_size,
-            scale=scale,
-            ratio_range=ratio_range,
-            cat_max_ratio=cat_max_ratio,
-            flip_prob=flip_prob,
-            photometric=photometric,
-            eval_resize=eval_resize,
-            seed=seed,
-            predict_root=predict_root,
-            limit=limit,
-        )
+        """Cityscapes defaults; other options as in :class:`SegmentationDataModule`."""
+        super().__init__(root=root, crop_size=crop_size, scale=scale, eval_resize=eval_resize, **kwargs)
 
     @property
     def class_names(self) -> list[str]:
