@@ -165,16 +165,27 @@ def run_lightning(argv: list[str] | None):
                     f"Pass --ckpt_path PATH (e.g. <log_dir>/checkpoints/last.ckpt from `csdiff fit`)."
                 )
 
+        def _weights_only(self) -> None:
+            # checkpoints hold tensors and plain values only: refuse pickled code unless asked
+            if self.config_init[self.subcommand].get("weights_only") is None:
+                self.config_init[self.subcommand]["weights_only"] = True
+
         def before_fit(self) -> None:
+            self._weights_only()
             # last.ckpt by default, so `--ckpt_path last` can resume any run (an explicit false wins)
             for callback in self.trainer.checkpoint_callbacks:
                 if callback.save_last is None:
                     callback.save_last = True
 
+        def before_validate(self) -> None:
+            self._weights_only()
+
         def before_test(self) -> None:
+            self._weights_only()
             self._require_checkpoint()
 
         def before_predict(self) -> None:
+            self._weights_only()
             self._require_checkpoint()
 
     return CSDiffCLI(

@@ -224,3 +224,15 @@ def test_exit_code_and_single_line_in_a_subprocess(setup):
     errors = [line for line in proc.stderr.splitlines() if line.startswith("csdiff: error:")]
     assert len(errors) == 1 and "nowhere" in errors[0]
     assert "Traceback" not in proc.stderr
+
+
+def test_checkpoint_with_pickled_code_is_refused(trained, capsys):
+    """Checkpoints are read with weights_only=True: arbitrary pickled objects are not loaded."""
+    import fractions
+
+    config, work, _, ckpt = trained
+    state = torch.load(ckpt, weights_only=True)
+    state["extra"] = fractions.Fraction(1, 3)  # any non-allowlisted class stands for pickled code
+    torch.save(state, ckpt)
+    code, line = run(config, work, capsys, "test", ["--ckpt_path", str(ckpt)])
+    assert code == 1 and "weights" in line.lower()
