@@ -22,6 +22,9 @@ def main() -> None:
     parser.add_argument("--timesteps", type=int, nargs="+", default=[50, 200, 500])
     parser.add_argument("--img_size", type=int, default=128)
     args = parser.parse_args()
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
     train, val = shapes_probe_data(48, 128, seed=99), shapes_probe_data(16, 128, seed=98)
     with tempfile.TemporaryDirectory() as tmp:
         models = {"trained tiny": "tiny", "random-weight copy": str(random_weight_copy(tmp))}
