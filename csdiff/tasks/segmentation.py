@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Literal
 
@@ -19,6 +20,9 @@ from csdiff.models import FCNHead, GatedFusion, SegmentationLoss, UPerHead
 from csdiff.tasks.checkpoints import FrozenBackboneCheckpointMixin
 from csdiff.tasks.options import BackboneOptions, GateOptions, VariantOptions
 from csdiff.tasks.slide import slide_logits
+
+# The frozen backbone stays in eval mode on purpose; Lightning would warn about it at every fit.
+warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
 
 PAPER_LAYERS = ["up-level0-upsampler-out", "up-level1-upsampler-out", "up-level2-upsampler-out"]
 # Keeps the per-epoch torch stream apart from the data's numpy streams, which share (seed, epoch).
