@@ -19,7 +19,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -27,17 +26,15 @@ from diffusers import AutoencoderKL, ControlNetModel, DDPMScheduler, PNDMSchedul
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from csdiff.backbone import tiny
+from csdiff.backbone.conditions import canny_condition
 from csdiff.data.synthetic import caption_vocabulary, render_shapes
 
 
 def shapes_batch(rng: np.random.Generator, batch: int, size: int) -> tuple[torch.Tensor, list[str], torch.Tensor]:
     """Images in [-1, 1] (B,3,H,W), captions, canny conditions in [0, 1] (B,3,H,W)."""
     samples = [render_shapes(rng, size) for _ in range(batch)]
-    images = np.stack([s.image for s in samples])
-    edges = np.stack([cv2.Canny(s.image, 100, 200) for s in samples])
-    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
-    cond = torch.from_numpy(edges).float().div(255).unsqueeze(1).repeat(1, 3, 1, 1)
-    return x, [s.caption for s in samples], cond
+    x = torch.from_numpy(np.stack([s.image for s in samples])).permute(0, 3, 1, 2).float() / 127.5 - 1
+    return x, [s.caption for s in samples], canny_condition(x)
 
 
 def cosine(opt: torch.optim.Optimizer, steps: int) -> torch.optim.lr_scheduler.LambdaLR:

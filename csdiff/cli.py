@@ -40,8 +40,7 @@ def error_line(err: BaseException) -> str:
         last = [line for line in text.splitlines() if line.strip()][-1]
         text = last.split(": ", 1)[1] if ": " in last else last
     if "Does not validate against any of the Union subtypes" in text:  # raised while instantiating a class
-        problems = [l.strip(" -") for l in text.splitlines() if l.strip().startswith("- ") and "NoneType" not in l]
-        text = problems[0] if problems else config_error_line(text)
+        return config_error_line(text)
     return " ".join(text.split())
 
 

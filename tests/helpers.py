@@ -5,18 +5,15 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
-import numpy as np
 import torch
 from safetensors.torch import save_file
 
-from csdiff.data.synthetic import render_shapes
+from csdiff.assess import shapes_probe_data
 
 
 def shapes_images(n: int, size: int = 64, seed: int = 7) -> torch.Tensor:
     """A batch of synthetic shape images in [-1, 1]."""
-    rng = np.random.default_rng(seed)
-    arr = np.stack([render_shapes(rng, size).image for _ in range(n)])
-    return torch.from_numpy(arr).permute(0, 3, 1, 2).float() / 127.5 - 1
+    return shapes_probe_data(n, size, seed)[0]
 
 
 def kohya_name(module_path: str, prefix: str = "lora_unet") -> str:

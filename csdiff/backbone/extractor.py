@@ -182,6 +182,7 @@ class DiffusionFeatureExtractor(nn.Module):
         return (a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps.float()).to(x.dtype)
 
     def conditions(self, variant: Variant, images: torch.Tensor, provided: dict[str, torch.Tensor] | None, cache: dict) -> list[torch.Tensor]:
+        """Condition maps of a variant's ControlNets; ``images`` are already at ``img_size``."""
         out = []
         for cn in variant.controlnets:
             if cn.condition == "provided":
@@ -191,7 +192,7 @@ class DiffusionFeatureExtractor(nn.Module):
             else:
                 key = ("canny", cn.low, cn.high)
                 if key not in cache:
-                    cache[key] = canny_condition(self.resize(images), cn.low, cn.high)
+                    cache[key] = canny_condition(images, cn.low, cn.high)
                 cond = cache[key]
             out.append(cond.to(self.device, self.dtype))
         return out
@@ -227,7 +228,9 @@ class DiffusionFeatureExtractor(nn.Module):
         ``conditions`` maps variant names to condition images in [0, 1] for ``provided``
         ControlNet conditions; ``variants`` restricts the call to some variants.
         """
-        chosen = self.variants if variants is None else [v for v in self.variants if v.name in set(variants)]
+        wanted = None if variants is None else set(variants)
+        chosen = [v for v in self.variants if wanted is None or v.name in wanted]
+        images = self.resize(images)  # once: the VAE and the condition maps see the same pixels
         latents = self.encode_images(images)
         batch, shape = latents.shape[0], latents.shape[1:]
         cond_cache: dict = {}

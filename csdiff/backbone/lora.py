@@ -75,13 +75,17 @@ class LoRARegistry:
         self.unet = unet
         self.text_encoder = text_encoder
         self.adapters: dict[str, str] = {}  # resolved path -> adapter name
+        self._given: dict[str, str] = {}  # path as written -> adapter name (no filesystem call per batch)
         self.in_unet: set[str] = set()
         self.in_text_encoder: set[str] = set()
 
     def load(self, path: str) -> str:
         """Load a LoRA once; returns its adapter name."""
+        if path in self._given:
+            return self._given[path]
         resolved = str(Path(path).expanduser().resolve())
         if resolved in self.adapters:
+            self._given[path] = self.adapters[resolved]
             return self.adapters[resolved]
         file = Path(resolved)
         if not file.exists():
@@ -121,6 +125,7 @@ class LoRARegistry:
         if n_text:
             self.in_text_encoder.add(name)
         self.adapters[resolved] = name
+        self._given[path] = name
         return name
 
     def activate(self, loras: list[LoRA]) -> tuple[tuple[str, float], ...]:

@@ -5,13 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-import cv2
 import numpy as np
 from lightning.pytorch.callbacks import BasePredictionWriter
 
 from csdiff.data.cityscapes import train_ids_to_label_ids
 from csdiff.io import save_image
-from csdiff.tasks.segmentation import overlay
+from csdiff.tasks.segmentation import image_to_rgb, overlay
 
 
 class SegmentationPredictionWriter(BasePredictionWriter):
@@ -39,8 +38,7 @@ class SegmentationPredictionWriter(BasePredictionWriter):
             pred, stem = item["pred"], Path(item["path"]).stem
             save_image(self.output_dir / "labels" / f"{stem}.png", pred)
             if self.overlays:
-                rgb = ((item["image"].permute(1, 2, 0).numpy() + 1) * 127.5).clip(0, 255).astype(np.uint8)
-                rgb = cv2.resize(rgb, (pred.shape[1], pred.shape[0]), interpolation=cv2.INTER_LINEAR)
+                rgb = image_to_rgb(item["image"], pred.shape)
                 save_image(self.output_dir / "overlays" / f"{stem}.jpg", overlay(rgb, pred, pl_module.palette))
             if self.submission_format == "ade20k":
                 save_image(self.output_dir / "submission" / f"{stem}.png", pred + 1)

@@ -4,13 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
-import cv2
 import numpy as np
-import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from csdiff.tasks.segmentation import overlay
+from csdiff.tasks.segmentation import image_to_rgb, overlay
 
 
 def _tensorboard(trainer: Trainer):
@@ -18,11 +16,6 @@ def _tensorboard(trainer: Trainer):
         if isinstance(logger, TensorBoardLogger):
             return logger.experiment
     return None
-
-
-def _to_rgb(image: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
-    rgb = ((image.permute(1, 2, 0).float().cpu().numpy() + 1) * 127.5).clip(0, 255).astype(np.uint8)
-    return cv2.resize(rgb, (size[1], size[0]), interpolation=cv2.INTER_LINEAR)
 
 
 class SegmentationImageLogger(Callback):
@@ -42,7 +35,7 @@ class SegmentationImageLogger(Callback):
             if len(self._rows) >= self.num_images:
                 break
             gt = label.cpu().numpy()
-            rgb = _to_rgb(image, gt.shape)
+            rgb = image_to_rgb(image, gt.shape)
             palette = pl_module.palette
             self._rows.append(np.concatenate([rgb, overlay(rgb, pred.cpu().numpy(), palette), overlay(rgb, gt, palette)], axis=1))
 

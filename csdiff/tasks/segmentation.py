@@ -7,6 +7,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Literal
 
+import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -27,6 +28,12 @@ warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the st
 PAPER_LAYERS = ["up-level0-upsampler-out", "up-level1-upsampler-out", "up-level2-upsampler-out"]
 # Keeps the per-epoch torch stream apart from the data's numpy streams, which share (seed, epoch).
 _TRAIN_RNG_STREAM = 2
+
+
+def image_to_rgb(image: Tensor, size: tuple[int, int]) -> np.ndarray:
+    """A (3,H,W) tensor in [-1, 1] as an RGB uint8 picture of ``size`` (h, w), for overlays."""
+    rgb = ((image.permute(1, 2, 0).float().cpu().numpy() + 1) * 127.5).clip(0, 255).astype(np.uint8)
+    return cv2.resize(rgb, (size[1], size[0]), interpolation=cv2.INTER_LINEAR)
 
 
 def overlay(image: np.ndarray, label: np.ndarray, palette: np.ndarray, alpha: float = 0.5) -> np.ndarray:
