@@ -48,6 +48,9 @@ def log(stage: str, step: int, total: int, loss: float, start: float) -> None:
 
 
 def train_vae(args, rng) -> AutoencoderKL:
+    if args.vae:
+        print(f"[vae] reusing {args.vae}")
+        return AutoencoderKL.from_pretrained(args.vae).float().eval().requires_grad_(False)
     vae = AutoencoderKL(**tiny.VAE_CONFIG)
     opt = torch.optim.AdamW(vae.parameters(), lr=args.lr_vae)
     sched = cosine(opt, args.vae_steps)
@@ -97,7 +100,8 @@ def diffusion_step(args, rng, vae, tokenizer, text_encoder, noise_sched, unet, c
 
 def train(args) -> None:
     torch.manual_seed(args.seed)
-    rng = np.random.default_rng(args.seed)
+    # One data stream per stage, so reusing a trained VAE (--vae) leaves the later stages unchanged.
+    rng_vae, rng_unet, rng_controlnet = (np.random.default_rng([args.seed, stage]) for stage in range(3))
     torch.set_num_threads(args.threads)
     work = Path(tempfile.mkdtemp(prefix="tiny-sd-"))
 
@@ -110,7 +114,8 @@ def train(args) -> None:
     )
     text_encoder = CLIPTextModel(text_config).eval().requires_grad_(False)  # seeded random init, frozen
 
-    vae = train_vae(args, rng)
+    vae = train_vae(args, rng_vae)
+    torch.manual_seed(args.seed + 1)
 
     unet = UNet2DConditionModel(**tiny.UNET_CONFIG)
     noise_sched = DDPMScheduler.from_config(PNDMScheduler.from_config(tiny.SCHEDULER_CONFIG).config)
@@ -118,7 +123,7 @@ def train(args) -> None:
     sched = cosine(opt, args.unet_steps)
     start = time.time()
     for step in range(1, args.unet_steps + 1):
-        loss = diffusion_step(args, rng, vae, tokenizer, text_encoder, noise_sched, unet)
+        loss = diffusion_step(args, rng_unet, vae, tokenizer, text_encoder, noise_sched, unet)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -130,7 +135,7 @@ def train(args) -> None:
     opt = torch.optim.AdamW(controlnet.parameters(), lr=args.lr_controlnet)
     start = time.time()
     for step in range(1, args.controlnet_steps + 1):
-        loss = diffusion_step(args, rng, vae, tokenizer, text_encoder, noise_sched, unet, controlnet)
+        loss = diffusion_step(args, rng_controlnet, vae, tokenizer, text_encoder, noise_sched, unet, controlnet)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -165,11 +170,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=str(tiny.WEIGHTS_DIR), help="folder that receives tiny-sd/ and tiny-controlnet-canny/")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--vae", help="reuse this trained VAE folder (e.g. csdiff/backbone/weights/tiny-sd/vae) instead of training one")
     p.add_argument("--size", type=int, default=tiny.TINY_IMG_SIZE)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--vae_steps", type=int, default=2500)
     p.add_argument("--unet_steps", type=int, default=3000)
-    p.add_argument("--controlnet_steps", type=int, default=500)
+    p.add_argument("--controlnet_steps", type=int, default=1000)
     p.add_argument("--lr_vae", type=float, default=1e-3)
     p.add_argument("--lr_unet", type=float, default=5e-4)
     p.add_argument("--lr_controlnet", type=float, default=5e-4)

@@ -29,3 +29,10 @@ def test_train_tiny_few_steps_writes_loadable_model(tmp_path):
     )
     feats = ex(torch.zeros(1, 3, 64, 64))["c"]["up-level1-upsampler-out"]
     assert feats.shape == (1, 64, 4, 4) and torch.isfinite(feats).all()
+
+    reused = tmp_path / "reused"
+    vae = out / "tiny-sd" / "vae"
+    run = subprocess.run([*cmd[:3], str(reused), *cmd[4:], "--vae", str(vae)], check=True, capture_output=True, text=True, timeout=300)
+    assert f"[vae] reusing {vae}" in run.stdout
+    weights = "diffusion_pytorch_model.safetensors"
+    assert (reused / "tiny-sd" / "vae" / weights).read_bytes() == (vae / weights).read_bytes()
