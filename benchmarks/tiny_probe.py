@@ -1,7 +1,7 @@
 """How much content the tiny backbone's features carry: a 1×1-conv probe on synthetic shapes.
 
-Trained tiny model vs a random-weight copy, at several noise levels t (content shift grows
-with t). Prints a table; the README quotes it.
+Trained tiny model vs a random-weight copy, at several noise levels t. Prints a table; the
+README quotes it.
 
     python benchmarks/tiny_probe.py
 """

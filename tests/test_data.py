@@ -26,6 +26,7 @@ from csdiff.data import (
 from csdiff.data.ade20k import reduce_zero_label
 from csdiff.data.cityscapes import label_ids_to_train_ids, train_ids_to_label_ids
 from csdiff.data.segmentation import EpochSampler
+from csdiff.data.synthetic import SHAPE_CLASSES, render_shapes
 from csdiff.data.transforms import pad_to, random_crop, random_flip, random_resize, resize_short_side
 
 
@@ -271,6 +272,11 @@ def test_quickstart_generates_and_regenerates(tmp_path: Path) -> None:
     images[0].write_bytes(b"half-written")
     dm.prepare_data()  # marker present: left alone
     assert images[0].read_bytes() == b"half-written"
+    params = json.loads(marker.read_text())
+    marker.write_text(json.dumps({**params, "family": params["family"] - 1}))
+    dm.prepare_data()  # drawn by an older render_shapes: regenerated
+    assert images[0].read_bytes() == original
+    images[0].write_bytes(b"half-written")
     marker.unlink()
     dm.prepare_data()  # marker missing: regenerated, identically (same generation seed)
     assert marker.is_file() and images[0].read_bytes() == original
@@ -285,6 +291,30 @@ def test_quickstart_generates_and_regenerates(tmp_path: Path) -> None:
     marker.unlink()
     with pytest.raises(DataError, match="not a generated quickstart set"):
         dm.prepare_data()
+
+
+def _lone_shapes(max_tilt: float, count: int = 40) -> list[tuple[str, np.ndarray]]:
+    """(class name, bounding-box crop of its mask) for single shapes clear of the border."""
+    rng = np.random.default_rng(5)
+    shapes = []
+    while len(shapes) < count:
+        label = render_shapes(rng, 128, max_shapes=1, max_tilt=max_tilt).label
+        ys, xs = np.nonzero(label)
+        if ys.min() > 0 and xs.min() > 0 and ys.max() < 127 and xs.max() < 127:
+            crop = label[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1]
+            shapes.append((SHAPE_CLASSES[int(label.max())], crop > 0))
+    return shapes
+
+
+def test_shapes_stand_upright_unless_tilted() -> None:
+    upright = _lone_shapes(max_tilt=0)
+    squares = [m for name, m in upright if name == "square"]
+    triangles = [m for name, m in upright if name == "triangle"]
+    assert squares and triangles
+    assert all(m.mean() > 0.95 for m in squares)  # edges horizontal and vertical: fills its box
+    assert all(m[0].sum() < m[-1].sum() / 3 for m in triangles)  # apex at the top
+    tilted = [m for name, m in _lone_shapes(max_tilt=45) if name == "square"]
+    assert min(m.mean() for m in tilted) < 0.8
 
 
 def test_image_folder_dataset(tmp_path: Path) -> None:

@@ -1,8 +1,7 @@
 """A 1×1-convolution probe: how much segmentation a frozen feature map carries, linearly.
 
 Used to show that the tiny backbone's features carry image content (a random-weight copy
-scores near chance) and that they degrade as the noise level grows: the paper's content
-shift in miniature.
+scores near chance), and how much of it survives as the noise level grows.
 """
 
 from __future__ import annotations

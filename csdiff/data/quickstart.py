@@ -16,7 +16,7 @@ import numpy as np
 
 from csdiff.data.ade20k import SPLIT_DIRS, ADE20KDataModule
 from csdiff.data.segmentation import DataError
-from csdiff.data.synthetic import SHAPE_CLASSES, SHAPE_PALETTE, render_shapes
+from csdiff.data.synthetic import FAMILY_VERSION, SHAPE_CLASSES, SHAPE_PALETTE, render_shapes
 
 MARKER = ".complete"
 # What a generated folder may contain; anything else means root points at foreign data.
@@ -48,7 +48,7 @@ def ensure_shapes_dataset(root: Path, num_train: int, num_val: int, size: int, s
     the marker, so an interrupted run leaves no marker and is redone. Returns True if it
     generated.
     """
-    params = json.dumps({"num_train": num_train, "num_val": num_val, "size": size, "seed": seed})
+    params = json.dumps({"num_train": num_train, "num_val": num_val, "size": size, "seed": seed, "family": FAMILY_VERSION})
     marker = root / MARKER
     if marker.is_file() and marker.read_text() == params:
         return False
@@ -71,7 +71,8 @@ def ensure_shapes_dataset(root: Path, num_train: int, num_val: int, size: int, s
 class QuickstartDataModule(ADE20KDataModule):
     """ADE20K-layout datamodule over generated shapes (4 classes, ``size``² images).
 
-    Crop = ``size``, random resize around ``size`` (ratio 0.5–2), evaluation at native size.
+    Crop = ``size``, random resize around ``size`` by ``ratio_range`` (the paper recipe's
+    0.5–2 by default), evaluation at native size.
     ``generation_seed`` draws the images; ``seed`` keys the augmentations, as elsewhere.
     """
 
@@ -85,6 +86,7 @@ class QuickstartDataModule(ADE20KDataModule):
         batch_size: int = 2,
         eval_batch_size: int = 1,
         num_workers: int = 0,
+        ratio_range: tuple[float, float] = (0.5, 2.0),
         cat_max_ratio: float = 0.75,
         flip_prob: float = 0.5,
         photometric: bool = True,
@@ -99,7 +101,7 @@ class QuickstartDataModule(ADE20KDataModule):
             num_workers=num_workers,
             crop_size=size,
             scale=(size * 4, size),
-            ratio_range=(0.5, 2.0),
+            ratio_range=ratio_range,
             cat_max_ratio=cat_max_ratio,
             flip_prob=flip_prob,
             photometric=photometric,
