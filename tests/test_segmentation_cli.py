@@ -71,6 +71,7 @@ def test_fit_logs_to_tensorboard(fitted):
     assert any(t.startswith("val/prediction_") for t in acc.Tags()["images"])
     assert any(t.startswith("gate/") for t in acc.Tags()["histograms"])
     assert len(acc.Images("val/prediction_0")) == 2  # once per validation, not per step
+    assert "val/mIoU" in cli.trainer.progress_bar_metrics  # a fit ends showing its mIoU
 
 
 def test_checkpoint_holds_only_trainable_weights(fitted):

@@ -222,7 +222,8 @@ class SegmentationTask(FrozenBackboneCheckpointMixin, LightningModule):
         scores = metrics.compute()  # torchmetrics sums the confusion matrices of all ranks here
         # Every rank now holds the same values; "max" over ranks keeps them exactly (a mean
         # could round) and tells Lightning they are already dataset-level.
-        self.log_dict({f"{prefix}/{k}": scores[k] for k in ("mIoU", "aAcc", "mAcc")}, sync_dist=True, reduce_fx="max")
+        for k in ("mIoU", "aAcc", "mAcc"):  # mIoU also on the progress bar, so a fit ends showing it
+            self.log(f"{prefix}/{k}", scores[k], sync_dist=True, reduce_fx="max", prog_bar=k == "mIoU")
         metrics.reset()
         return scores
 
