@@ -4,9 +4,9 @@ The tiny backbone is trained on this family of images (so its features carry con
 its prompts matter), and the quickstart draws a fresh set with another seed. Everything is
 a pure function of a numpy ``Generator``, so a seed reproduces a set exactly.
 
-Squares and triangles stand nearly upright (a few degrees of tilt): a shape 15–36 px across
-covers only 2–4 cells of the tiny backbone's 16×16 feature grid, and at arbitrary rotations
-a square and a triangle are then barely distinguishable to a small head. Upright, their
+Squares and triangles stand nearly upright (a few degrees of tilt): a shape's radius of
+15–36 px is only 2–4.5 cells of the tiny backbone's 16×16 feature grid (8 px a cell), and at
+arbitrary rotations a square and a triangle are then barely distinguishable to a small head. Upright, their
 identity shows in edge orientation, which the features do carry.
 """
 
