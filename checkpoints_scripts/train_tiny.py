@@ -115,7 +115,7 @@ def train(args) -> None:
     text_encoder = CLIPTextModel(text_config).eval().requires_grad_(False)  # seeded random init, frozen
 
     vae = train_vae(args, rng_vae)
-    torch.manual_seed(args.seed + 1)
+    torch.manual_seed(args.seed + 1)  # UNet init and noise likewise independent of how the VAE came
 
     unet = UNet2DConditionModel(**tiny.UNET_CONFIG)
     noise_sched = DDPMScheduler.from_config(PNDMScheduler.from_config(tiny.SCHEDULER_CONFIG).config)
