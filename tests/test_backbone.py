@@ -199,10 +199,24 @@ def test_long_prompt_windows(tiny_parts, images):
     assert all(tiny_parts.tokenizer.eos_token_id in row for row in ids.tolist())
     emb = encode_prompt(tiny_parts.tokenizer, tiny_parts.text_encoder, long)
     assert emb.shape[1] == 77 * ids.shape[0]
-    ex = make([UP_CROSS, "up-level1-repeat0-vit-block0-cross-map"], variants=[Variant("long", long)])
-    f = ex(images[:1])["long"]
-    assert f[UP_CROSS].shape == (1, 77 * ids.shape[0] * 2, 8, 8)  # tokens × levels at img_size/8
-    assert f["up-level1-repeat0-vit-block0-cross-map"].shape == (1, 77 * ids.shape[0], 2, 2)
+    name = "up-level1-repeat0-vit-block0-cross-map"
+    ex = make([UP_CROSS, name], variants=[Variant("long", long), Variant("short", PROMPT)])
+    f = ex(images[:1])
+    for variant in ("long", "short"):  # one channel count whatever the prompt length
+        assert f[variant][UP_CROSS].shape == (1, 77 * 2, 8, 8)  # tokens × levels at img_size/8
+        assert f[variant][name].shape == (1, 77, 2, 2)
+        assert {k: tuple(v.shape[1:]) for k, v in f[variant].items()} == ex.feature_shapes()
+    # by hand: attention over all 77·n keys, then the mass on each window position summed over windows
+    noisy = ex.add_noise(ex.encode_images(images[:1]), ex._noise(ex.variants[0], (4, 8, 8), 1), 50)
+    seen = _independent_capture(ex.unet, noisy, emb)
+    attn = ex.unet.get_submodule("up_blocks.1.attentions.0.transformer_blocks.0.attn2")
+    q, k = seen[attn_path := "up_blocks.1.attentions.0.transformer_blocks.0.attn2.to_q"], seen[attn_path[:-4] + "to_k"]
+    qh = q.view(1, q.shape[1], attn.heads, -1).transpose(1, 2)
+    kh = k.view(1, k.shape[1], attn.heads, -1).transpose(1, 2)
+    probs = torch.softmax(qh @ kh.transpose(-1, -2) * attn.scale, dim=-1).mean(1)  # (1, 4, 77·n)
+    folded = probs.view(1, 4, ids.shape[0], 77).sum(2).transpose(1, 2).reshape(1, 77, 2, 2)
+    torch.testing.assert_close(f["long"][name], folded, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(f["long"][name].sum(1), torch.ones(1, 2, 2), atol=1e-5, rtol=0)
 
 
 def test_attention_map_shapes_and_normalisation(images):

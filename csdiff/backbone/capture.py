@@ -70,16 +70,33 @@ def _tokens_to_map(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return x.transpose(1, 2).reshape(b, c, *size)
 
 
+def fold_prompt_windows(maps: torch.Tensor, window: int) -> torch.Tensor:
+    """(B, n·window, H, W) cross-attention maps of a prompt encoded in n windows → (B, window, H, W).
+
+    Channel k is the attention mass on position k of every window, summed over windows: the
+    channel count is the same for prompts of any length (variants with short and long
+    prompts fuse in one gate), and each pixel's channels still sum to 1.
+    """
+    b, n_keys, h, w = maps.shape
+    if n_keys % window:
+        raise ValueError(f"cross-attention over {n_keys} tokens is not a whole number of {window}-token prompt windows")
+    return maps.view(b, n_keys // window, window, h, w).sum(1)
+
+
 class ActivationCapture:
     """Context manager: hooks for the given names during one UNet call; results in ``features``.
 
     ``latent_size`` (h, w) is needed only for ``up_cross``, whose maps are resized to it.
+    Cross-attention maps are folded to ``prompt_window`` channels (see :func:`fold_prompt_windows`).
     """
 
-    def __init__(self, unet: nn.Module, names: list[str], latent_size: tuple[int, int] | None = None) -> None:
+    def __init__(
+        self, unet: nn.Module, names: list[str], latent_size: tuple[int, int] | None = None, prompt_window: int = 77
+    ) -> None:
         self.unet = unet
         self.names = names
         self.latent_size = latent_size
+        self.prompt_window = prompt_window
         table = enumerate_activations(unet)
         self.acts: list[Activation] = [table[n] for n in names if n != UP_CROSS]
         self.up_cross = up_cross_maps(unet) if UP_CROSS in names else {}
@@ -162,14 +179,17 @@ class ActivationCapture:
         if not self._maps:  # the UNet was not called inside the context
             return
         for act in self.acts:
-            if act.kind in ("self-map", "cross-map"):
+            if act.kind == "self-map":
                 self.features[act.name] = self._map_of(act.module)
+            elif act.kind == "cross-map":
+                self.features[act.name] = fold_prompt_windows(self._map_of(act.module), self.prompt_window)
         if self.up_cross:
             if self.latent_size is None:
                 raise ValueError("up_cross needs the latent size")
             levels = []
             for paths in self.up_cross.values():
-                mean = torch.stack([self._map_of(p) for p in paths]).mean(0)
+                maps = [fold_prompt_windows(self._map_of(p), self.prompt_window) for p in paths]
+                mean = torch.stack(maps).mean(0)
                 resized = F.interpolate(mean.float(), size=self.latent_size, mode="bilinear", align_corners=False)
                 levels.append(resized.to(mean.dtype))
             self.features[UP_CROSS] = torch.cat(levels, dim=1)

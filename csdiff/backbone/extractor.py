@@ -9,12 +9,15 @@ ControlNet models, condition maps and identical ControlNet calls are computed on
 from __future__ import annotations
 
 from collections.abc import Sequence
+
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from csdiff.backbone.capture import ActivationCapture
 from csdiff.backbone.conditions import canny_condition
+from csdiff.backbone.listing import activation_shapes
 from csdiff.backbone.loading import BackboneSpec, load_controlnet, load_sd_components, parse_dtype
 from csdiff.backbone.lora import LoRARegistry
 from csdiff.backbone.names import resolve_layers
@@ -22,6 +25,12 @@ from csdiff.backbone.prompts import encode_prompt
 from csdiff.backbone.variants import ControlNet, Variant, as_variant
 
 Features = dict[str, dict[str, torch.Tensor]]
+# Prediction types the guided DDIM chain knows how to turn into (x0, eps).
+CHAIN_PREDICTION_TYPES = ("epsilon", "v_prediction")
+# Noise streams: each variant's diffusion noise uses its seed directly; the VAE posterior
+# sample draws from a stream derived from ``vae_seed`` and this tag, so that vae_seed = 0
+# and a variant seed of 0 never give the same map.
+_VAE_STREAM = 1
 
 
 class DiffusionFeatureExtractor(nn.Module):
@@ -80,9 +89,15 @@ class DiffusionFeatureExtractor(nn.Module):
         for t in [timestep] + [v.denoise_from for v in self.variants if v.denoise_from is not None]:
             if not 0 <= t < n_steps:
                 raise ValueError(f"timestep {t} is outside the scheduler's range [0, {n_steps})")
+        self.prediction_type = self.scheduler.config.get("prediction_type", "epsilon")
         for v in self.variants:
             if v.denoise_from is not None and v.denoise_from <= timestep:
                 raise ValueError(f"variant {v.name!r}: denoise_from ({v.denoise_from}) must be above timestep ({timestep})")
+            if v.denoise_from is not None and self.prediction_type not in CHAIN_PREDICTION_TYPES:
+                raise ValueError(
+                    f"variant {v.name!r} uses denoise_from, but {model} predicts {self.prediction_type!r}; the guided "
+                    f"DDIM chain supports {', '.join(CHAIN_PREDICTION_TYPES)} models only"
+                )
         self.img_size, self.timestep = img_size, timestep
         self.latent, self.vae_seed, self.fresh_noise = latent, vae_seed, fresh_noise
         self.dtype = parse_dtype(dtype)
@@ -112,7 +127,19 @@ class DiffusionFeatureExtractor(nn.Module):
         return self.unet.device
 
     def describe(self) -> dict:
-        """Plain-dict description (backbone spec, settings): goes into checkpoints' hyperparameters."""
+        """Plain-dict description of everything that fixes the features: goes into checkpoints.
+
+        Weights are named by fingerprint (backbone, each ControlNet, each LoRA file), so that
+        :func:`describe_differences` can compare by content rather than by path or hub id.
+        """
+        variants = []
+        for v in self.variants:
+            d = v.to_dict()
+            for lora in d["loras"]:
+                lora["weights_id"] = self.loras.fingerprint(lora["path"])
+            for cn in d["controlnets"]:
+                cn["weights_id"] = self.controlnet_ids[cn["model"]]
+            variants.append(d)
         return dict(
             backbone=self.spec.to_dict(),
             controlnets=dict(self.controlnet_ids),
@@ -120,14 +147,18 @@ class DiffusionFeatureExtractor(nn.Module):
             img_size=self.img_size,
             timestep=self.timestep,
             latent=self.latent,
-            variants=[v.to_dict() for v in self.variants],
+            vae_seed=self.vae_seed,
+            variants=variants,
         )
 
-    def feature_channels(self) -> dict[str, tuple[int, int, int]]:
-        """(C, h, w) of each layer at ``img_size`` (one probe call on a blank image)."""
-        probe = torch.zeros(1, 3, self.img_size, self.img_size, device=self.device)
-        feats = self.forward(probe, variants=[self.variants[0].name])[self.variants[0].name]
-        return {name: tuple(f.shape[1:]) for name, f in feats.items()}
+    def feature_shapes(self) -> dict[str, tuple[int, int, int]]:
+        """(C, h, w) of each layer at ``img_size``, the same for every variant.
+
+        Computed without running the model (see :func:`activation_shapes`): a constructor may
+        call it on a float16 SD-size model on a CPU.
+        """
+        size = self.img_size // self.latent_factor
+        return activation_shapes(self.unet, self.layers, (size, size), self.tokenizer.model_max_length)
 
     # --- pieces ---
     def prompt_embedding(self, prompt: str, text_key: tuple) -> torch.Tensor:
@@ -147,7 +178,7 @@ class DiffusionFeatureExtractor(nn.Module):
         if self.latent == "mean":
             z = posterior.mean
         else:
-            eps = self._seeded_noise(self.vae_seed, posterior.mean.shape[1:], images.shape[0])
+            eps = self._seeded_noise(self._vae_noise_seed(), posterior.mean.shape[1:], images.shape[0])
             z = posterior.mean + posterior.std * eps
         return z * self.vae.config.scaling_factor
 
@@ -164,6 +195,9 @@ class DiffusionFeatureExtractor(nn.Module):
         noise = torch.randn((1, *shape), generator=gen, dtype=torch.float32)
         return noise.to(self.device, self.dtype).expand(batch, *shape)
 
+    def _vae_noise_seed(self) -> int:
+        return int(np.random.SeedSequence([self.vae_seed], spawn_key=(_VAE_STREAM,)).generate_state(1)[0])
+
     def _noise(self, variant: Variant, shape: Sequence[int], batch: int) -> torch.Tensor:
         if self.fresh_noise:
             return torch.randn((batch, *shape), device=self.device, dtype=self.dtype)
@@ -174,35 +208,48 @@ class DiffusionFeatureExtractor(nn.Module):
         steps = torch.full((latents.shape[0],), t, dtype=torch.long, device=latents.device)
         return self.scheduler.add_noise(latents, noise, steps)
 
-    def ddim_step(self, x: torch.Tensor, eps: torch.Tensor, t: int) -> torch.Tensor:
-        """Deterministic DDIM update from step t to t-1 (eta 0)."""
+    def ddim_step(self, x: torch.Tensor, model_output: torch.Tensor, t: int) -> torch.Tensor:
+        """Deterministic DDIM update from step t to t-1 (eta 0), for ε- and v-predicting models."""
         ac = self.scheduler.alphas_cumprod.to(x.device, torch.float32)
         a_t, a_prev = ac[t], ac[t - 1]
-        x0 = (x.float() - (1 - a_t).sqrt() * eps.float()) / a_t.sqrt()
-        return (a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps.float()).to(x.dtype)
+        x, out = x.float(), model_output.float()
+        if self.prediction_type == "v_prediction":
+            x0 = a_t.sqrt() * x - (1 - a_t).sqrt() * out
+            eps = a_t.sqrt() * out + (1 - a_t).sqrt() * x
+        else:
+            x0 = (x - (1 - a_t).sqrt() * out) / a_t.sqrt()
+            eps = out
+        return (a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps).to(model_output.dtype)
 
-    def conditions(self, variant: Variant, images: torch.Tensor, provided: dict[str, torch.Tensor] | None, cache: dict) -> list[torch.Tensor]:
-        """Condition maps of a variant's ControlNets; ``images`` are already at ``img_size``."""
+    def conditions(
+        self, variant: Variant, images: torch.Tensor, provided: dict[str, torch.Tensor] | None, cache: dict
+    ) -> list[tuple[tuple, torch.Tensor]]:
+        """(key, condition map) of each of a variant's ControlNets; ``images`` are already at ``img_size``.
+
+        The key names the map itself: canny maps by their thresholds (computed once per
+        batch), provided maps by the variant they were passed for.
+        """
         out = []
         for cn in variant.controlnets:
             if cn.condition == "provided":
                 if not provided or variant.name not in provided:
                     raise ValueError(f"variant {variant.name!r} uses a provided ControlNet condition: pass conditions={{{variant.name!r}: tensor}}")
-                cond = self.resize(provided[variant.name].float() * 2 - 1) * 0.5 + 0.5
+                key = ("provided", variant.name)
+                if key not in cache:
+                    cache[key] = self.resize(provided[variant.name].float() * 2 - 1) * 0.5 + 0.5
             else:
                 key = ("canny", cn.low, cn.high)
                 if key not in cache:
                     cache[key] = canny_condition(images, cn.low, cn.high)
-                cond = cache[key]
-            out.append(cond.to(self.device, self.dtype))
+            out.append((key, cache[key].to(self.device, self.dtype)))
         return out
 
     def control_residuals(self, variant, noisy, t, emb, conds, cache: dict | None, share_key: tuple | None) -> dict:
         """Summed ControlNet residuals. With a ``share_key`` (what fixes the noisy latent and the
         embedding), an identical call made for an earlier variant is reused, not repeated."""
         down, mid = None, None
-        for cn, cond in zip(variant.controlnets, conds):
-            key = None if share_key is None else (cn.model, cn.condition, cn.low, cn.high, cn.scale, t, share_key)
+        for cn, (cond_key, cond) in zip(variant.controlnets, conds):
+            key = None if share_key is None else (cn.model, cond_key, cn.scale, t, share_key)
             if key is not None and key in cache:
                 d, m = cache[key]
             else:
@@ -249,11 +296,55 @@ class DiffusionFeatureExtractor(nn.Module):
                 noisy = self.add_noise(latents, noise, variant.denoise_from)
                 for t in range(variant.denoise_from, self.timestep, -1):
                     extra = self.control_residuals(variant, noisy, t, emb, conds, None, None)
-                    eps = self.unet(noisy, t, encoder_hidden_states=emb, **extra).sample
-                    noisy = self.ddim_step(noisy, eps, t)
+                    prediction = self.unet(noisy, t, encoder_hidden_states=emb, **extra).sample
+                    noisy = self.ddim_step(noisy, prediction, t)
                 share_key = None  # the chain depends on every guidance setting: never shared
             extra = self.control_residuals(variant, noisy, self.timestep, emb, conds, control_cache, share_key)
-            with ActivationCapture(self.unet, self.layers, latent_size=tuple(shape[-2:])) as capture:
+            window = self.tokenizer.model_max_length
+            with ActivationCapture(self.unet, self.layers, latent_size=tuple(shape[-2:]), prompt_window=window) as capture:
                 self.unet(noisy, self.timestep, encoder_hidden_states=emb, **extra)
             out[variant.name] = {name: capture.features[name].to(self.feature_dtype) for name in self.layers}
         return out
+
+
+def _comparable(description: dict) -> dict:
+    """What fixes the features, with every weight named by its fingerprint (not its path or hub id)."""
+    out = {key: description[key] for key in ("layers", "img_size", "timestep", "latent") if key in description}
+    out["backbone weights"] = description["backbone"]["weights_id"]
+    if description.get("latent") == "sample" and "vae_seed" in description:
+        out["vae_seed"] = description["vae_seed"]
+    if "variants" in description:
+        out["variants"] = {
+            v["name"]: dict(
+                prompt=v["prompt"],
+                seed=v["seed"],
+                denoise_from=v["denoise_from"],
+                loras=[(lora.get("weights_id", lora["path"]), lora["scale"]) for lora in v["loras"]],
+                controlnets=[
+                    (cn.get("weights_id", cn["model"]), cn["condition"], cn["low"], cn["high"], cn["scale"])
+                    for cn in v["controlnets"]
+                ],
+            )
+            for v in description["variants"]
+        }
+    return out
+
+
+def describe_differences(saved: dict, current: dict) -> list[str]:
+    """What differs between two :meth:`DiffusionFeatureExtractor.describe` results, one line per
+    difference (empty: the features are the same). Keys missing from ``saved`` are not compared."""
+    a, b = _comparable(saved), _comparable(current)
+    lines = []
+    for key in a:
+        if key == "variants" or key not in b or a[key] == b[key]:
+            continue
+        lines.append(f"{key}: {a[key]} (checkpoint) vs {b[key]} (now)")
+    if "variants" in a and "variants" in b:
+        if list(a["variants"]) != list(b["variants"]):
+            lines.append(f"variants: {list(a['variants'])} (checkpoint) vs {list(b['variants'])} (now)")
+        for name in a["variants"].keys() & b["variants"].keys():
+            for field, value in a["variants"][name].items():
+                if b["variants"][name][field] != value:
+                    lines.append(f"variant {name!r} {field}: {value} (checkpoint) vs {b['variants'][name][field]} (now)")
+    return lines
+

@@ -1,15 +1,23 @@
-"""The table of every activation a model offers at an image size (``csdiff layers``)."""
+"""Shapes of activations without computing them, and the table of every activation (``csdiff layers``).
+
+Shapes come from one UNet call under PyTorch's ``FakeTensorMode``: every operator runs on
+shape-only tensors, so the call costs milliseconds and no memory at any model size, image
+size or dtype (a real float16 call on a CPU would take minutes at SD 1.5 size), and the
+shapes are exactly the ones the real hooks see.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+from torch import nn
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 from csdiff.backbone.capture import ActivationCapture
 from csdiff.backbone.loading import SDComponents
-from csdiff.backbone.names import UP_CROSS, enumerate_activations, up_cross_maps
-from csdiff.backbone.prompts import encode_prompt
+from csdiff.backbone.names import UP_CROSS, enumerate_activations
 
 
 @dataclass(frozen=True)
@@ -19,34 +27,25 @@ class LayerInfo:
     module: str
 
 
-@torch.no_grad()
-def list_layers(parts: SDComponents, img_size: int) -> list[LayerInfo]:
-    """Run the UNet once on a blank latent with hooks on every feature; maps' shapes follow from their grid.
+def activation_shapes(
+    unet: nn.Module, names: Sequence[str], latent_size: tuple[int, int], prompt_window: int = 77
+) -> dict[str, tuple[int, int, int]]:
+    """(C, H, W) of each named activation for one image whose latent is ``latent_size``."""
+    cross_dim = unet.config.cross_attention_dim
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        latent = torch.zeros(1, unet.config.in_channels, *latent_size)
+        emb = torch.zeros(1, prompt_window, cross_dim)
+        with ActivationCapture(unet, list(names), latent_size=latent_size, prompt_window=prompt_window) as capture:
+            unet(latent, 0, encoder_hidden_states=emb)
+        return {name: tuple(int(d) for d in capture.features[name].shape[1:]) for name in names}
 
-    Attention maps are not computed (a 64² self-map has 4096 channels): their shape is
-    (N_keys, H, W) with N_keys = H·W for self-attention and the prompt's 77 tokens for cross.
-    """
-    unet = parts.unet
-    table = enumerate_activations(unet)
-    plain = [n for n, a in table.items() if a.kind not in ("self-map", "cross-map")]
+
+def list_layers(parts: SDComponents, img_size: int) -> list[LayerInfo]:
+    """Every activation name of a model with its shape at ``img_size`` and its module path."""
+    table = enumerate_activations(parts.unet)
     factor = 2 ** (len(parts.vae.config.block_out_channels) - 1)
-    h = img_size // factor
-    param = next(unet.parameters())
-    latent = torch.zeros(1, unet.config.in_channels, h, h, device=param.device, dtype=param.dtype)
-    emb = encode_prompt(parts.tokenizer, parts.text_encoder, "").to(param.device, param.dtype)
-    with ActivationCapture(unet, plain) as capture:
-        unet(latent, 0, encoder_hidden_states=emb)
-    shapes = {n: tuple(f.shape[1:]) for n, f in capture.features.items()}
-    tokens = emb.shape[1]
-    rows = []
-    for name, act in table.items():
-        if act.kind in ("self-map", "cross-map"):
-            _, gh, gw = shapes[name.rsplit("-", 2)[0] + "-out"]
-            keys = gh * gw if act.kind == "self-map" else tokens
-            shape = (keys, gh, gw)
-        else:
-            shape = shapes[name]
-        rows.append(LayerInfo(name, shape, act.module))
-    n_levels = len(up_cross_maps(unet))
-    rows.append(LayerInfo(UP_CROSS, (tokens * n_levels, h, h), "cross-attention maps of up-level1 and up-level2"))
+    latent = (img_size // factor, img_size // factor)
+    shapes = activation_shapes(parts.unet, [*table, UP_CROSS], latent, parts.tokenizer.model_max_length)
+    rows = [LayerInfo(name, shapes[name], act.module) for name, act in table.items()]
+    rows.append(LayerInfo(UP_CROSS, shapes[UP_CROSS], "cross-attention maps of up-level1 and up-level2"))
     return rows

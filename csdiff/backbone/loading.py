@@ -2,8 +2,10 @@
 
 A model string is a hub id, a local diffusers folder, a single-file checkpoint
 (``.safetensors`` / ``.ckpt``, which needs a base-model folder for its configuration when
-offline), or ``tiny`` (csdiff's own miniature, shipped as package data). All of them end up
-in the same code: a local folder in the diffusers layout, loaded component by component.
+offline), ``tiny`` (csdiff's own miniature, shipped as package data) or ``random-sd15``
+(SD 1.5's architecture with seeded random weights, built from shipped configurations).
+Hub ids, folders and ``tiny`` end up in the same code: a local folder in the diffusers
+layout, loaded component by component.
 """
 
 from __future__ import annotations
@@ -17,9 +19,13 @@ import torch
 from diffusers import AutoencoderKL, ControlNetModel, PNDMScheduler, SchedulerMixin, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTokenizer
 
+from csdiff.backbone import random_models
 from csdiff.backbone.tiny import TINY_ALIASES
 
 SD_SUBFOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+WEIGHT_SUBFOLDERS = ("unet", "vae", "text_encoder")
+# Files that loading never reads when the plain weights are present: precision/EMA variants.
+_VARIANT_MARKS = (".fp16.", "non_ema", ".ema.")
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -32,8 +38,9 @@ class BackboneNotAvailableError(RuntimeError):
 class BackboneSpec:
     """What was loaded: recorded in checkpoints so that other weights are recognised later.
 
-    ``weights_id`` is the hub revision (commit hash) for hub ids, else a fingerprint of the
-    weight files (names, sizes and sampled bytes; see :func:`fingerprint_files`).
+    ``weights_id`` is a fingerprint of the weight files that were read (names relative to
+    the model folder, sizes and sampled bytes; see :func:`fingerprint_files`): a hub id and
+    a downloaded copy of it get the same id, other weights under the same name do not.
     """
 
     model: str
@@ -93,12 +100,32 @@ def fingerprint_files(files: list[Path], root: Path) -> str:
     return h.hexdigest()[:16]
 
 
-def _weight_files(folder: Path) -> list[Path]:
-    return [p for p in folder.rglob("*") if p.suffix in (".safetensors", ".bin", ".ckpt", ".pt") and p.is_file()]
+def component_weight_files(folder: Path) -> list[Path]:
+    """The weight files loading reads from one component folder: safetensors when present
+    (as diffusers and transformers prefer them), else ``.bin``; fp16/EMA variants excluded."""
+    if not folder.is_dir():
+        return []
+    files = [p for p in folder.iterdir() if p.is_file() and not any(m in p.name for m in _VARIANT_MARKS)]
+    for suffix in (".safetensors", ".bin"):
+        chosen = sorted(p for p in files if p.suffix == suffix)
+        if chosen:
+            return chosen
+    return []
 
 
-def resolve_model_folder(model: str, subfolders: tuple[str, ...] | None = SD_SUBFOLDERS) -> tuple[Path, str]:
-    """Turn a model string into a local folder and its weights id; hub ids are fetched or found in the cache.
+def weights_fingerprint(folder: Path, subfolders: tuple[str, ...] | None) -> str:
+    """Fingerprint of what loading reads from ``folder`` (its ``subfolders``, or the folder itself)."""
+    parts = [folder] if subfolders is None else [folder / s for s in subfolders]
+    files = [f for part in parts for f in component_weight_files(part)]
+    if not files:
+        raise BackboneNotAvailableError(f"{folder} holds no weight files (*.safetensors, *.bin)")
+    return fingerprint_files(files, folder)
+
+
+def resolve_model_folder(model: str, subfolders: tuple[str, ...] | None = WEIGHT_SUBFOLDERS) -> tuple[Path, str]:
+    """Turn a model string into a local folder and the fingerprint of its weights (``subfolders``
+    of a pipeline, or the folder itself for a single model such as a ControlNet); hub ids are
+    fetched or found in the cache.
 
     Never retries: offline (``HF_HUB_OFFLINE=1`` or no network), an uncached hub id fails at
     once with one message that says how to provide the weights.
@@ -110,21 +137,21 @@ def resolve_model_folder(model: str, subfolders: tuple[str, ...] | None = SD_SUB
                 f"the packaged `{model}` weights are missing at {folder}; reinstall csdiff or run "
                 f"`python checkpoints_scripts/train_tiny.py`"
             )
-        return folder, fingerprint_files(_weight_files(folder), folder)
-    path = Path(model).expanduser()
-    if path.is_dir():
-        files = _weight_files(path)
-        if not files:
-            raise BackboneNotAvailableError(f"{path} holds no weight files (*.safetensors, *.bin)")
-        return path, fingerprint_files(files, path)
-    if path.suffix in SINGLE_FILE_SUFFIXES or model.startswith(("/", ".", "~")) or model.count("/") != 1:
-        raise BackboneNotAvailableError(
-            f"no such file or folder: {path} (a hub id has the form `org/name`; built-in: {', '.join(TINY_ALIASES)})"
-        )
-    return _snapshot(model, subfolders)
+    else:
+        path = Path(model).expanduser()
+        if path.is_dir():
+            folder = path
+        elif path.suffix in SINGLE_FILE_SUFFIXES or model.startswith(("/", ".", "~")) or model.count("/") != 1:
+            builtin = ", ".join([*TINY_ALIASES, *random_models.RANDOM_MODELS])
+            raise BackboneNotAvailableError(
+                f"no such file or folder: {path} (a hub id has the form `org/name`; built-in: {builtin})"
+            )
+        else:
+            folder = _snapshot(model, None if subfolders is None else SD_SUBFOLDERS)
+    return folder, weights_fingerprint(folder, subfolders)
 
 
-def _snapshot(repo_id: str, subfolders: tuple[str, ...] | None) -> tuple[Path, str]:
+def _snapshot(repo_id: str, subfolders: tuple[str, ...] | None) -> Path:
     from huggingface_hub import snapshot_download
 
     patterns = ["*.json", "*.txt", "*.safetensors"] if subfolders is None else (
@@ -145,8 +172,7 @@ def _snapshot(repo_id: str, subfolders: tuple[str, ...] | None) -> tuple[Path, s
             f"model {repo_id!r} is not a local file or folder, is not in the local Hugging Face cache, and {why}. "
             + _how_to_provide(repo_id)
         ) from None
-    folder = Path(folder)
-    return folder, folder.name  # snapshot folders are named by the hub revision
+    return Path(folder)
 
 
 def load_sd_components(
@@ -161,14 +187,17 @@ def load_sd_components(
     """
     torch_dtype = parse_dtype(dtype)
     path = Path(model).expanduser()
-    if path.suffix in SINGLE_FILE_SUFFIXES and path.is_file():
+    if random_models.is_random_model(model):
+        components = _build_random(model, torch_dtype, load_vae_decoder)
+    elif path.suffix in SINGLE_FILE_SUFFIXES and path.is_file():
         components = _load_single_file(path, base_model, torch_dtype)
     else:
         folder, weights_id = resolve_model_folder(model)
         missing = [s for s in SD_SUBFOLDERS if not (folder / s).is_dir()]
         if missing:
+            hint = " (it is a ControlNet: use it in a variant's `controlnets`)" if (folder / "config.json").is_file() else ""
             raise BackboneNotAvailableError(
-                f"{folder} is not a Stable Diffusion folder in the diffusers layout: missing {', '.join(missing)}/"
+                f"{folder} is not a Stable Diffusion folder in the diffusers layout: missing {', '.join(missing)}/{hint}"
             )
         unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", torch_dtype=torch_dtype)
         vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", torch_dtype=torch_dtype)
@@ -182,6 +211,21 @@ def load_sd_components(
     for module in (components.unet, components.vae, components.text_encoder):
         module.requires_grad_(False).eval()
     return components
+
+
+def _build_random(model: str, torch_dtype: torch.dtype, load_vae_decoder: bool) -> SDComponents:
+    """A real-size pipeline with seeded random weights (see :mod:`csdiff.backbone.random_models`)."""
+    if model not in ("random-sd15",):
+        raise BackboneNotAvailableError(f"{model} is a ControlNet, not a Stable Diffusion model: use it in a variant's `controlnets`")
+    text_encoder = random_models.random_text_encoder(torch_dtype)
+    return SDComponents(
+        random_models.random_unet(torch_dtype),
+        random_models.random_vae(torch_dtype, with_decoder=load_vae_decoder),
+        text_encoder,
+        random_models.random_tokenizer(text_encoder.config.vocab_size),
+        random_models.random_scheduler(),
+        BackboneSpec(model, random_models.random_weights_id(model)),
+    )
 
 
 def load_tokenizer(folder: Path, vocab_size: int) -> CLIPTokenizer:
@@ -227,9 +271,15 @@ def _load_single_file(path: Path, base_model: str | None, torch_dtype: torch.dty
 
 
 def load_controlnet(model: str, dtype: str | torch.dtype = "float32") -> tuple[ControlNetModel, str]:
-    """Load a ControlNet (hub id, local folder, or ``tiny-controlnet-canny``), frozen; returns it and its weights id."""
-    folder, weights_id = resolve_model_folder(model, subfolders=None)
-    if not (folder / "config.json").is_file():
-        raise BackboneNotAvailableError(f"{folder} is not a ControlNet folder: no config.json")
-    controlnet = ControlNetModel.from_pretrained(folder, torch_dtype=parse_dtype(dtype))
+    """Load a ControlNet (hub id, local folder, ``tiny-controlnet-canny`` or
+    ``random-sd15-controlnet-canny``), frozen; returns it and its weights id."""
+    if random_models.is_random_model(model):
+        if model == "random-sd15":
+            raise BackboneNotAvailableError("random-sd15 is a Stable Diffusion model, not a ControlNet: use random-sd15-controlnet-canny")
+        controlnet, weights_id = random_models.random_controlnet(model, parse_dtype(dtype)), random_models.random_weights_id(model)
+    else:
+        folder, weights_id = resolve_model_folder(model, subfolders=None)
+        if not (folder / "config.json").is_file():
+            raise BackboneNotAvailableError(f"{folder} is not a ControlNet folder: no config.json")
+        controlnet = ControlNetModel.from_pretrained(folder, torch_dtype=parse_dtype(dtype))
     return controlnet.requires_grad_(False).eval(), weights_id

@@ -3,7 +3,9 @@
 Files may be diffusers LoRA folders/files, kohya files (``lora_unet_…``/``lora_te_…``), or
 A1111/LDM-named files (``lora_unet_input_blocks_…``; mapped with the UNet's configuration).
 Loading goes through diffusers' converters and peft; switching a variant's adapters is a
-cheap flag change, not a reload.
+cheap flag change, not a reload. peft makes the active adapters trainable whenever it
+switches them; the registry freezes them again at once, so a backbone parameter never
+requires a gradient (nor lands in an optimizer or DDP's reducer).
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from diffusers.loaders.lora_base import (
 from diffusers.utils.state_dict_utils import DIFFUSERS_OLD_TO_DIFFUSERS, convert_state_dict
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
+
+from csdiff.backbone.loading import component_weight_files, fingerprint_files
 
 LORA_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".bin")
 
@@ -64,6 +68,11 @@ def _text_encoder_keys_to_new_format(state_dict: dict) -> dict:
     return {**rest, **convert_state_dict(te, DIFFUSERS_OLD_TO_DIFFUSERS)}
 
 
+def _lora_fingerprint(file: Path) -> str:
+    files = [file] if file.is_file() else component_weight_files(file)
+    return fingerprint_files(files, file.parent if file.is_file() else file)
+
+
 def _adapted_modules(model: nn.Module, adapter: str) -> int:
     return sum(1 for m in model.modules() if isinstance(m, BaseTunerLayer) and adapter in getattr(m, "lora_A", {}))
 
@@ -78,6 +87,7 @@ class LoRARegistry:
         self._given: dict[str, str] = {}  # path as written -> adapter name (no filesystem call per batch)
         self.in_unet: set[str] = set()
         self.in_text_encoder: set[str] = set()
+        self.fingerprints: dict[str, str] = {}  # adapter name -> fingerprint of its file(s)
 
     def load(self, path: str) -> str:
         """Load a LoRA once; returns its adapter name."""
@@ -126,7 +136,17 @@ class LoRARegistry:
             self.in_text_encoder.add(name)
         self.adapters[resolved] = name
         self._given[path] = name
+        self.fingerprints[name] = _lora_fingerprint(file)
+        self._freeze()
         return name
+
+    def fingerprint(self, path: str) -> str:
+        """Fingerprint of the LoRA file(s) loaded for ``path`` (the same file anywhere, the same id)."""
+        return self.fingerprints[self.load(path)]
+
+    def _freeze(self) -> None:
+        self.unet.requires_grad_(False)
+        self.text_encoder.requires_grad_(False)
 
     def activate(self, loras: list[LoRA]) -> tuple[tuple[str, float], ...]:
         """Switch to exactly these LoRAs; returns the text-encoder adapter key (for prompt caching)."""
@@ -145,4 +165,6 @@ class LoRARegistry:
                 set_adapters_for_text_encoder([n for n, _ in text_sel], self.text_encoder, [s for _, s in text_sel])
             else:
                 disable_lora_for_text_encoder(self.text_encoder)
+        if self.in_unet or self.in_text_encoder:
+            self._freeze()  # peft's set_adapter turned requires_grad back on for the active adapters
         return tuple(text_sel)

@@ -77,13 +77,14 @@ def _bytes_to_unicode() -> dict[int, str]:
     return dict(zip(printable, map(chr, chars)))
 
 
-def write_tokenizer_files(words: list[str], folder: Path) -> int:
+def write_tokenizer_files(words: list[str], folder: Path, vocab_size: int | None = None) -> int:
     """Write a small CLIP BPE vocabulary (vocab.json, merges.txt) built from caption words.
 
     Each word gets the merges that spell it (most words end up as one token). Every byte
-    stays in the vocabulary, so any text still tokenizes. Returns the vocabulary
-    size, which the caller checks after loading (some transformers versions silently
-    return a near-empty tokenizer for unreadable files).
+    stays in the vocabulary, so any text still tokenizes. ``vocab_size`` pads the vocabulary
+    with unused entries up to a text encoder's embedding count (BOS/EOS stay the last two
+    ids, as in CLIP). Returns the vocabulary size, which the caller checks after loading
+    (some transformers versions silently return a near-empty tokenizer for unreadable files).
     """
     folder.mkdir(parents=True, exist_ok=True)
     alphabet = list(_bytes_to_unicode().values())
@@ -100,6 +101,10 @@ def write_tokenizer_files(words: list[str], folder: Path) -> int:
                 vocab.append(merged)
                 seen.add(merged)
             current = merged
+    if vocab_size is not None:
+        if vocab_size < len(vocab) + 2:
+            raise ValueError(f"vocab_size {vocab_size} is below the {len(vocab) + 2} entries the words need")
+        vocab += [f"<|unused{i}|>" for i in range(vocab_size - 2 - len(vocab))]
     vocab += ["<|startoftext|>", "<|endoftext|>"]
     (folder / "vocab.json").write_text(json.dumps({tok: i for i, tok in enumerate(vocab)}, ensure_ascii=False))
     (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(f"{a} {b}" for a, b in merges) + "\n")

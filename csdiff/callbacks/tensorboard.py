@@ -8,7 +8,7 @@ import numpy as np
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from csdiff.tasks.segmentation import image_to_rgb, overlay
+from csdiff.visualize import image_to_rgb, overlay
 
 
 def _tensorboard(trainer: Trainer):

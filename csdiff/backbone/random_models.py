@@ -1,0 +1,130 @@
+"""Real-size backbones with seeded random weights: SD 1.5's exact architecture, no download.
+
+``random-sd15`` (UNet 859.5 M, VAE, CLIP ViT-L text encoder, SD 1.5 scheduler) and
+``random-sd15-controlnet-canny`` (ControlNet 361.3 M) are built from the diffusers
+configurations shipped in ``csdiff/backbone/configs/``. They make real-scale behaviour
+(memory, fp16, 278 M-parameter gates, LoRA at SD widths) testable on any machine and
+measurable on a GPU; their features mean nothing.
+
+Weights are drawn per tensor from a generator seeded by (seed, tensor name), straight into
+allocated memory (the modules are built on the meta device first): seconds instead of the
+minute that module-by-module default initialisation takes at this size, and independent of
+build order and thread count. Every weight is random, including ControlNet's zero
+convolutions, so a random ControlNet does change features.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import tempfile
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, ControlNetModel, PNDMScheduler, UNet2DConditionModel
+from torch import nn
+from transformers import CLIPTextConfig, CLIPTextModel
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+RANDOM_MODELS = {
+    "random-sd15": CONFIG_DIR / "random-sd15",
+    "random-sd15-controlnet-canny": CONFIG_DIR / "random-sd15-controlnet-canny",
+}
+RANDOM_SEED = 0
+# Words that get whole-word tokens; any other text still tokenizes byte by byte.
+_TOKENIZER_WORDS = (
+    "a photo of the an and in with on at real world it can be indoor outdoor scene or nature high quality "
+    "highly realistic urban street multiple lanes various buildings traffic lights cars pedestrians aeroplane "
+    "bicycle bird boat bottle bus car cat chair cow dog horse motorbike person potted plant sheep train tv monitor "
+    "best masterpiece resolution tidy well designed bedroom"
+).split()
+
+
+def is_random_model(model: str) -> bool:
+    return model in RANDOM_MODELS
+
+
+def random_weights_id(model: str, seed: int = RANDOM_SEED) -> str:
+    """Fingerprint of a random model: its configuration files and seed (same config + seed, same weights)."""
+    folder = RANDOM_MODELS[model]
+    h = hashlib.sha256(f"{model}:{seed}".encode())
+    for path in sorted(folder.rglob("*.json")):
+        h.update(path.relative_to(folder).as_posix().encode() + path.read_bytes())
+    return f"random-{h.hexdigest()[:16]}"
+
+
+def _tensor_seed(seed: int, name: str) -> int:
+    return int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:8], "little") >> 1
+
+
+@torch.no_grad()
+def fill_random_(module: nn.Module, seed: int, dtype: torch.dtype) -> nn.Module:
+    """Give a meta-built module CPU parameters in ``dtype``, drawn tensor by tensor.
+
+    PyTorch's default scale: weights and biases uniform in ±1/sqrt(fan_in) (fan_in of the
+    layer's weight); 1-D weights (normalisation scales) 1. Draws are float32, then cast, so
+    float16 weights are the rounded float32 ones; only one float32 tensor exists at a time.
+    """
+    for prefix, owner in module.named_modules():
+        params = owner._parameters
+        weight = params.get("weight")
+        fan_in = math.prod(weight.shape[1:]) if weight is not None and weight.ndim > 1 else None
+        for leaf, param in list(params.items()):
+            if param is None:
+                continue
+            if param.ndim == 1 and leaf == "weight":
+                values = torch.ones(param.shape)
+            else:
+                gen = torch.Generator().manual_seed(_tensor_seed(seed, f"{prefix}.{leaf}"))
+                bound = 1.0 / math.sqrt(fan_in or param.shape[-1])
+                values = torch.empty(param.shape).uniform_(-bound, bound, generator=gen)
+            params[leaf] = nn.Parameter(values.to(dtype), requires_grad=False)
+    if any(b.is_meta for b in module.buffers()):
+        raise RuntimeError(f"{type(module).__name__} has buffers that a random build would leave uninitialised")
+    return module
+
+
+def _on_meta(build):
+    with torch.device("meta"):
+        return build()
+
+
+def random_unet(dtype: torch.dtype, seed: int = RANDOM_SEED) -> UNet2DConditionModel:
+    config = UNet2DConditionModel.load_config(RANDOM_MODELS["random-sd15"], subfolder="unet")
+    return fill_random_(_on_meta(lambda: UNet2DConditionModel.from_config(config)), seed, dtype)
+
+
+def random_vae(dtype: torch.dtype, with_decoder: bool, seed: int = RANDOM_SEED) -> AutoencoderKL:
+    config = AutoencoderKL.load_config(RANDOM_MODELS["random-sd15"], subfolder="vae")
+    vae = _on_meta(lambda: AutoencoderKL.from_config(config))
+    if not with_decoder:
+        vae.decoder = None
+        vae.post_quant_conv = None
+    return fill_random_(vae, seed + 1, dtype)
+
+
+def random_text_encoder(dtype: torch.dtype, seed: int = RANDOM_SEED) -> CLIPTextModel:
+    """CLIP ViT-L text encoder with transformers' own initialisation (its position ids are a buffer)."""
+    config = CLIPTextConfig.from_pretrained(RANDOM_MODELS["random-sd15"] / "text_encoder")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed + 2)
+        return CLIPTextModel(config).to(dtype)
+
+
+def random_tokenizer(vocab_size: int):
+    """A working CLIP BPE tokenizer with ``vocab_size`` entries, written to a temporary folder and loaded."""
+    from csdiff.backbone.loading import load_tokenizer
+    from csdiff.backbone.tiny import write_tokenizer_files
+
+    with tempfile.TemporaryDirectory(prefix="csdiff-tokenizer-") as tmp:
+        write_tokenizer_files(list(_TOKENIZER_WORDS), Path(tmp), vocab_size=vocab_size)
+        return load_tokenizer(Path(tmp), vocab_size)
+
+
+def random_scheduler() -> PNDMScheduler:
+    return PNDMScheduler.from_pretrained(RANDOM_MODELS["random-sd15"], subfolder="scheduler")
+
+
+def random_controlnet(model: str, dtype: torch.dtype, seed: int = RANDOM_SEED) -> ControlNetModel:
+    config = ControlNetModel.load_config(RANDOM_MODELS[model])
+    return fill_random_(_on_meta(lambda: ControlNetModel.from_config(config)), seed + 3, dtype)
