@@ -10,7 +10,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 
 from csdiff.data.cityscapes import train_ids_to_label_ids
 from csdiff.io import save_image
-from csdiff.tasks.segmentation import image_to_rgb, overlay
+from csdiff.visualize import image_to_rgb, overlay
 
 
 class SegmentationPredictionWriter(BasePredictionWriter):

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import os
-import warnings
 from pathlib import Path
 from typing import Any, Literal
 
-import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -22,26 +20,9 @@ from csdiff.tasks.checkpoints import FrozenBackboneCheckpointMixin
 from csdiff.tasks.options import BackboneOptions, GateOptions, VariantOptions
 from csdiff.tasks.slide import slide_logits
 
-# The frozen backbone stays in eval mode on purpose; Lightning would warn about it at every fit.
-warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
-
 PAPER_LAYERS = ["up-level0-upsampler-out", "up-level1-upsampler-out", "up-level2-upsampler-out"]
 # Keeps the per-epoch torch stream apart from the data's numpy streams, which share (seed, epoch).
 _TRAIN_RNG_STREAM = 2
-
-
-def image_to_rgb(image: Tensor, size: tuple[int, int]) -> np.ndarray:
-    """A (3,H,W) tensor in [-1, 1] as an RGB uint8 picture of ``size`` (h, w), for overlays."""
-    rgb = ((image.permute(1, 2, 0).float().cpu().numpy() + 1) * 127.5).clip(0, 255).astype(np.uint8)
-    return cv2.resize(rgb, (size[1], size[0]), interpolation=cv2.INTER_LINEAR)
-
-
-def overlay(image: np.ndarray, label: np.ndarray, palette: np.ndarray, alpha: float = 0.5) -> np.ndarray:
-    """Blend a colour-coded label map (ignore → transparent) onto an RGB uint8 image."""
-    colours = palette[np.clip(label, 0, len(palette) - 1)]
-    valid = (label < len(palette))[..., None]
-    blended = (image * (1 - alpha) + colours * alpha).astype(np.uint8)
-    return np.where(valid, blended, image)
 
 
 class SegmentationTask(FrozenBackboneCheckpointMixin, LightningModule):
@@ -93,7 +74,7 @@ class SegmentationTask(FrozenBackboneCheckpointMixin, LightningModule):
         variants = [dict(v) for v in (variants or [{"name": "plain"}])]
         layers = list(layers or PAPER_LAYERS)
         self.extractor = DiffusionFeatureExtractor(layers=layers, variants=variants, **backbone)
-        shapes = self.extractor.feature_channels()
+        shapes = self.extractor.feature_shapes()
         # UPerHead wants levels fine to coarse; configs may list them in any order.
         self.levels = sorted(self.extractor.layers, key=lambda name: -shapes[name][1])
         channels = [shapes[name][0] for name in self.levels]
@@ -186,7 +167,8 @@ class SegmentationTask(FrozenBackboneCheckpointMixin, LightningModule):
             self._seeded_epoch = epoch
 
     def configure_optimizers(self) -> dict:
-        params = [p for p in self.parameters() if p.requires_grad]
+        # The task's own parameters only: the frozen backbone never enters the optimizer.
+        params = [p for name, p in self.named_parameters() if not name.startswith("extractor.") and p.requires_grad]
         opt = torch.optim.AdamW(params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
         total = max(1, int(self.trainer.estimated_stepping_batches))
         lr, min_lr, power = self.hparams.lr, self.hparams.min_lr, self.hparams.poly_power
