@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from helpers import load_script, write_kohya_lora
+from helpers import load_script, make_lora_file, write_kohya_lora
 
 from csdiff.cli import main, run_lightning
 
@@ -38,16 +38,26 @@ def _tiny_lora(path: Path) -> str:
     return str(path)
 
 
-def _substitute_tiny(config: dict, tmp: Path) -> dict:
-    """Same config, tiny backbone and ControlNet, generated LoRAs, fake data, a couple of steps."""
-    model = config["model"]["init_args"]
-    model["backbone"].update(model="tiny", img_size=64, dtype="float32")
-    model.update(slide_crop=64, slide_stride=64)
+PAPER_CONFIGS = [c for c in CONFIGS if c.name != "quickstart.yaml"]
+
+
+def _substitute_models(model: dict, tmp: Path, backbone: str, controlnet: str, lora) -> None:
+    """Point a config's backbone, ControlNets and LoRA placeholders at models that exist here."""
+    model["backbone"]["model"] = backbone
     for i, variant in enumerate(model["variants"]):
         for cn in variant.get("controlnets", []):
-            cn["model"] = "tiny-controlnet-canny"
-        for j, lora in enumerate(variant.get("loras", [])):
-            lora["path"] = _tiny_lora(tmp / f"lora_{i}_{j}.safetensors")
+            cn["model"] = controlnet
+        for j, entry in enumerate(variant.get("loras", [])):
+            entry["path"] = lora(tmp / f"lora_{i}_{j}.safetensors", seed=10 * i + j)
+
+
+def _substitute_tiny(config: dict, tmp: Path, backbone: str = "tiny", controlnet: str = "tiny-controlnet-canny", lora=None) -> dict:
+    """Same config, another backbone (tiny by default) at img_size 64 in float32, generated LoRAs,
+    fake data, a couple of steps."""
+    model = config["model"]["init_args"]
+    _substitute_models(model, tmp, backbone, controlnet, lora or (lambda path, seed: _tiny_lora(path)))
+    model["backbone"].update(img_size=64, dtype="float32")
+    model.update(slide_crop=64, slide_stride=64)
     data = config["data"]["init_args"]
     if config["data"]["class_path"].endswith("ADE20KDataModule"):
         data["root"] = str(make_fake_ade20k(tmp / "ADEChallengeData2016", n_train=2, n_val=1, size=(64, 80)))
@@ -82,3 +92,84 @@ def test_config_runs_with_tiny_backbone(config, tmp_path):
     cli = run_lightning(["fit", "--config", str(path)])
     assert cli.trainer.global_step == 2
     assert "val/mIoU" in cli.trainer.callback_metrics
+
+
+# --- the paper configs at SD 1.5 size (random-sd15: SD 1.5's architecture, random weights) ---
+
+
+@pytest.fixture
+def two_threads():
+    """SD-size tests are dominated by large convolutions and matmuls: use both cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def sd15_lora_unet():
+    """An SD 1.5-shaped UNet on the meta device: only its layer widths are read, to size LoRAs."""
+    from diffusers import UNet2DConditionModel
+
+    from csdiff.backbone.random_models import RANDOM_MODELS
+
+    config = UNet2DConditionModel.load_config(RANDOM_MODELS["random-sd15"], subfolder="unet")
+    with torch.device("meta"):
+        return UNet2DConditionModel.from_config(config)
+
+
+@pytest.mark.parametrize("config", PAPER_CONFIGS, ids=lambda p: p.name)
+def test_paper_config_instantiates_at_sd15_size_in_float16_without_running_the_model(config, tmp_path, sd15_lora_unet, two_threads):
+    """The config's own img_size (512) and dtype (float16): the constructor must not extract."""
+    from diffusers import AutoencoderKL, ControlNetModel, UNet2DConditionModel
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    from csdiff.tasks import SegmentationTask
+
+    text = yaml.safe_load(config.read_text())
+    model = text["model"]["init_args"]
+    lora = lambda path, seed: str(make_lora_file(path, sd15_lora_unet, seed=seed))  # noqa: E731
+    _substitute_models(model, tmp_path, "random-sd15", "random-sd15-controlnet-canny", lora)
+    assert model["backbone"]["dtype"] == "float16" and model["backbone"]["img_size"] == 512
+    heavy = (UNet2DConditionModel, ControlNetModel, AutoencoderKL)
+    real_calls = []
+
+    def count(module, args, output):
+        if isinstance(module, heavy) and not any(isinstance(a, FakeTensor) for a in args):
+            real_calls.append(type(module).__name__)
+
+    handle = torch.nn.modules.module.register_module_forward_hook(count)
+    try:
+        task = SegmentationTask(**model)
+    finally:
+        handle.remove()
+    assert real_calls == []
+    assert task.levels == ["up-level2-upsampler-out", "up-level1-upsampler-out", "up-level0-upsampler-out"]
+    assert task.gate.in_channels == (640, 1280, 1280)  # SD 1.5 at 512: 640@64², 1280@32², 1280@16²
+    assert {p.dtype for p in task.extractor.unet.parameters()} == {torch.float16}
+    backbone = {id(p) for p in task.extractor.parameters()}
+    trainable = [p for p in task.parameters() if p.requires_grad]
+    assert trainable and not any(id(p) in backbone for p in trainable)
+
+
+@pytest.mark.parametrize("config", PAPER_CONFIGS, ids=lambda p: p.name)
+def test_paper_config_fits_with_random_sd15(config, tmp_path, sd15_lora_unet, two_threads):
+    """2 steps + validation through the CLI with SD 1.5's real widths (small images, float32).
+
+    Without checkpoint files: at SD 1.5 widths each holds ~3.7 GB of gate and AdamW state,
+    and writing them is what the tiny runs above already test.
+    """
+    text = yaml.safe_load(config.read_text())
+    lora = lambda path, seed: str(make_lora_file(path, sd15_lora_unet, seed=seed))  # noqa: E731
+    config_dict = _substitute_tiny(text, tmp_path, "random-sd15", "random-sd15-controlnet-canny", lora)
+    trainer = config_dict["trainer"]
+    trainer["callbacks"] = [c for c in trainer["callbacks"] if not c["class_path"].endswith("ModelCheckpoint")]
+    trainer.update(enable_checkpointing=False, num_sanity_val_steps=0)
+    path = tmp_path / config.name
+    path.write_text(yaml.safe_dump(config_dict))
+    cli = run_lightning(["fit", "--config", str(path)])
+    assert cli.trainer.global_step == 2
+    assert "val/mIoU" in cli.trainer.callback_metrics
+    assert not any(p.requires_grad for p in cli.model.extractor.parameters())
+    in_optimizer = {id(p) for group in cli.trainer.optimizers[0].param_groups for p in group["params"]}
+    assert not in_optimizer & {id(p) for p in cli.model.extractor.parameters()}

@@ -32,9 +32,10 @@ def activation_shapes(
 ) -> dict[str, tuple[int, int, int]]:
     """(C, H, W) of each named activation for one image whose latent is ``latent_size``."""
     cross_dim = unet.config.cross_attention_dim
+    dtype = next(unet.parameters()).dtype
     with FakeTensorMode(allow_non_fake_inputs=True):
-        latent = torch.zeros(1, unet.config.in_channels, *latent_size)
-        emb = torch.zeros(1, prompt_window, cross_dim)
+        latent = torch.zeros(1, unet.config.in_channels, *latent_size, dtype=dtype)
+        emb = torch.zeros(1, prompt_window, cross_dim, dtype=dtype)
         with ActivationCapture(unet, list(names), latent_size=latent_size, prompt_window=prompt_window) as capture:
             unet(latent, 0, encoder_hidden_states=emb)
         return {name: tuple(int(d) for d in capture.features[name].shape[1:]) for name in names}

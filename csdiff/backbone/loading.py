@@ -83,7 +83,8 @@ def _how_to_provide(model: str) -> str:
 
 
 def fingerprint_files(files: list[Path], root: Path) -> str:
-    """A cheap, stable fingerprint of weight files: names, sizes and 3 sampled 1 MiB chunks.
+    """A cheap, stable fingerprint of weight files: names (relative to ``root``; pass the file
+    itself as ``root`` to leave a single file's name out), sizes and 3 sampled 1 MiB chunks.
 
     Hashing multi-GB files in full at every start would cost seconds to minutes; this still
     tells apart any two real checkpoints.
@@ -266,7 +267,7 @@ def _load_single_file(path: Path, base_model: str | None, torch_dtype: torch.dty
         safety_checker=None, requires_safety_checker=False,
     )
     tokenizer = load_tokenizer(base_folder / "tokenizer", pipe.text_encoder.config.vocab_size)
-    spec = BackboneSpec(str(path), fingerprint_files([path], path.parent), base_model)
+    spec = BackboneSpec(str(path), fingerprint_files([path], path), base_model)
     return SDComponents(pipe.unet, pipe.vae, pipe.text_encoder, tokenizer, pipe.scheduler, spec)
 
 

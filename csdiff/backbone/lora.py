@@ -69,8 +69,8 @@ def _text_encoder_keys_to_new_format(state_dict: dict) -> dict:
 
 
 def _lora_fingerprint(file: Path) -> str:
-    files = [file] if file.is_file() else component_weight_files(file)
-    return fingerprint_files(files, file.parent if file.is_file() else file)
+    """By content: a single file's name does not count (a copy elsewhere is the same LoRA)."""
+    return fingerprint_files([file] if file.is_file() else component_weight_files(file), file)
 
 
 def _adapted_modules(model: nn.Module, adapter: str) -> int:
