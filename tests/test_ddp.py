@@ -18,12 +18,30 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helpers import make_lora_file
+from lightning.pytorch import Callback
 
 ROOT = Path(__file__).resolve().parents[1]
 METRICS = ("mIoU", "aAcc", "mAcc")
 DDP = ["--trainer.strategy", "ddp", "--trainer.accelerator", "cpu", "--trainer.devices", "2"]
 # Tolerance at other evaluation batch sizes: none. Measured difference at batch size 2: 0.0.
 BATCH_SIZE_TOLERANCE = 0.0
+PROBE_ENV = "CSDIFF_TEST_FROZEN_PROBE"  # file that gets "<rank> <global step>" after each checked step
+
+
+class FrozenBackboneProbe(Callback):
+    """Test-only, loaded by the DDP fit: after every step, no backbone parameter (LoRA adapters
+    included, which peft makes trainable whenever it switches them) requires a gradient or is
+    in the optimizer."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        backbone = {id(p) for p in pl_module.extractor.parameters()}
+        trainable = [n for n, p in pl_module.extractor.named_parameters() if p.requires_grad]
+        optimized = [p for opt in trainer.optimizers for group in opt.param_groups for p in group["params"] if id(p) in backbone]
+        if trainable or optimized:
+            raise AssertionError(f"backbone parameters trainable {trainable[:3]} or optimized ({len(optimized)})")
+        with open(os.environ[PROBE_ENV], "a") as f:
+            f.write(f"{trainer.global_rank} {trainer.global_step}\n")
 
 
 def test_train_shards_are_disjoint_equal_and_keep_the_single_process_order():
@@ -79,6 +97,8 @@ def csdiff(work: Path, verb: str, *args: str) -> None:
         TOKENIZERS_PARALLELISM="false",
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(free_port()),
+        PYTHONPATH=os.pathsep.join(p for p in (str(Path(__file__).parent), os.environ.get("PYTHONPATH")) if p),
+        **{PROBE_ENV: str(work / "frozen.txt")},
     )
     for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK", "LOCAL_WORLD_SIZE"):
         env.pop(key, None)
@@ -94,11 +114,15 @@ def csdiff(work: Path, verb: str, *args: str) -> None:
 
 
 def quick_args(work: Path, run: str, eval_batch_size: int = 1) -> list[str]:
-    """The shipped quickstart shrunk: 64² images, 8 train / 5 val, logs under ``work/<run>``."""
+    """The shipped quickstart shrunk: 64² images, 8 train / 5 val, logs under ``work/<run>``;
+    a third variant with a LoRA and the canny ControlNet, and the frozen-backbone probe."""
     config = yaml.safe_load((ROOT / "configs" / "quickstart.yaml").read_text())
     for callback in config["trainer"]["callbacks"]:
         if callback["class_path"].endswith("SegmentationPredictionWriter"):
             callback["init_args"]["output_dir"] = str(work / "predictions")
+    config["trainer"]["callbacks"].append({"class_path": f"{Path(__file__).stem}.FrozenBackboneProbe"})
+    variants = config["model"]["init_args"]["variants"]
+    variants.append({**variants[1], "name": "lora_canny", "loras": [{"path": str(work / "lora.safetensors")}]})
     path = work / "quickstart.yaml"
     path.write_text(yaml.safe_dump(config))
     args = {
@@ -143,10 +167,15 @@ def scored(work: Path, run: str, *args: str, eval_batch_size: int = 1) -> dict[s
 @pytest.fixture(scope="module")
 def fitted(tmp_path_factory):
     """One DDP fit (2 processes, 1 epoch); returns (work dir, last checkpoint, its val metrics)."""
+    from csdiff.backbone.loading import load_sd_components
+
     work = tmp_path_factory.mktemp("ddp")
+    make_lora_file(work / "lora.safetensors", load_sd_components("tiny").unet)
     csdiff(work, "fit", *quick_args(work, "fit", eval_batch_size=2), *DDP,
            "--trainer.max_epochs", "1", "--trainer.check_val_every_n_epoch", "1")
     (ckpt,) = (work / "fit").rglob("last.ckpt")
+    checked = sorted((work / "frozen.txt").read_text().split("\n")[:-1])
+    assert checked == ["0 1", "0 2", "1 1", "1 2"]  # both ranks, every step
     values = scalars(work / "fit")
     return work, ckpt, {k: values[f"val/{k}"] for k in METRICS}
 
