@@ -10,6 +10,7 @@ import json
 import os
 import re
 import sys
+import warnings
 from argparse import ArgumentError
 from collections.abc import Callable
 from pathlib import Path
@@ -82,22 +83,24 @@ def run_extract(argv: list[str]) -> int:
     from tqdm import tqdm
 
     from csdiff.backbone import DiffusionFeatureExtractor
-    from csdiff.data.segmentation import ImageFolderDataset
+    from csdiff.data.segmentation import ImageFolderDataset, output_names
     from csdiff.io import remove_stale_temporaries, save_tensors
 
     parser = _parser("extract", "Extract diffusion features of images and save them (fp16 safetensors, one file per image).")
     parser.add_class_arguments(DiffusionFeatureExtractor, "extractor")
     parser.add_argument("--input", type=str, required=True, help="an image file or a folder of images")
-    parser.add_argument("--output", type=str, required=True, help="folder for <image name>.safetensors files")
+    parser.add_argument("--output", type=str, required=True, help="folder for <relative image path>.safetensors files")
     parser.add_argument("--batch_size", type=int, default=1)
     parser.add_argument("--overwrite", type=bool, default=False, help="recompute files that already exist")
+    parser.add_argument("--device", type=str | None, default=None, help="torch device (default: cuda when available, else cpu)")
     parser.set_defaults({"extractor.feature_dtype": "float16"})
     cfg = parser.parse_args(argv)
+    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     init = parser.instantiate(cfg)
-    extractor: DiffusionFeatureExtractor = init.extractor
-    source = Path(cfg.input)
-    dataset = ImageFolderDataset(source)
+    extractor: DiffusionFeatureExtractor = init.extractor.to(device)
+    dataset = ImageFolderDataset(cfg.input)
     out_dir = Path(cfg.output)
+    targets = {p: out_dir / f"{name}.safetensors" for p, name in zip(dataset.paths, output_names(dataset.paths, dataset.root))}
     remove_stale_temporaries(out_dir)  # from an interrupted run; finished files are complete
     meta = {"csdiff": json.dumps(extractor.describe())}
     done = skipped = 0
@@ -105,8 +108,7 @@ def run_extract(argv: list[str]) -> int:
     for batch in tqdm(loader, desc="extract", unit="batch"):
         todo = []
         for item in batch:
-            rel = Path(item["path"]).relative_to(source) if source.is_dir() else Path(Path(item["path"]).name)
-            target = out_dir / rel.with_suffix(".safetensors")
+            target = targets[item["path"]]
             if target.exists() and not cfg.overwrite:
                 skipped += 1
             else:
@@ -114,7 +116,7 @@ def run_extract(argv: list[str]) -> int:
         if not todo:
             continue
         # images differ in size: bring each to img_size first, then batch
-        images = torch.cat([extractor.resize(item["image"][None]) for item, _ in todo])
+        images = torch.cat([extractor.resize(item["image"][None].to(device)) for item, _ in todo])
         features = extractor(images)
         for i, (_, target) in enumerate(todo):
             tensors = {f"{v}/{layer}": f[i] for v, layers in features.items() for layer, f in layers.items()}
@@ -156,46 +158,107 @@ def run_lightning(argv: list[str] | None):
     from lightning.pytorch import LightningDataModule, LightningModule
     from lightning.pytorch.cli import LightningCLI
 
+    from csdiff.resume import DEFAULT_LOGGER, KEYWORDS, SaveLastOnStop, check_checkpoint_file, locate_last
+
     class CSDiffCLI(LightningCLI):
+        def parse_arguments(self, parser, args) -> None:
+            """Resolve and check ``--ckpt_path`` before Lightning reads hyperparameters from it."""
+            super().parse_arguments(parser, args)
+            config = self.config[self.config.subcommand]
+            ckpt = config.get("ckpt_path")
+            if ckpt == "last":
+                ckpt, version = locate_last(config.trainer)
+                config.ckpt_path = str(ckpt)
+                if self.config.subcommand == "fit" and version is not None:
+                    self._continue_run(config, version)
+            if ckpt is not None and ckpt not in KEYWORDS:
+                check_checkpoint_file(ckpt)
+
+        def _continue_run(self, config, version: str) -> None:
+            """Log the resumed fit into its run's own folder (Lightning would open a new version)."""
+            logger = config.trainer.get("logger")
+            if logger is None or logger is True:
+                root = config.trainer.get("default_root_dir") or "."
+                init = {"save_dir": root, "name": "lightning_logs", "version": version}
+                update = {self.config.subcommand: {"trainer": {"logger": {"class_path": DEFAULT_LOGGER, "init_args": init}}}}
+                self.config = self.parser.parse_object(update, self.config)
+            else:
+                logger.init_args.version = version
+
         def _require_checkpoint(self) -> None:
             if self.config[self.subcommand].get("ckpt_path") is None:
                 raise SystemExit(
                     f"csdiff {self.subcommand}: no checkpoint given, and scoring untrained heads means nothing. "
-                    f"Pass --ckpt_path PATH (e.g. <log_dir>/checkpoints/last.ckpt from `csdiff fit`)."
+                    f"Pass --ckpt_path PATH (e.g. <log_dir>/checkpoints/last.ckpt from `csdiff fit`) or --ckpt_path last."
                 )
 
-        def _weights_only(self) -> None:
+        def _check_checkpoint_classes(self) -> None:
+            # with --ckpt_path, Lightning builds the model from the checkpoint's hyperparameters
+            ckpt = self.config[self.subcommand].get("ckpt_path")
+            model_n, data_n = getattr(self.model, "num_classes", None), getattr(self.datamodule, "num_classes", None)
+            if ckpt is not None and None not in (model_n, data_n) and model_n != data_n:
+                raise ValueError(
+                    f"the checkpoint {ckpt} was trained for {model_n} classes but the datamodule "
+                    f"{type(self.datamodule).__name__} has {data_n}: use a checkpoint trained on this dataset, "
+                    f"or the data config it was trained with (its run folder's config.yaml)"
+                )
+
+        def _before_run(self) -> None:
             # checkpoints hold tensors and plain values only: refuse pickled code unless asked
             if self.config_init[self.subcommand].get("weights_only") is None:
                 self.config_init[self.subcommand]["weights_only"] = True
+            self._check_checkpoint_classes()
 
         def before_fit(self) -> None:
-            self._weights_only()
+            self._before_run()
             # last.ckpt by default, so `--ckpt_path last` can resume any run (an explicit false wins)
             for callback in self.trainer.checkpoint_callbacks:
                 if callback.save_last is None:
                     callback.save_last = True
+            self.trainer.callbacks.append(SaveLastOnStop())
 
         def before_validate(self) -> None:
-            self._weights_only()
+            self._before_run()
 
         def before_test(self) -> None:
-            self._weights_only()
             self._require_checkpoint()
+            self._before_run()
 
         def before_predict(self) -> None:
-            self._weights_only()
             self._require_checkpoint()
+            self._before_run()
 
-    return CSDiffCLI(
-        LightningModule,
-        LightningDataModule,
-        subclass_mode_model=True,
-        subclass_mode_data=True,
-        args=argv,
-        save_config_kwargs={"overwrite": True},
-        parser_kwargs={"exit_on_error": False, **{verb: {"exit_on_error": False} for verb in LIGHTNING_VERBS}},
-    )
+    with warnings.catch_warnings():
+        # the frozen backbone stays in eval mode on purpose; Lightning would warn at every fit
+        warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
+        return CSDiffCLI(
+            LightningModule,
+            LightningDataModule,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            args=argv,
+            save_config_kwargs={"overwrite": True},
+            parser_kwargs={"exit_on_error": False, **{verb: {"exit_on_error": False} for verb in LIGHTNING_VERBS}},
+        )
+
+
+def yaml_error_line(argv: list[str]) -> str | None:
+    """Where the first ``--config`` file with a YAML syntax error breaks (jsonargparse drops
+    the file name and position), or None."""
+    import yaml
+
+    files = [b for a, b in zip(argv, argv[1:]) if a == "--config"] + [a.split("=", 1)[1] for a in argv if a.startswith("--config=")]
+    for name in files:
+        if not Path(name).is_file():
+            continue
+        try:
+            yaml.safe_load(Path(name).read_text())
+        except yaml.MarkedYAMLError as err:
+            mark = err.problem_mark or err.context_mark
+            where = f", line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            problem = " ".join(str(p) for p in (err.context, err.problem) if p)
+            return f"YAML syntax error in {name}{where}: {problem}"
+    return None
 
 
 def _quiet_libraries() -> None:
@@ -225,9 +288,15 @@ def main(args: list[str] | None = None) -> int:
         run_lightning(None if args is None else argv)
         return 0
     except ArgumentError as err:
-        print(f"csdiff {argv[0]}: {config_error_line(str(err))}. See `csdiff {argv[0]} --help` or --print_config.", file=sys.stderr)
+        line = yaml_error_line(argv) or f"{config_error_line(str(err))}. See `csdiff {argv[0]} --help` or --print_config"
+        print(f"csdiff {argv[0]}: {line}.", file=sys.stderr)
         return 2
     except Exception as err:
+        from csdiff.resume import FitInterrupted
+
+        if isinstance(err, FitInterrupted):
+            print(f"csdiff fit: {err}; continue with the same command and --ckpt_path last", file=sys.stderr)
+            return 130
         if os.environ.get(DEBUG_ENV, "") not in ("", "0"):
             raise
         print(f"csdiff: error: {error_line(err)}  (set {DEBUG_ENV}=1 for the full traceback)", file=sys.stderr)

@@ -195,13 +195,14 @@ def test_checkpoint_with_other_trainable_shapes(trained, capsys):
 
 
 def test_checkpoint_for_another_dataset(trained, capsys, tmp_path):
-    """A checkpoint's hyperparameters win over the config; the class count must still fit the data."""
+    """A checkpoint's hyperparameters win over the config (which says 150 here): the message
+    blames the checkpoint, not the config."""
     config, work, _, ckpt = trained
     state = torch.load(ckpt, weights_only=True)
     state["hyper_parameters"]["num_classes"] = 4
     torch.save(state, ckpt)
     code, line = run(config, work, capsys, "test", ["--ckpt_path", str(ckpt)])
-    assert code == 1 and "num_classes" in line
+    assert code == 1 and f"checkpoint {ckpt} was trained for 4 classes" in line and "ADE20KDataModule has 150" in line
 
 
 def test_debug_env_gives_the_traceback(setup, capsys, monkeypatch):
@@ -236,3 +237,32 @@ def test_checkpoint_with_pickled_code_is_refused(trained, capsys):
     torch.save(state, ckpt)
     code, line = run(config, work, capsys, "test", ["--ckpt_path", str(ckpt)])
     assert code == 1 and "weights" in line.lower()
+
+
+@pytest.mark.parametrize("kind", ["text", "empty", "folder"])
+def test_ckpt_path_that_is_not_a_checkpoint(setup, capsys, kind):
+    _, config, work = setup
+    path = work / ("run" if kind == "folder" else "model.ckpt")
+    if kind == "folder":
+        path.mkdir()
+    else:
+        path.write_text("hello\n" if kind == "text" else "")
+    code, line = run(config, work, capsys, "test", ["--ckpt_path", str(path)])
+    assert code == 1 and str(path) in line and "not a Lightning checkpoint" in line
+
+
+def test_ckpt_path_last_with_nothing_to_resume_refuses(setup, capsys):
+    """Asked to resume, a fit never silently starts over."""
+    _, config, work = setup
+    code, line = run(config, work, capsys, "fit", ["--ckpt_path", "last"])
+    assert code == 1 and f"no last.ckpt under {work}" in line
+    assert not list(work.rglob("*.ckpt"))
+
+
+def test_yaml_syntax_error_names_file_line_and_column(setup, capsys):
+    _, _, work = setup
+    path = work / "broken.yaml"
+    path.write_text("trainer:\n  max_steps: 1\n  callbacks: [a, b\nmodel: {}\n")
+    code = main(["fit", "--config", str(path)])
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == 2 and f"YAML syntax error in {path}, line 4, column 6" in line and "flow sequence" in line

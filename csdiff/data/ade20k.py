@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from csdiff.data.ade20k_meta import ADE20K_CLASSES, ADE20K_PALETTE
-from csdiff.data.segmentation import DataError, Sample, SegmentationDataModule, apply_lut
+from csdiff.data.segmentation import IMAGE_EXTENSIONS, DataError, Sample, SegmentationDataModule, apply_lut, list_images
 from csdiff.data.transforms import EvalResize
 
 SPLIT_DIRS = {"train": "training", "val": "validation"}
@@ -37,7 +37,8 @@ def _default_palette(n: int) -> list[tuple[int, int, int]]:
 
 class ADE20KDataModule(SegmentationDataModule):
     """``root`` is the ``ADEChallengeData2016`` folder: images/{training,validation}/*.jpg and
-    annotations/{training,validation}/*.png (same stem). ``test`` scores the validation split."""
+    annotations/{training,validation}/*.png (same stem). Images in any format OpenCV reads
+    (``IMAGE_EXTENSIONS``) are taken. ``test`` scores the validation split."""
 
     def __init__(
         self,
@@ -70,7 +71,7 @@ class ADE20KDataModule(SegmentationDataModule):
     @property
     def layout_hint(self) -> str:
         return (
-            "ADEChallengeData2016/images/{training,validation}/*.jpg and "
+            f"ADEChallengeData2016/images/{{training,validation}}/*.jpg (or {', '.join(IMAGE_EXTENSIONS[1:])}) and "
             "ADEChallengeData2016/annotations/{training,validation}/*.png"
         )
 
@@ -78,13 +79,15 @@ class ADE20KDataModule(SegmentationDataModule):
         root = Path(self.root)
         image_dir = self.check_folder(root / "images" / SPLIT_DIRS[split])
         label_dir = self.check_folder(root / "annotations" / SPLIT_DIRS[split])
-        samples = []
-        for image in sorted(image_dir.glob("*.jpg")):
+        samples: dict[str, Sample] = {}
+        for image in map(Path, list_images(image_dir, recursive=False)):
             label = label_dir / f"{image.stem}.png"
             if not label.is_file():
                 raise DataError(f"label file {label} for image {image} not found")
-            samples.append((str(image), str(label)))
-        return samples
+            if image.stem in samples:
+                raise DataError(f"images {samples[image.stem][0]} and {image} share the label file {label}; keep one of them")
+            samples[image.stem] = (str(image), str(label))
+        return list(samples.values())
 
     def label_fn(self, raw: np.ndarray, path: str) -> np.ndarray:
         return reduce_zero_label(raw, path)

@@ -7,7 +7,10 @@ reproducible augmentation randomness, the eval/predict conventions) lives here.
 
 from __future__ import annotations
 
+import os
+import signal
 from abc import ABC, abstractmethod
+from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -22,7 +25,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from csdiff.data.transforms import IGNORE_INDEX, EvalResize, EvalTransform, SampleTransform, TrainTransform
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 # A (image path, label path or None) pair; None means unlabelled.
 Sample = tuple[str, str | None]
 # Maps a decoded label file to train ids; gets the path because one dataset may mix encodings.
@@ -118,6 +121,11 @@ class SegmentationDataset(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
+    @property
+    def paths(self) -> list[str]:
+        """The image files, in index order."""
+        return [image for image, _ in self.samples]
+
     def load(self, index: int) -> tuple[np.ndarray, np.ndarray | None]:
         """Decoded RGB image and checked uint8 train-id label (None when unlabelled)."""
         image_path, label_path = self.samples[index]
@@ -146,9 +154,34 @@ class SegmentationDataset(Dataset):
         return item
 
 
-def list_images(root: str | Path) -> list[str]:
-    """Image files under ``root`` (recursive), sorted, by extension (case-insensitive)."""
-    return sorted(str(p) for p in Path(root).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+def list_images(root: str | Path, recursive: bool = True) -> list[str]:
+    """Image files under ``root`` (in subfolders too unless ``recursive`` is false), sorted,
+    by extension (case-insensitive)."""
+    found = Path(root).rglob("*") if recursive else Path(root).iterdir()
+    return sorted(str(p) for p in found if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+
+
+def output_names(paths: Sequence[str], root: str | Path | None = None) -> list[str]:
+    """One distinct output name per image, for files written per input (features, predictions).
+
+    The name is the path relative to ``root`` (default: the images' common folder) without
+    its suffix, so ``sub/d.jpg`` and ``d.jpg`` stay apart; images that differ only by suffix
+    (``a.jpg``, ``a.png``) keep it (``a.jpg``, ``a.png``). Two images that would still share
+    a name raise a DataError naming both, instead of one silently overwriting the other.
+    """
+    if not paths:
+        return []
+    base = Path(root) if root is not None else Path(os.path.commonpath([str(Path(p).parent) for p in paths]))
+    relative = [Path(p).relative_to(base) for p in paths]
+    stems = [str(r.with_suffix("")) for r in relative]
+    counts = Counter(stems)
+    names = [str(r) if counts[stem] > 1 else stem for r, stem in zip(relative, stems)]
+    owner: dict[str, str] = {}
+    for path, name in zip(paths, names):
+        if name in owner:
+            raise DataError(f"images {owner[name]} and {path} would both be written as {name!r}; rename one of them")
+        owner[name] = path
+    return names
 
 
 class ImageFolderDataset(Dataset):
@@ -158,8 +191,10 @@ class ImageFolderDataset(Dataset):
         root = Path(root)
         if root.is_file() and root.suffix.lower() in IMAGE_EXTENSIONS:
             self.paths = [str(root)]
+            self.root = root.parent
         elif root.is_dir():
             self.paths = list_images(root)
+            self.root = root
         else:
             raise DataError(f"{root} is neither a folder nor an image file ({', '.join(IMAGE_EXTENSIONS)})")
         if not self.paths:
@@ -189,6 +224,12 @@ def collate_segmentation(batch: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def _ignore_sigint(worker_id: int) -> None:
+    """DataLoader workers leave Ctrl-C to the main process, which stops a fit at the end of
+    a step; a worker killed by it would fail that step instead."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def process_group() -> tuple[int, int]:
     """(world size, rank) of the initialised default process group; (1, 0) without one."""
     if dist.is_available() and dist.is_initialized():
@@ -208,9 +249,21 @@ class EpochSampler(DistributedSampler):
     as ``DistributedSampler`` does, because every rank must run the same number of steps.
     In one process the order is the permutation itself. Being a ``DistributedSampler``,
     Lightning uses it as is instead of wrapping it in its own (reshuffling) sampler.
+
+    ``done_in_epoch(epoch)`` says how many of this rank's positions in ``epoch`` were trained
+    on already; they are left out. A fit resumed from a mid-epoch checkpoint (every-N-steps
+    saves, Ctrl-C) so continues the epoch where it stopped: Lightning counts the batches on
+    but starts a fresh iterator. The length stays the whole epoch's, as Lightning expects.
     """
 
-    def __init__(self, dataset: SegmentationDataset, seed: int, num_replicas: int | None = None, rank: int | None = None) -> None:
+    def __init__(
+        self,
+        dataset: SegmentationDataset,
+        seed: int,
+        num_replicas: int | None = None,
+        rank: int | None = None,
+        done_in_epoch: Callable[[int], int] | None = None,
+    ) -> None:
         world, own_rank = process_group()
         super().__init__(
             dataset,
@@ -220,6 +273,7 @@ class EpochSampler(DistributedSampler):
             seed=seed,
             drop_last=False,
         )
+        self.done_in_epoch = done_in_epoch
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -231,12 +285,14 @@ class EpochSampler(DistributedSampler):
     def __iter__(self):
         seq = np.random.SeedSequence([self.seed, self.epoch], spawn_key=(_SHUFFLE_STREAM,))
         order = np.random.default_rng(seq).permutation(len(self.dataset)).tolist()
-        if self.num_replicas == 1:
-            return iter(order)
-        pad = self.total_size - len(order)
-        if pad > 0 and order:
-            order += (order * -(-pad // len(order)))[:pad]
-        return iter(order[self.rank : self.total_size : self.num_replicas])
+        if self.num_replicas > 1:
+            pad = self.total_size - len(order)
+            if pad > 0 and order:
+                order += (order * -(-pad // len(order)))[:pad]
+            order = order[self.rank : self.total_size : self.num_replicas]
+        # asked when iterating, after Lightning restored a resumed fit's progress
+        done = self.done_in_epoch(self.epoch) if self.done_in_epoch is not None else 0
+        return iter(order[done:])
 
 
 class ShardedEvalSampler(DistributedSampler):
@@ -388,13 +444,15 @@ class SegmentationDataModule(LightningDataModule, ABC):
         if self._train_sampler is not None:
             self._train_sampler.set_epoch(epoch)
 
-    def _resumed_epoch(self) -> int:
-        # On resume Lightning builds the loader before any epoch hook runs: read the epoch
-        # from the fit loop (the counter it also hands to samplers) so the first resumed
-        # epoch already gets its own order.
-        if self.trainer is None:
-            return self.epoch
-        return self.trainer.fit_loop.epoch_progress.current.processed
+    def _done_in_epoch(self, epoch: int) -> int:
+        """Training samples of ``epoch`` this rank has been through, from the fit's step count:
+        nonzero only in the first epoch of a fit resumed from a mid-epoch checkpoint."""
+        trainer = self.trainer
+        if trainer is None or trainer.num_training_batches == float("inf"):
+            return 0
+        accumulate = trainer.accumulate_grad_batches
+        steps_per_epoch = -(-int(trainer.num_training_batches) // accumulate)
+        return max(0, (trainer.global_step - epoch * steps_per_epoch) * accumulate * self.batch_size)
 
     def _get(self, split: str) -> Dataset:
         if split not in self.datasets:
@@ -410,12 +468,14 @@ class SegmentationDataModule(LightningDataModule, ABC):
             num_workers=self.num_workers,
             collate_fn=collate_segmentation,
             pin_memory=torch.cuda.is_available(),
+            worker_init_fn=_ignore_sigint,
         )
 
     def train_dataloader(self) -> DataLoader:
         dataset = self._get("train")
-        self._train_sampler = EpochSampler(dataset, self.seed)
-        self.set_epoch(self._resumed_epoch())
+        # Lightning builds this loader before it restores a resumed fit's progress; it sets
+        # the sampler's epoch before each epoch, and the sampler asks what is done when iterating
+        self._train_sampler = EpochSampler(dataset, self.seed, done_in_epoch=self._done_in_epoch)
         return self._loader(dataset, self.batch_size, self._train_sampler)
 
     def _eval_loader(self, split: str) -> DataLoader:
