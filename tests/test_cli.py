@@ -128,3 +128,33 @@ def test_killed_extract_leaves_only_complete_files_and_resumes(tmp_path):
     for path in sorted(out.glob("*.safetensors")):
         a, b = load_file(str(path)), load_file(str(fresh / path.name))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _extract_args(folder: Path, out: Path) -> list[str]:
+    return [
+        "extract", "--extractor.model", "tiny", "--extractor.img_size", "64", "--extractor.layers", '["up-level1-upsampler-out"]',
+        "--input", str(folder), "--output", str(out), "--device", "cpu",
+    ]
+
+
+def test_extract_keeps_relative_paths_and_suffixes_apart(tmp_path, capsys):
+    """d.jpg, d.png and sub/d.jpg give three files, none counted as "already present"."""
+    rng = np.random.default_rng(0)
+    for name in ("d.jpg", "d.png", "sub/d.jpg"):
+        (tmp_path / "in" / name).parent.mkdir(parents=True, exist_ok=True)
+        cv2.imwrite(str(tmp_path / "in" / name), rng.integers(0, 255, (48, 48, 3), dtype=np.uint8))
+    assert main(_extract_args(tmp_path / "in", tmp_path / "out")) == 0
+    assert "wrote 3 feature files" in capsys.readouterr().out
+    written = sorted(str(p.relative_to(tmp_path / "out")) for p in (tmp_path / "out").rglob("*.safetensors"))
+    assert written == ["d.jpg.safetensors", "d.png.safetensors", "sub/d.safetensors"]
+
+
+def test_extract_stops_when_two_inputs_would_share_an_output(tmp_path, capsys):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for name in ("a.jpg", "a.png", "a.jpg.png"):  # a.jpg keeps its suffix; a.jpg.png's stem is a.jpg too
+        cv2.imwrite(str(folder / name), np.zeros((48, 48, 3), np.uint8))
+    assert main(_extract_args(folder, tmp_path / "out")) == 1
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert str(folder / "a.jpg") in line and str(folder / "a.jpg.png") in line and "rename" in line
+    assert not (tmp_path / "out").exists()

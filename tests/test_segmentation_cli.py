@@ -146,3 +146,20 @@ def test_saved_config_round_trips(fitted):
     saved = Path(cli.trainer.log_dir) / "config.yaml"
     config = yaml.safe_load(saved.read_text())
     assert config["model"]["init_args"]["backbone"]["model"] == "tiny"
+
+
+def test_predict_keeps_relative_paths_and_suffixes_apart(fitted, tmp_path, capsys):
+    work, _, ckpt = fitted
+    folder, out = tmp_path / "photos", tmp_path / "pred"
+    rng = np.random.default_rng(0)
+    for name in ("d.jpg", "d.png", "sub/d.jpg"):
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        cv2.imwrite(str(folder / name), rng.integers(0, 255, (40, 56, 3), dtype=np.uint8))
+    args = quick_args(work, **{"--config": quick_config(work, out), "--data.init_args.predict_root": str(folder)})
+    assert main(["predict", *args, "--ckpt_path", str(ckpt)]) == 0
+    labels = sorted(str(p.relative_to(out / "labels")) for p in (out / "labels").rglob("*.png"))
+    assert labels == ["d.jpg.png", "d.png.png", "sub/d.png"]
+    (folder / "sub" / "d.jpg").rename(folder / "d.jpg.png")  # its name is now that of d.jpg
+    assert main(["predict", *args, "--ckpt_path", str(ckpt)]) == 1
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert str(folder / "d.jpg") in line and str(folder / "d.jpg.png") in line
