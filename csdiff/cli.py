@@ -155,13 +155,14 @@ def run_lightning(argv: list[str] | None):
     Parsers raise instead of printing usage and exiting, so ``main`` can report a bad config
     key in one line.
     """
+    from jsonargparse import Namespace
     from lightning.pytorch import LightningDataModule, LightningModule
-    from lightning.pytorch.cli import LightningCLI
+    from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 
     from csdiff.resume import DEFAULT_LOGGER, KEYWORDS, SaveLastOnStop, check_checkpoint_file, locate_last
 
     class CSDiffCLI(LightningCLI):
-        def parse_arguments(self, parser, args) -> None:
+        def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
             """Resolve and check ``--ckpt_path`` before Lightning reads hyperparameters from it."""
             super().parse_arguments(parser, args)
             config = self.config[self.config.subcommand]
@@ -174,7 +175,7 @@ def run_lightning(argv: list[str] | None):
             if ckpt is not None and ckpt not in KEYWORDS:
                 check_checkpoint_file(ckpt)
 
-        def _continue_run(self, config, version: str) -> None:
+        def _continue_run(self, config: Namespace, version: str) -> None:
             """Log the resumed fit into its run's own folder (Lightning would open a new version)."""
             logger = config.trainer.get("logger")
             if logger is None or logger is True:

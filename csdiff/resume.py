@@ -34,7 +34,6 @@ class FitInterrupted(Exception):
     def __init__(self, epoch: int, step: int, saved: list[str]) -> None:
         where = ", ".join(saved) if saved else "nothing (no checkpoint callback with save_last)"
         super().__init__(f"interrupted at epoch {epoch}, step {step}; saved {where}")
-        self.saved = saved
 
 
 def find_last_checkpoint(root: str | Path) -> Path | None:
