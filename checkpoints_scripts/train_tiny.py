@@ -145,8 +145,9 @@ def train(args) -> None:
     sd_dir, cn_dir = work / "tiny-sd", work / "tiny-controlnet-canny"
     sd_dir.mkdir()
     shutil.move(str(work / "tokenizer"), str(sd_dir / "tokenizer"))
-    for name, module in (("unet", unet), ("vae", vae), ("text_encoder", text_encoder)):
+    for name, module in (("unet", unet), ("vae", vae)):
         module.to(torch.float16).save_pretrained(sd_dir / name, safe_serialization=True)
+    tiny.save_text_encoder(text_encoder.to(torch.float16), sd_dir / "text_encoder")
     PNDMScheduler.from_config(tiny.SCHEDULER_CONFIG).save_pretrained(sd_dir / "scheduler")
     (sd_dir / "model_index.json").write_text(json.dumps({
         "_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.42.1",

@@ -54,25 +54,3 @@ def load_script(name: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
-
-
-# Modules of SD 1.5 topology adapted by the LoRAs tests make on the fly (self-attention q of
-# up-level1 and up-level2, i.e. widths 1280 and 640 at SD 1.5 size).
-LORA_MODULES = ("up_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q", "up_blocks.2.attentions.0.transformer_blocks.0.attn1.to_q")
-
-
-def make_lora_file(path: Path, unet, kind: str = "kohya", rank: int = 4, seed: int = 0) -> Path:
-    """A random LoRA for ``unet``'s widths (any SD 1.5-topology model): ``kohya`` writes a kohya
-    .safetensors file, ``diffusers`` a diffusers LoRA folder at ``path``."""
-    g = torch.Generator().manual_seed(seed)
-    widths = {m: unet.get_submodule(m).in_features for m in LORA_MODULES}
-    pairs = {m: (torch.randn(rank, w, generator=g) / w**0.5, torch.randn(w, rank, generator=g) * 0.5) for m, w in widths.items()}
-    if kind == "kohya":
-        return write_kohya_lora(path, {m: (down, up, float(rank)) for m, (down, up) in pairs.items()})
-    from diffusers import StableDiffusionPipeline
-    from peft import LoraConfig
-
-    layers = {f"{m}.lora_{ab}.weight": t for m, (down, up) in pairs.items() for ab, t in (("A", down), ("B", up))}
-    config = LoraConfig(r=rank, lora_alpha=rank, target_modules=list(LORA_MODULES)).to_dict()
-    StableDiffusionPipeline.save_lora_weights(path, unet_lora_layers=layers, unet_lora_adapter_metadata=config)
-    return path

@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from helpers import load_script, make_lora_file, write_kohya_lora
+from helpers import load_script, write_kohya_lora
 
+from csdiff.backbone.random_models import meta_unet, write_random_lora
 from csdiff.cli import main, run_lightning
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
@@ -109,13 +110,7 @@ def two_threads():
 @pytest.fixture(scope="module")
 def sd15_lora_unet():
     """An SD 1.5-shaped UNet on the meta device: only its layer widths are read, to size LoRAs."""
-    from diffusers import UNet2DConditionModel
-
-    from csdiff.backbone.random_models import RANDOM_MODELS
-
-    config = UNet2DConditionModel.load_config(RANDOM_MODELS["random-sd15"], subfolder="unet")
-    with torch.device("meta"):
-        return UNet2DConditionModel.from_config(config)
+    return meta_unet()
 
 
 @pytest.mark.parametrize("config", PAPER_CONFIGS, ids=lambda p: p.name)
@@ -128,7 +123,7 @@ def test_paper_config_instantiates_at_sd15_size_in_float16_without_running_the_m
 
     text = yaml.safe_load(config.read_text())
     model = text["model"]["init_args"]
-    lora = lambda path, seed: str(make_lora_file(path, sd15_lora_unet, seed=seed))  # noqa: E731
+    lora = lambda path, seed: str(write_random_lora(path, sd15_lora_unet, seed=seed))  # noqa: E731
     _substitute_models(model, tmp_path, "random-sd15", "random-sd15-controlnet-canny", lora)
     assert model["backbone"]["dtype"] == "float16" and model["backbone"]["img_size"] == 512
     heavy = (UNet2DConditionModel, ControlNetModel, AutoencoderKL)
@@ -160,7 +155,7 @@ def test_paper_config_fits_with_random_sd15(config, tmp_path, sd15_lora_unet, tw
     and writing them is what the tiny runs above already test.
     """
     text = yaml.safe_load(config.read_text())
-    lora = lambda path, seed: str(make_lora_file(path, sd15_lora_unet, seed=seed))  # noqa: E731
+    lora = lambda path, seed: str(write_random_lora(path, sd15_lora_unet, seed=seed))  # noqa: E731
     config_dict = _substitute_tiny(text, tmp_path, "random-sd15", "random-sd15-controlnet-canny", lora)
     trainer = config_dict["trainer"]
     trainer["callbacks"] = [c for c in trainer["callbacks"] if not c["class_path"].endswith("ModelCheckpoint")]

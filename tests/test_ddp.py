@@ -18,8 +18,9 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import make_lora_file
 from lightning.pytorch import Callback
+
+from csdiff.backbone.random_models import write_random_lora
 
 ROOT = Path(__file__).resolve().parents[1]
 METRICS = ("mIoU", "aAcc", "mAcc")
@@ -170,7 +171,7 @@ def fitted(tmp_path_factory):
     from csdiff.backbone.loading import load_sd_components
 
     work = tmp_path_factory.mktemp("ddp")
-    make_lora_file(work / "lora.safetensors", load_sd_components("tiny").unet)
+    write_random_lora(work / "lora.safetensors", load_sd_components("tiny").unet)
     csdiff(work, "fit", *quick_args(work, "fit", eval_batch_size=2), *DDP,
            "--trainer.max_epochs", "1", "--trainer.check_val_every_n_epoch", "1")
     (ckpt,) = (work / "fit").rglob("last.ckpt")

@@ -16,12 +16,12 @@ from pathlib import Path
 import pytest
 import torch
 from diffusers import DDIMScheduler
-from helpers import LORA_MODULES, make_lora_file, shapes_images
+from helpers import shapes_images
 
 from csdiff.backbone import ControlNet, DiffusionFeatureExtractor, LoRA, Variant
 from csdiff.backbone.extractor import describe_differences
 from csdiff.backbone.loading import load_controlnet, load_sd_components, resolve_model_folder
-from csdiff.backbone.random_models import random_vae, random_weights_id
+from csdiff.backbone.random_models import RANDOM_LORA_MODULES, meta_unet, random_vae, random_weights_id, write_random_lora
 from csdiff.backbone.tiny import TINY_SD_DIR
 from csdiff.tasks.checkpoints import CheckpointMismatchError
 
@@ -51,14 +51,9 @@ def sd15_lora_run(tmp_path_factory, images):
     torch.set_num_threads(2)
     try:
         work = tmp_path_factory.mktemp("sd15_lora")
-        from diffusers import UNet2DConditionModel
-
-        from csdiff.backbone.random_models import RANDOM_MODELS
-
-        with torch.device("meta"):
-            shape_only = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(RANDOM_MODELS["random-sd15"], subfolder="unet"))
-        kohya = make_lora_file(work / "kohya.safetensors", shape_only, "kohya", seed=1)
-        diffusers_folder = make_lora_file(work / "diffusers_lora", shape_only, "diffusers", seed=2)
+        shape_only = meta_unet()
+        kohya = write_random_lora(work / "kohya.safetensors", shape_only, "kohya", seed=1)
+        diffusers_folder = write_random_lora(work / "diffusers_lora", shape_only, "diffusers", seed=2)
         variants = [
             Variant("kohya", PROMPT, loras=[LoRA(str(kohya))]),
             Variant("diffusers", PROMPT, loras=[LoRA(str(diffusers_folder))]),
@@ -111,14 +106,14 @@ def test_loras_at_sd15_widths_load_change_features_and_stay_frozen(sd15_lora_run
     again = ex(images, variants=["plain"])["plain"]
     torch.testing.assert_close(again[SELF_Q], feats["plain"][SELF_Q])  # the LoRAs are off for plain
     adapted = [n for n, _ in ex.unet.named_parameters() if "lora_A" in n]
-    assert len(adapted) == 2 * len(LORA_MODULES)
+    assert len(adapted) == 2 * len(RANDOM_LORA_MODULES)
 
 
 # --- faults found at real scale, checked on tiny --------------------------------------------------
 
 
 def test_adapters_stay_frozen_after_every_switch(tmp_path, images, tiny_parts):
-    lora = make_lora_file(tmp_path / "l.safetensors", tiny_parts.unet)
+    lora = write_random_lora(tmp_path / "l.safetensors", tiny_parts.unet)
     ex = DiffusionFeatureExtractor("tiny", ["up-level1-upsampler-out"], img_size=64,
                                    variants=[Variant("l", PROMPT, loras=[LoRA(str(lora))]), Variant("plain", PROMPT)])
     for _ in range(2):
@@ -213,7 +208,7 @@ def test_hub_id_and_its_downloaded_copy_have_the_same_weights_id(tmp_path, monke
 
 def _description(tmp_path: Path, tiny_parts, **changes) -> dict:
     tmp_path.mkdir(parents=True, exist_ok=True)
-    lora = make_lora_file(tmp_path / changes.pop("lora_name", "a.safetensors"), tiny_parts.unet, seed=changes.pop("lora_seed", 0))
+    lora = write_random_lora(tmp_path / changes.pop("lora_name", "a.safetensors"), tiny_parts.unet, seed=changes.pop("lora_seed", 0))
     variant = dict(name="v", prompt=PROMPT, loras=[LoRA(str(lora), changes.pop("scale", 1.0))])
     variant.update(changes)
     ex = DiffusionFeatureExtractor("tiny", ["up-level1-upsampler-out"], img_size=64, variants=[Variant(**variant)])

@@ -68,6 +68,20 @@ def _text_encoder_keys_to_new_format(state_dict: dict) -> dict:
     return {**rest, **convert_state_dict(te, DIFFUSERS_OLD_TO_DIFFUSERS)}
 
 
+def _unit_scaling(adapter: str, *models: nn.Module) -> None:
+    """Give every layer of ``adapter`` alpha = rank (scaling 1): its alphas are folded into the weights.
+
+    What diffusers assigns when no alphas are passed differs between versions (the most common
+    rank as alpha for every layer, in some): setting it here makes the result version-proof.
+    peft recomputes the scaling from alpha and rank whenever adapter weights are set.
+    """
+    for model in models:
+        for layer in model.modules():
+            if isinstance(layer, BaseTunerLayer) and adapter in getattr(layer, "lora_A", {}):
+                layer.lora_alpha[adapter] = layer.r[adapter]
+                layer.scaling[adapter] = 1.0
+
+
 def _lora_fingerprint(file: Path) -> str:
     """By content: a single file's name does not count (a copy elsewhere is the same LoRA)."""
     return fingerprint_files([file] if file.is_file() else component_weight_files(file), file)
@@ -103,15 +117,19 @@ class LoRARegistry:
         if file.is_file() and file.suffix not in LORA_SUFFIXES:
             raise LoRAError(f"{path} is not a LoRA file (expected one of {', '.join(LORA_SUFFIXES)} or a folder)")
         name = f"lora_{hashlib.sha1(resolved.encode()).hexdigest()[:10]}"
-        kwargs = dict(weight_name=file.name) if file.is_file() else {}
-        location = str(file.parent if file.is_file() else file)
+        weights = [file] if file.is_file() else component_weight_files(file)
+        if len(weights) != 1:  # a folder: its one weight file (diffusers would guess, or ask when offline)
+            found = ", ".join(p.name for p in weights) or "none"
+            raise LoRAError(f"LoRA folder {path} must hold exactly one weight file (*.safetensors or *.bin); found {found}")
         try:
             state_dict, alphas, metadata = StableDiffusionPipeline.lora_state_dict(
-                location, unet_config=self.unet.config, return_lora_metadata=True, local_files_only=True,
-                use_safetensors=None if file.suffix != ".safetensors" else True, **kwargs,
+                str(weights[0].parent), weight_name=weights[0].name, unet_config=self.unet.config,
+                return_lora_metadata=True, local_files_only=True,
+                use_safetensors=None if weights[0].suffix != ".safetensors" else True,
             )
         except Exception as err:
             raise LoRAError(f"cannot read LoRA {path}: {err}") from None
+        given_alphas = alphas
         state_dict, alphas = _fold_alphas(state_dict, alphas)
         state_dict = _text_encoder_keys_to_new_format(state_dict)
         try:
@@ -124,6 +142,8 @@ class LoRARegistry:
             if "not found in the base model" in str(err):  # peft: no key names a module of this model
                 raise LoRAError(f"LoRA {path} adapts zero modules of this backbone ({err}): is it a LoRA for another model family?") from None
             raise LoRAError(f"LoRA {path} does not fit this backbone: {err}") from None
+        if given_alphas and alphas is None:
+            _unit_scaling(name, self.unet, self.text_encoder)
         n_unet, n_text = _adapted_modules(self.unet, name), _adapted_modules(self.text_encoder, name)
         if n_unet + n_text == 0:
             raise LoRAError(

@@ -90,8 +90,7 @@ def _on_meta(build):
 
 
 def random_unet(dtype: torch.dtype, seed: int = RANDOM_SEED) -> UNet2DConditionModel:
-    config = UNet2DConditionModel.load_config(RANDOM_MODELS["random-sd15"], subfolder="unet")
-    return fill_random_(_on_meta(lambda: UNet2DConditionModel.from_config(config)), seed, dtype)
+    return fill_random_(meta_unet(), seed, dtype)
 
 
 def random_vae(dtype: torch.dtype, with_decoder: bool, seed: int = RANDOM_SEED) -> AutoencoderKL:
@@ -123,6 +122,51 @@ def random_tokenizer(vocab_size: int):
 
 def random_scheduler() -> PNDMScheduler:
     return PNDMScheduler.from_pretrained(RANDOM_MODELS["random-sd15"], subfolder="scheduler")
+
+
+# Modules the random LoRAs adapt: self-attention q of up-level1 and up-level2 (SD 1.5 topology).
+RANDOM_LORA_MODULES = (
+    "up_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q",
+    "up_blocks.2.attentions.0.transformer_blocks.0.attn1.to_q",
+)
+
+
+def write_random_lora(path: Path, unet: nn.Module, kind: str = "kohya", rank: int = 4, seed: int = 0) -> Path:
+    """A seeded random LoRA sized for ``unet`` (any SD 1.5-topology model; a meta-device UNet
+    will do), standing in for the paper's dataset LoRAs in tests and benchmarks.
+
+    ``kohya``: a kohya-format ``.safetensors`` file (``lora_unet_…``, alpha = rank);
+    ``diffusers``: a diffusers LoRA folder with peft metadata.
+    """
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(seed)
+    pairs = {}
+    for module in RANDOM_LORA_MODULES:
+        width = unet.get_submodule(module).in_features
+        pairs[module] = (torch.randn(rank, width, generator=g) / width**0.5, torch.randn(width, rank, generator=g) * 0.5)
+    if kind == "kohya":
+        tensors = {}
+        for module, (down, up) in pairs.items():
+            name = "lora_unet_" + module.replace(".", "_")
+            tensors.update({f"{name}.lora_down.weight": down, f"{name}.lora_up.weight": up, f"{name}.alpha": torch.tensor(float(rank))})
+        save_file(tensors, str(path))
+        return path
+    if kind != "diffusers":
+        raise ValueError(f"kind must be 'kohya' or 'diffusers', got {kind!r}")
+    from diffusers import StableDiffusionPipeline
+    from peft import LoraConfig
+
+    layers = {f"{m}.lora_{ab}.weight": t for m, (down, up) in pairs.items() for ab, t in (("A", down), ("B", up))}
+    config = LoraConfig(r=rank, lora_alpha=rank, target_modules=list(RANDOM_LORA_MODULES)).to_dict()
+    StableDiffusionPipeline.save_lora_weights(path, unet_lora_layers=layers, unet_lora_adapter_metadata=config)
+    return path
+
+
+def meta_unet(model: str = "random-sd15") -> UNet2DConditionModel:
+    """The UNet of a random model on the meta device: its shapes, no memory (to size LoRAs)."""
+    config = UNet2DConditionModel.load_config(RANDOM_MODELS[model], subfolder="unet")
+    return _on_meta(lambda: UNet2DConditionModel.from_config(config))
 
 
 def random_controlnet(model: str, dtype: torch.dtype, seed: int = RANDOM_SEED) -> ControlNetModel:

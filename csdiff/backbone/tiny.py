@@ -64,6 +64,20 @@ SCHEDULER_CONFIG = dict(
 )
 
 
+def save_text_encoder(text_encoder, folder: Path) -> None:
+    """Save a ``CLIPTextModel`` with the key names of released SD checkpoints (``text_model.…``).
+
+    transformers 5 drops that prefix when it saves, and transformers 4.x then loads none of
+    the weights (silently, as "newly initialized"); every version reads the prefixed names.
+    """
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    text_encoder.config.save_pretrained(folder)
+    state = {k if k.startswith("text_model.") else f"text_model.{k}": v.contiguous() for k, v in text_encoder.state_dict().items()}
+    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+
+
 def _bytes_to_unicode() -> dict[int, str]:
     """CLIP's reversible byte -> printable character table (byte-level BPE alphabet)."""
     printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
