@@ -3,6 +3,7 @@
 Pure torch + diffusers: nothing here imports Lightning.
 """
 
+from csdiff.backbone.cache import FeatureCache
 from csdiff.backbone.extractor import DiffusionFeatureExtractor
 from csdiff.backbone.loading import BackboneNotAvailableError, BackboneSpec, load_controlnet, load_sd_components
 from csdiff.backbone.lora import LoRA, LoRAError
@@ -14,6 +15,7 @@ __all__ = [
     "BackboneSpec",
     "ControlNet",
     "DiffusionFeatureExtractor",
+    "FeatureCache",
     "LAYER_SETS",
     "LoRA",
     "LoRAError",
