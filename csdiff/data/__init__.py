@@ -20,6 +20,9 @@ _EXPORTS = {
     "ADE20KDataModule": "csdiff.data.ade20k",
     "CityscapesDataModule": "csdiff.data.cityscapes",
     "QuickstartDataModule": "csdiff.data.quickstart",
+    "SPairDataModule": "csdiff.data.spair",
+    "SPairDataset": "csdiff.data.spair",
+    "collate_pairs": "csdiff.data.spair",
 }
 
 __all__ = sorted(_EXPORTS)
