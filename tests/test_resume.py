@@ -67,9 +67,9 @@ def work(tmp_path_factory) -> Path:
     return work
 
 
-def fit_command(work: Path, *extra: str, random: bool = True) -> list[str]:
-    """`csdiff fit --config quickstart.yaml`, shrunk (64², 8 images, 4 steps per epoch);
-    ``random``: with dropout and fresh training noise, whose streams resuming must restore."""
+def fit_command(work: Path, *extra: str) -> list[str]:
+    """`csdiff fit --config quickstart.yaml`, shrunk (64², 8 images, 4 steps per epoch), with
+    dropout and fresh training noise, whose streams resuming must restore."""
     args = {
         "--config": str(work / "quickstart.yaml"),
         "--data.init_args.root": str(work / "data" / "ADEChallengeData2016"),
@@ -83,11 +83,9 @@ def fit_command(work: Path, *extra: str, random: bool = True) -> list[str]:
         "--model.init_args.slide_stride": "64",
         "--trainer.max_epochs": str(EPOCHS),
         "--trainer.enable_progress_bar": "false",
+        "--model.init_args.train_noise": "fresh",
+        "--model.init_args.dropout": "0.1",
     }
-    if random:
-        args.update({"--model.init_args.train_noise": "fresh", "--model.init_args.dropout": "0.1"})
-    else:  # no dropout anywhere (head, gate, auxiliary head): nothing draws from torch's RNG
-        args.update({"--model.init_args.dropout": "0", "--model.init_args.gate": '{"dropout": 0}', "--model.init_args.aux_weight": "0"})
     return [sys.executable, "-m", "csdiff", "fit", *(x for kv in args.items() for x in kv), *extra]
 
 
@@ -120,7 +118,7 @@ def assert_same_weights(final: dict, reference: dict) -> None:
     assert not differ, f"{len(differ)} of {len(reference['state_dict'])} tensors differ after resuming, e.g. {differ[:3]}"
 
 
-def interrupt_and_resume(work: Path, name: str, sig: signal.Signals, random: bool) -> tuple[dict, dict, str, str]:
+def interrupt_and_resume(work: Path, name: str, sig: signal.Signals) -> tuple[dict, dict, str, str]:
     """Run an uninterrupted fit beside one stopped by ``sig`` at KILL_STEP, then resume the
     latter with `--ckpt_path last`; returns (reference last.ckpt, resumed last.ckpt,
     the interrupted run's log, the resume trace)."""
@@ -128,8 +126,8 @@ def interrupt_and_resume(work: Path, name: str, sig: signal.Signals, random: boo
     marker, trace = work / name / "hang.marker", work / name / "trace.txt"
     procs: list[subprocess.Popen] = []
     try:
-        whole = start(fit_command(work, random=random), whole_dir, "whole")
-        cut, cut_log = start(fit_command(work, random=random), cut_dir, "cut", **{HANG_ENV: f"{KILL_STEP}:{marker}"})
+        whole = start(fit_command(work), whole_dir, "whole")
+        cut, cut_log = start(fit_command(work), cut_dir, "cut", **{HANG_ENV: f"{KILL_STEP}:{marker}"})
         procs += [whole[0], cut]
         deadline = time.monotonic() + TIMEOUT_S
         while not marker.exists():
@@ -144,7 +142,7 @@ def interrupt_and_resume(work: Path, name: str, sig: signal.Signals, random: boo
         else:
             Path(f"{marker}.go").touch()
             cut_text = finish(cut, cut_log, code=130)
-        resumed = start(fit_command(work, "--ckpt_path", "last", random=random), cut_dir, "resumed", **{TRACE_ENV: str(trace)})
+        resumed = start(fit_command(work, "--ckpt_path", "last"), cut_dir, "resumed", **{TRACE_ENV: str(trace)})
         procs.append(resumed[0])
         finish(*resumed)
         finish(*whole)
@@ -160,7 +158,7 @@ def interrupt_and_resume(work: Path, name: str, sig: signal.Signals, random: boo
 def test_sigkilled_fit_resumes_to_the_uninterrupted_weights(work):
     """SIGKILL mid-epoch: last.ckpt holds the last completed epoch (though validation runs only
     every 4th), and the resumed fit ends bit-identical, dropout and fresh noise included."""
-    reference, final, _, trace = interrupt_and_resume(work, "kill", signal.SIGKILL, random=True)
+    reference, final, _, trace = interrupt_and_resume(work, "kill", signal.SIGKILL)
     assert trace.split() == ["1", str(STEPS_PER_EPOCH)]  # it resumed at the second epoch
     # the final epoch is saved although EPOCHS is not a multiple of the validation interval
     assert (reference["epoch"], reference["global_step"]) == (EPOCHS - 1, EPOCHS * STEPS_PER_EPOCH)
@@ -169,10 +167,9 @@ def test_sigkilled_fit_resumes_to_the_uninterrupted_weights(work):
 
 def test_ctrl_c_saves_the_step_reached_and_resumes_mid_epoch(work):
     """SIGINT mid-epoch: the step in progress finishes, last.ckpt holds it, exit code 130; the
-    resumed fit continues that epoch with the data it had not seen and ends bit-identical.
-    Without dropout or fresh noise here: their streams are reseeded per epoch, so a
-    mid-epoch resume draws other (equally valid) masks than the uninterrupted run."""
-    reference, final, log, trace = interrupt_and_resume(work, "sigint", signal.SIGINT, random=False)
+    resumed fit continues that epoch with the data it had not seen and ends bit-identical,
+    dropout and fresh noise included (torch is reseeded per step)."""
+    reference, final, log, trace = interrupt_and_resume(work, "sigint", signal.SIGINT)
     assert f"interrupted at epoch 1, step {KILL_STEP + 1}" in log and "--ckpt_path last" in log
     assert trace.split() == ["1", str(KILL_STEP + 1)]
     assert_same_weights(final, reference)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -18,14 +17,13 @@ from csdiff.metrics import SegmentationMetrics, format_iou_table
 from csdiff.models import FCNHead, GatedFusion, SegmentationLoss, UPerHead
 from csdiff.tasks.checkpoints import FrozenBackboneCheckpointMixin
 from csdiff.tasks.options import BackboneOptions, GateOptions, VariantOptions
+from csdiff.tasks.seeding import StepSeededMixin
 from csdiff.tasks.slide import slide_logits
 
 PAPER_LAYERS = ["up-level0-upsampler-out", "up-level1-upsampler-out", "up-level2-upsampler-out"]
-# Keeps the per-epoch torch stream apart from the data's numpy streams, which share (seed, epoch).
-_TRAIN_RNG_STREAM = 2
 
 
-class SegmentationTask(FrozenBackboneCheckpointMixin, LightningModule):
+class SegmentationTask(StepSeededMixin, FrozenBackboneCheckpointMixin, LightningModule):
     """Frozen guided extractor → gate → UPerHead (+ FCN auxiliary head); CE + Lovasz.
 
     Validation and test use slide inference on the (dataset-resized) image, resize the
@@ -142,29 +140,10 @@ class SegmentationTask(FrozenBackboneCheckpointMixin, LightningModule):
         return {"loss": loss, "gate_weights": [w.detach() for w in fused.weights]}
 
     def on_train_epoch_start(self) -> None:
-        """Make this epoch's randomness a function of (seed, epoch, rank) alone.
-
-        On resume Lightning restores weights, optimizer and loop counters, but neither the
-        global RNG state nor a sampler's position. ``set_epoch`` selects the data order and
-        augmentations, and torch (CPU and CUDA) is reseeded at the epoch's first batch, which
-        keys dropout and ``train_noise: fresh`` on the epoch: so a run resumed from an
-        end-of-epoch checkpoint (``--ckpt_path last``) trains exactly like an uninterrupted
-        one. The seed is ``seed_everything``'s (0 without it); each DDP rank gets its own stream.
-        """
+        """Select this epoch's data order and augmentations (a function of (seed, epoch))."""
         dm = getattr(self.trainer, "datamodule", None)
         if callable(getattr(dm, "set_epoch", None)):
             dm.set_epoch(self.current_epoch)  # DDP wrappers may hide the sampler's own set_epoch
-        self._seeded_epoch: int | None = None
-
-    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        # Reseed here, not at epoch start: the DataLoader draws its base seed from the global
-        # RNG when its iterator is made, after the epoch-start hook except in a fit's first epoch.
-        epoch = self.current_epoch
-        if getattr(self, "_seeded_epoch", None) != epoch:
-            seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
-            seq = np.random.SeedSequence([seed, epoch, self.global_rank], spawn_key=(_TRAIN_RNG_STREAM,))
-            torch.manual_seed(int(seq.generate_state(1, np.uint64)[0]))  # also seeds every CUDA device
-            self._seeded_epoch = epoch
 
     def configure_optimizers(self) -> dict:
         # The task's own parameters only: the frozen backbone never enters the optimizer.
