@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 from collections import OrderedDict
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -33,8 +34,8 @@ class FeatureCache:
     Layout: ``<folder>/<extractor hash>/<key[:2]>/<key>.safetensors`` with a
     ``description.json`` beside each extractor's files, so that a person can tell them apart.
     The extractor hash covers :meth:`DiffusionFeatureExtractor.describe` (weight fingerprints,
-    layers, variants, img_size, timestep, latent), the frozen parts' dtype and the csdiff
-    version; an image's key adds its resolved path, size, mtime and the input transform. Any
+    layers, variants, img_size, timestep, latent, dtype), the layers read per variant and the
+    csdiff version; an image's key adds its resolved path, size, mtime and the input transform. Any
     change is a miss. A file that fails to load or does not match the current layers' shapes
     is recomputed and overwritten, never trusted.
     """
@@ -51,24 +52,31 @@ class FeatureCache:
         self._described: set[str] = set()
 
     def features(
-        self, extractor: DiffusionFeatureExtractor, images: torch.Tensor, paths: list[str | Path], transform: str
+        self,
+        extractor: DiffusionFeatureExtractor,
+        images: torch.Tensor,
+        paths: list[str | Path],
+        transform: str,
+        layers: dict[str, Sequence[str]] | None = None,
     ) -> Features:
-        """``extractor(images)`` rounded to fp16 (cast to ``extractor.feature_dtype``), running the
-        backbone only on the images whose features are not cached.
+        """``extractor(images, layers=layers)`` rounded to fp16 (cast to ``extractor.feature_dtype``),
+        running the backbone only on the images whose features are not cached.
 
         ``images`` (B, 3, H, W) in [-1, 1] are the B files ``paths`` after the input transform
         named by ``transform`` (e.g. ``"eval-resize=short512"``): the pixels themselves are not
         hashed, so the transform string must change whenever the pixels it produces do.
+        ``layers`` restricts some variants to some layers, as in the extractor's ``forward``.
         """
-        description = self._check(extractor, images, paths)
+        wanted = {v.name: [n for n in extractor.layers if n in (layers or {}).get(v.name, extractor.layers)] for v in extractor.variants}
+        description = dict(self._check(extractor, images, paths), variant_layers=wanted)
         digest = _hash(description)
         keys = [_image_key(digest, path, transform) for path in paths]
-        stored: list[dict[str, torch.Tensor] | None] = [self._read(extractor, digest, key) for key in keys]
+        stored: list[dict[str, torch.Tensor] | None] = [self._read(extractor, digest, key, wanted) for key in keys]
         missing = [i for i, entry in enumerate(stored) if entry is None]
         self.hits += len(keys) - len(missing)
         self.misses += len(missing)
         if missing:
-            computed = extractor(extractor.resize(images[missing]))
+            computed = extractor(extractor.resize(images[missing]), layers=layers)
             self._describe(digest, description)
             for j, i in enumerate(missing):
                 entry = {f"{v}/{layer}": x[j].to(STORED_DTYPE).cpu().clone() for v, layers in computed.items() for layer, x in layers.items()}
@@ -76,11 +84,11 @@ class FeatureCache:
                 self._remember(keys[i], entry)
                 stored[i] = entry
         return {
-            v.name: {
-                layer: torch.stack([entry[f"{v.name}/{layer}"] for entry in stored]).to(extractor.device, extractor.feature_dtype)
-                for layer in extractor.layers
+            name: {
+                layer: torch.stack([entry[f"{name}/{layer}"] for entry in stored]).to(extractor.device, extractor.feature_dtype)
+                for layer in names
             }
-            for v in extractor.variants
+            for name, names in wanted.items()
         }
 
     def _check(self, extractor: DiffusionFeatureExtractor, images: torch.Tensor, paths: list[str | Path]) -> dict:
@@ -92,12 +100,14 @@ class FeatureCache:
             raise ValueError(f"FeatureCache cannot cache variants with provided ControlNet conditions (not part of the key): {provided}")
         if images.ndim != 4 or len(paths) != images.shape[0]:
             raise ValueError(f"give one path per image: {len(paths)} paths for images of shape {tuple(images.shape)}")
-        return dict(extractor.describe(), dtype=str(extractor.dtype).removeprefix("torch."), csdiff_version=csdiff.__version__)
+        return dict(extractor.describe(), csdiff_version=csdiff.__version__)
 
     def _file(self, digest: str, key: str) -> Path:
         return self.folder / digest / key[:2] / f"{key}.safetensors"
 
-    def _read(self, extractor: DiffusionFeatureExtractor, digest: str, key: str) -> dict[str, torch.Tensor] | None:
+    def _read(
+        self, extractor: DiffusionFeatureExtractor, digest: str, key: str, wanted: dict[str, list[str]]
+    ) -> dict[str, torch.Tensor] | None:
         """The stored fp16 features of one image, or None when absent or not valid for this extractor."""
         if key in self._memory:
             self._memory.move_to_end(key)
@@ -111,7 +121,8 @@ class FeatureCache:
             return None
         if digest not in self._shapes:
             self._shapes[digest] = extractor.feature_shapes()
-        expected = {f"{v.name}/{layer}": shape for v in extractor.variants for layer, shape in self._shapes[digest].items()}
+        shapes = self._shapes[digest]
+        expected = {f"{name}/{layer}": shapes[layer] for name, names in wanted.items() for layer in names}
         if entry.keys() != expected.keys():
             return None
         if any(x.dtype != STORED_DTYPE or tuple(x.shape) != tuple(expected[name]) for name, x in entry.items()):

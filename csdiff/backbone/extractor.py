@@ -148,6 +148,7 @@ class DiffusionFeatureExtractor(nn.Module):
             timestep=self.timestep,
             latent=self.latent,
             vae_seed=self.vae_seed,
+            dtype=str(self.dtype).removeprefix("torch."),
             variants=variants,
         )
 
@@ -269,14 +270,21 @@ class DiffusionFeatureExtractor(nn.Module):
         images: torch.Tensor,
         conditions: dict[str, torch.Tensor] | None = None,
         variants: Sequence[str] | None = None,
+        layers: dict[str, Sequence[str]] | None = None,
     ) -> Features:
         """Features of each variant: ``{variant: {layer: (B, C, h, w)}}`` in the order of ``layers``.
 
         ``conditions`` maps variant names to condition images in [0, 1] for ``provided``
-        ControlNet conditions; ``variants`` restricts the call to some variants.
+        ControlNet conditions; ``variants`` restricts the call to some variants; ``layers``
+        restricts some variants to some of the extractor's layers (a task that reads only
+        ``up_cross`` from one variant need not capture the rest there).
         """
         wanted = None if variants is None else set(variants)
         chosen = [v for v in self.variants if wanted is None or v.name in wanted]
+        unknown = sorted(set(layers or {}) - {v.name for v in self.variants})
+        foreign = sorted({n for names in (layers or {}).values() for n in names} - set(self.layers))
+        if unknown or foreign:
+            raise ValueError(f"layers names unknown variants {unknown} or layers the extractor was not built for {foreign}")
         images = self.resize(images)  # once: the VAE and the condition maps see the same pixels
         latents = self.encode_images(images)
         batch, shape = latents.shape[0], latents.shape[1:]
@@ -301,9 +309,10 @@ class DiffusionFeatureExtractor(nn.Module):
                 share_key = None  # the chain depends on every guidance setting: never shared
             extra = self.control_residuals(variant, noisy, self.timestep, emb, conds, control_cache, share_key)
             window = self.tokenizer.model_max_length
-            with ActivationCapture(self.unet, self.layers, latent_size=tuple(shape[-2:]), prompt_window=window) as capture:
+            names = [n for n in self.layers if n in (layers or {}).get(variant.name, self.layers)]
+            with ActivationCapture(self.unet, names, latent_size=tuple(shape[-2:]), prompt_window=window) as capture:
                 self.unet(noisy, self.timestep, encoder_hidden_states=emb, **extra)
-            out[variant.name] = {name: capture.features[name].to(self.feature_dtype) for name in self.layers}
+            out[variant.name] = {name: capture.features[name].to(self.feature_dtype) for name in names}
         return out
 
 
