@@ -83,7 +83,8 @@ def run_extract(argv: list[str]) -> int:
     from tqdm import tqdm
 
     from csdiff.backbone import DiffusionFeatureExtractor
-    from csdiff.data.segmentation import ImageFolderDataset, output_names
+    from csdiff.data.reading import output_names
+    from csdiff.data.segmentation import ImageFolderDataset
     from csdiff.io import remove_stale_temporaries, save_tensors
 
     parser = _parser("extract", "Extract diffusion features of images and save them (fp16 safetensors, one file per image).")
@@ -187,7 +188,9 @@ def run_lightning(argv: list[str] | None):
                 logger.init_args.version = version
 
         def _require_checkpoint(self) -> None:
-            if self.config[self.subcommand].get("ckpt_path") is None:
+            # a model with nothing to train (zero-shot matching) is complete without a checkpoint
+            trainable = any(p.requires_grad for p in self.model.parameters())
+            if trainable and self.config[self.subcommand].get("ckpt_path") is None:
                 raise SystemExit(
                     f"csdiff {self.subcommand}: no checkpoint given, and scoring untrained heads means nothing. "
                     f"Pass --ckpt_path PATH (e.g. <log_dir>/checkpoints/last.ckpt from `csdiff fit`) or --ckpt_path last."

@@ -15,11 +15,14 @@ from csdiff.cli import main, run_lightning
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
 make_fake_ade20k = load_script("make_fake_ade20k").make_fake_ade20k
 make_fake_cityscapes = load_script("make_fake_cityscapes").make_fake_cityscapes
+make_fake_spair = load_script("make_fake_spair").make_fake_spair
+TASKS = {"csdiff.tasks.SegmentationTask": "val/mIoU", "csdiff.tasks.CorrespondenceTask": "val/pck_bbox_point"}
 
 
 def test_configs_exist():
     names = {p.name for p in CONFIGS}
     assert {"quickstart.yaml", "seg_ade20k.yaml", "seg_ade20k_public.yaml", "seg_cityscapes.yaml", "seg_cityscapes_public.yaml"} <= names
+    assert {"corr_spair.yaml", "corr_spair_nn.yaml", "corr_spair_public.yaml", "corr_spair_nn_public.yaml", "corr_spair_zeroshot.yaml"} <= names
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.name)
@@ -28,7 +31,7 @@ def test_config_parses(config, capsys):
         main(["fit", "--config", str(config), "--print_config"])
     assert exit_info.value.code in (0, None)
     printed = yaml.safe_load(capsys.readouterr().out)
-    assert printed["model"]["class_path"] == "csdiff.tasks.SegmentationTask"
+    assert printed["model"]["class_path"] in TASKS
 
 
 def _tiny_lora(path: Path) -> str:
@@ -42,10 +45,16 @@ def _tiny_lora(path: Path) -> str:
 PAPER_CONFIGS = [c for c in CONFIGS if c.name != "quickstart.yaml"]
 
 
+def _trains(config: dict) -> bool:
+    """False for a zero-shot config (nothing to train: it is run with `test`)."""
+    model = config["model"]["init_args"]
+    return not (model.get("fusion") == "mean" and model.get("head") == "nn")
+
+
 def _substitute_models(model: dict, tmp: Path, backbone: str, controlnet: str, lora) -> None:
     """Point a config's backbone, ControlNets and LoRA placeholders at models that exist here."""
     model["backbone"]["model"] = backbone
-    for i, variant in enumerate(model["variants"]):
+    for i, variant in enumerate([*model["variants"], *([model["attention_variant"]] if model.get("attention_variant") else [])]):
         for cn in variant.get("controlnets", []):
             cn["model"] = controlnet
         for j, entry in enumerate(variant.get("loras", [])):
@@ -58,23 +67,24 @@ def _substitute_tiny(config: dict, tmp: Path, backbone: str = "tiny", controlnet
     model = config["model"]["init_args"]
     _substitute_models(model, tmp, backbone, controlnet, lora or (lambda path, seed: _tiny_lora(path)))
     model["backbone"].update(img_size=64, dtype="float32")
-    model.update(slide_crop=64, slide_stride=64)
     data = config["data"]["init_args"]
+    if config["data"]["class_path"].endswith("SPairDataModule"):
+        model["eval_size"] = 64
+        data.update(root=str(make_fake_spair(tmp / "SPair-71k")[0]), img_size=64)
+    else:
+        model.update(slide_crop=64, slide_stride=64)
     if config["data"]["class_path"].endswith("ADE20KDataModule"):
         data["root"] = str(make_fake_ade20k(tmp / "ADEChallengeData2016", n_train=2, n_val=1, size=(64, 80)))
         data.update(crop_size=64, scale=[128, 64], eval_resize=["short", 64])
     elif config["data"]["class_path"].endswith("CityscapesDataModule"):
         data["root"] = str(make_fake_cityscapes(tmp / "cityscapes", n_per_city=1, size=(64, 128)))
         data.update(crop_size=64, scale=[128, 64])
-    else:
+    elif config["data"]["class_path"].endswith("QuickstartDataModule"):
         data.update(root=str(tmp / "quickstart" / "ADEChallengeData2016"), num_train=4, num_val=1, size=64)
     data["num_workers"] = 0
     trainer = config["trainer"]
-    trainer.update(max_steps=2, max_epochs=-1, limit_val_batches=1, enable_progress_bar=False, accelerator="cpu", devices=1)
-    if trainer.get("check_val_every_n_epoch", 1) is None:
-        trainer["val_check_interval"] = 2  # iteration-based configs
-    else:
-        trainer["check_val_every_n_epoch"] = 1
+    trainer.update(max_steps=2, max_epochs=-1, limit_val_batches=1, limit_test_batches=1, enable_progress_bar=False, accelerator="cpu", devices=1)
+    trainer.update(val_check_interval=2, check_val_every_n_epoch=None)  # validate after the 2 steps
     trainer["logger"]["init_args"]["save_dir"] = str(tmp / "logs")
     for callback in trainer["callbacks"]:
         args = callback.setdefault("init_args", {})
@@ -85,14 +95,22 @@ def _substitute_tiny(config: dict, tmp: Path, backbone: str = "tiny", controlnet
     return config
 
 
+def _run(config: dict, path: Path):
+    """Fit 2 steps and validate, or, for a zero-shot config, test; returns the CLI and the score's name."""
+    path.write_text(yaml.safe_dump(config))
+    score = TASKS[config["model"]["class_path"]]
+    if not _trains(config):
+        return run_lightning(["test", "--config", str(path)]), score.replace("val/", "test/")
+    cli = run_lightning(["fit", "--config", str(path)])
+    assert cli.trainer.global_step == 2
+    return cli, score
+
+
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.name)
 def test_config_runs_with_tiny_backbone(config, tmp_path):
     text = yaml.safe_load(config.read_text())
-    path = tmp_path / config.name
-    path.write_text(yaml.safe_dump(_substitute_tiny(text, tmp_path)))
-    cli = run_lightning(["fit", "--config", str(path)])
-    assert cli.trainer.global_step == 2
-    assert "val/mIoU" in cli.trainer.callback_metrics
+    cli, score = _run(_substitute_tiny(text, tmp_path), tmp_path / config.name)
+    assert score in cli.trainer.callback_metrics
 
 
 # --- the paper configs at SD 1.5 size (random-sd15: SD 1.5's architecture, random weights) ---

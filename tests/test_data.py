@@ -25,7 +25,7 @@ from csdiff.data import (
 )
 from csdiff.data.ade20k import reduce_zero_label
 from csdiff.data.cityscapes import label_ids_to_train_ids, train_ids_to_label_ids
-from csdiff.data.segmentation import EpochSampler
+from csdiff.data.samplers import EpochSampler
 from csdiff.data.synthetic import SHAPE_CLASSES, render_shapes
 from csdiff.data.transforms import pad_to, random_crop, random_flip, random_resize, resize_short_side
 

@@ -48,7 +48,8 @@ class FrozenBackboneProbe(Callback):
 def test_train_shards_are_disjoint_equal_and_keep_the_single_process_order():
     from torch.utils.data import DistributedSampler
 
-    from csdiff.data.segmentation import EpochSampler, SegmentationDataset
+    from csdiff.data.samplers import EpochSampler
+    from csdiff.data.segmentation import SegmentationDataset
     from csdiff.data.transforms import EvalTransform
 
     dataset = SegmentationDataset([("a", None)] * 7, 3, EvalTransform())
@@ -71,7 +72,7 @@ def test_train_shards_are_disjoint_equal_and_keep_the_single_process_order():
 def test_eval_shards_cover_every_sample_once_without_padding():
     from torch.utils.data import DistributedSampler
 
-    from csdiff.data.segmentation import ShardedEvalSampler
+    from csdiff.data.samplers import ShardedEvalSampler
 
     dataset = list(range(5))
     shards = [list(ShardedEvalSampler(dataset, num_replicas=2, rank=r)) for r in range(2)]

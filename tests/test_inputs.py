@@ -9,7 +9,7 @@ import pytest
 from helpers import load_script
 
 from csdiff.data import ADE20KDataModule
-from csdiff.data.segmentation import DataError
+from csdiff.data.reading import DataError
 
 make_fake_ade20k = load_script("make_fake_ade20k").make_fake_ade20k
 

@@ -18,11 +18,11 @@ from torch import nn
 from csdiff.backbone.capture import ActivationCapture
 from csdiff.backbone.conditions import canny_condition
 from csdiff.backbone.listing import activation_shapes
-from csdiff.backbone.loading import BackboneSpec, load_controlnet, load_sd_components, parse_dtype
+from csdiff.backbone.loading import load_controlnet, load_sd_components, parse_dtype
 from csdiff.backbone.lora import LoRARegistry
 from csdiff.backbone.names import resolve_layers
 from csdiff.backbone.prompts import encode_prompt
-from csdiff.backbone.variants import ControlNet, Variant, as_variant
+from csdiff.backbone.variants import Variant, as_variant
 
 Features = dict[str, dict[str, torch.Tensor]]
 # Prediction types the guided DDIM chain knows how to turn into (x0, eps).

@@ -9,7 +9,7 @@ import numpy as np
 from lightning.pytorch.callbacks import BasePredictionWriter
 
 from csdiff.data.cityscapes import train_ids_to_label_ids
-from csdiff.data.segmentation import output_names
+from csdiff.data.reading import output_names
 from csdiff.io import save_image
 from csdiff.visualize import image_to_rgb, overlay
 

@@ -10,7 +10,7 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
-    "DataError": "csdiff.data.segmentation",
+    "DataError": "csdiff.data.reading",
     "SegmentationDataset": "csdiff.data.segmentation",
     "ImageFolderDataset": "csdiff.data.segmentation",
     "SegmentationDataModule": "csdiff.data.segmentation",

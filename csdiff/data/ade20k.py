@@ -12,7 +12,8 @@ from typing import Any
 import numpy as np
 
 from csdiff.data.ade20k_meta import ADE20K_CLASSES, ADE20K_PALETTE
-from csdiff.data.segmentation import IMAGE_EXTENSIONS, DataError, Sample, SegmentationDataModule, apply_lut, list_images
+from csdiff.data.reading import IMAGE_EXTENSIONS, DataError, list_images
+from csdiff.data.segmentation import Sample, SegmentationDataModule, apply_lut
 from csdiff.data.transforms import EvalResize
 
 SPLIT_DIRS = {"train": "training", "val": "validation"}

@@ -13,7 +13,8 @@ from typing import Any
 import numpy as np
 from cityscapesscripts.helpers.labels import labels as _LABELS
 
-from csdiff.data.segmentation import DataError, Sample, SegmentationDataModule, apply_lut
+from csdiff.data.reading import DataError
+from csdiff.data.segmentation import Sample, SegmentationDataModule, apply_lut
 from csdiff.data.transforms import EvalResize
 
 _TRAIN_LABELS = sorted((label for label in _LABELS if 0 <= label.trainId < 255), key=lambda label: label.trainId)

@@ -15,7 +15,7 @@ import cv2
 import numpy as np
 
 from csdiff.data.ade20k import SPLIT_DIRS, ADE20KDataModule
-from csdiff.data.segmentation import DataError
+from csdiff.data.reading import DataError
 from csdiff.data.synthetic import FAMILY_VERSION, SHAPE_CLASSES, SHAPE_PALETTE, render_shapes
 
 MARKER = ".complete"

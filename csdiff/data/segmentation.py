@@ -1,68 +1,32 @@
-"""Shared machinery for semantic-segmentation datasets: reading, label checks, batching, loaders.
+"""Shared machinery for semantic-segmentation datasets: label checks, batching, loaders.
 
 Per-dataset modules only say where the files are and how raw label values map to train
-ids; everything that must behave the same for every dataset (error messages, the
-reproducible augmentation randomness, the eval/predict conventions) lives here.
+ids; everything that must behave the same for every segmentation dataset (label checks,
+the reproducible augmentation randomness, the eval/predict conventions) lives here. What
+every datamodule shares (file reading, errors, samplers) lives in ``reading`` and ``samplers``.
 """
 
 from __future__ import annotations
 
-import os
-import signal
 from abc import ABC, abstractmethod
-from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
 import torch
-import torch.distributed as dist
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.trainer.states import TrainerFn
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 
+from csdiff.data.reading import IMAGE_EXTENSIONS, DataError, list_images, read_image, read_label
+from csdiff.data.samplers import EpochSampler, ShardedEvalSampler, ignore_sigint, process_group, trained_in_epoch
 from csdiff.data.transforms import IGNORE_INDEX, EvalResize, EvalTransform, SampleTransform, TrainTransform
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 # A (image path, label path or None) pair; None means unlabelled.
 Sample = tuple[str, str | None]
 # Maps a decoded label file to train ids; gets the path because one dataset may mix encodings.
 LabelFn = Callable[[np.ndarray, str], np.ndarray]
-# Keeps the shuffle stream apart from the per-sample streams, which share (seed, epoch).
-_SHUFFLE_STREAM = 1
-
-
-class DataError(ValueError):
-    """A dataset file or folder is missing, unreadable or inconsistent; the message names it."""
-
-
-def read_image(path: str, exif_orientation: bool = False) -> np.ndarray:
-    """Decode an image file as (H, W, 3) uint8 RGB (grey images are expanded).
-
-    EXIF rotation is ignored by default: labels are drawn on the stored pixels, so a
-    rotated image would no longer line up with its label. Unlabelled photos may honour it.
-    """
-    if not Path(path).is_file():
-        raise DataError(f"image file not found: {path}")
-    flags = cv2.IMREAD_COLOR if exif_orientation else cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION
-    img = cv2.imread(path, flags)
-    if img is None:
-        raise DataError(f"cannot decode image file {path} (corrupt or not an image); replace or remove it")
-    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
-
-
-def read_label(path: str) -> np.ndarray:
-    """Decode a label file as a single-channel integer array, values as stored."""
-    if not Path(path).is_file():
-        raise DataError(f"label file not found: {path}")
-    label = cv2.imread(path, cv2.IMREAD_UNCHANGED)
-    if label is None:
-        raise DataError(f"cannot decode label file {path} (corrupt or not an image); replace or remove it")
-    if label.ndim != 2:
-        raise DataError(f"label file {path} has shape {label.shape}; expected a single-channel (H, W) index map")
-    return label
 
 
 def check_label(label: np.ndarray, raw: np.ndarray, path: str, num_classes: int, ignore_index: int) -> None:
@@ -154,36 +118,6 @@ class SegmentationDataset(Dataset):
         return item
 
 
-def list_images(root: str | Path, recursive: bool = True) -> list[str]:
-    """Image files under ``root`` (in subfolders too unless ``recursive`` is false), sorted,
-    by extension (case-insensitive)."""
-    found = Path(root).rglob("*") if recursive else Path(root).iterdir()
-    return sorted(str(p) for p in found if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
-
-
-def output_names(paths: Sequence[str], root: str | Path | None = None) -> list[str]:
-    """One distinct output name per image, for files written per input (features, predictions).
-
-    The name is the path relative to ``root`` (default: the images' common folder) without
-    its suffix, so ``sub/d.jpg`` and ``d.jpg`` stay apart; images that differ only by suffix
-    (``a.jpg``, ``a.png``) keep it (``a.jpg``, ``a.png``). Two images that would still share
-    a name raise a DataError naming both, instead of one silently overwriting the other.
-    """
-    if not paths:
-        return []
-    base = Path(root) if root is not None else Path(os.path.commonpath([str(Path(p).parent) for p in paths]))
-    relative = [Path(p).relative_to(base) for p in paths]
-    stems = [str(r.with_suffix("")) for r in relative]
-    counts = Counter(stems)
-    names = [str(r) if counts[stem] > 1 else stem for r, stem in zip(relative, stems)]
-    owner: dict[str, str] = {}
-    for path, name in zip(paths, names):
-        if name in owner:
-            raise DataError(f"images {owner[name]} and {path} would both be written as {name!r}; rename one of them")
-        owner[name] = path
-    return names
-
-
 class ImageFolderDataset(Dataset):
     """Every image under a folder (or one image file), unlabelled, for ``predict`` on any pictures."""
 
@@ -222,105 +156,6 @@ def collate_segmentation(batch: list[dict[str, Any]]) -> dict[str, Any]:
         else:
             out[key] = values
     return out
-
-
-def _ignore_sigint(worker_id: int) -> None:
-    """DataLoader workers leave Ctrl-C to the main process, which stops a fit at the end of
-    a step; a worker killed by it would fail that step instead."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
-def process_group() -> tuple[int, int]:
-    """(world size, rank) of the initialised default process group; (1, 0) without one."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_world_size(), dist.get_rank()
-    return 1, 0
-
-
-class EpochSampler(DistributedSampler):
-    """Shuffle order as a pure function of (seed, epoch), so a resumed run replays it.
-
-    ``set_epoch`` (which Lightning calls on samplers by itself) also tells the dataset,
-    whose augmentations are keyed on the epoch.
-
-    Under DDP (``num_replicas`` > 1; by default the world size of the initialised process
-    group) rank r takes positions r, r+W, r+2W, ... of the one (seed, epoch) permutation, so
-    the shards are disjoint. The permutation is padded with its own head to a multiple of W,
-    as ``DistributedSampler`` does, because every rank must run the same number of steps.
-    In one process the order is the permutation itself. Being a ``DistributedSampler``,
-    Lightning uses it as is instead of wrapping it in its own (reshuffling) sampler.
-
-    ``done_in_epoch(epoch)`` says how many of this rank's positions in ``epoch`` were trained
-    on already; they are left out. A fit resumed from a mid-epoch checkpoint (every-N-steps
-    saves, Ctrl-C) so continues the epoch where it stopped: Lightning counts the batches on
-    but starts a fresh iterator. The length stays the whole epoch's, as Lightning expects.
-    """
-
-    def __init__(
-        self,
-        dataset: SegmentationDataset,
-        seed: int,
-        num_replicas: int | None = None,
-        rank: int | None = None,
-        done_in_epoch: Callable[[int], int] | None = None,
-    ) -> None:
-        world, own_rank = process_group()
-        super().__init__(
-            dataset,
-            num_replicas=world if num_replicas is None else num_replicas,
-            rank=own_rank if rank is None else rank,
-            shuffle=True,
-            seed=seed,
-            drop_last=False,
-        )
-        self.done_in_epoch = done_in_epoch
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-        self.dataset.set_epoch(epoch)
-
-    def __len__(self) -> int:
-        return self.num_samples
-
-    def __iter__(self):
-        seq = np.random.SeedSequence([self.seed, self.epoch], spawn_key=(_SHUFFLE_STREAM,))
-        order = np.random.default_rng(seq).permutation(len(self.dataset)).tolist()
-        if self.num_replicas > 1:
-            pad = self.total_size - len(order)
-            if pad > 0 and order:
-                order += (order * -(-pad // len(order)))[:pad]
-            order = order[self.rank : self.total_size : self.num_replicas]
-        # asked when iterating, after Lightning restored a resumed fit's progress
-        done = self.done_in_epoch(self.epoch) if self.done_in_epoch is not None else 0
-        return iter(order[done:])
-
-
-class ShardedEvalSampler(DistributedSampler):
-    """Evaluation order under DDP: rank r of W gets indices r, r+W, r+2W, ..., in order.
-
-    No padding: every sample is scored exactly once over all ranks, so a dataset-level
-    metric summed over ranks equals the single-process one; ranks may differ by one batch
-    (W - 1 ranks hold one sample fewer when W does not divide the length). Being a
-    ``DistributedSampler``, Lightning keeps it instead of its padding sampler.
-    """
-
-    def __init__(self, dataset: Dataset, num_replicas: int | None = None, rank: int | None = None) -> None:
-        world, own_rank = process_group()
-        super().__init__(
-            dataset,
-            num_replicas=world if num_replicas is None else num_replicas,
-            rank=own_rank if rank is None else rank,
-            shuffle=False,
-            drop_last=False,
-        )
-        self.total_size = len(dataset)
-        self.num_samples = len(range(self.rank, self.total_size, self.num_replicas))
-
-    def __len__(self) -> int:
-        return self.num_samples
-
-    def __iter__(self):
-        return iter(range(self.rank, self.total_size, self.num_replicas))
 
 
 class SegmentationDataModule(LightningDataModule, ABC):
@@ -445,14 +280,7 @@ class SegmentationDataModule(LightningDataModule, ABC):
             self._train_sampler.set_epoch(epoch)
 
     def _done_in_epoch(self, epoch: int) -> int:
-        """Training samples of ``epoch`` this rank has been through, from the fit's step count:
-        nonzero only in the first epoch of a fit resumed from a mid-epoch checkpoint."""
-        trainer = self.trainer
-        if trainer is None or trainer.num_training_batches == float("inf"):
-            return 0
-        accumulate = trainer.accumulate_grad_batches
-        steps_per_epoch = -(-int(trainer.num_training_batches) // accumulate)
-        return max(0, (trainer.global_step - epoch * steps_per_epoch) * accumulate * self.batch_size)
+        return trained_in_epoch(self.trainer, self.batch_size, epoch)
 
     def _get(self, split: str) -> Dataset:
         if split not in self.datasets:
@@ -468,7 +296,7 @@ class SegmentationDataModule(LightningDataModule, ABC):
             num_workers=self.num_workers,
             collate_fn=collate_segmentation,
             pin_memory=torch.cuda.is_available(),
-            worker_init_fn=_ignore_sigint,
+            worker_init_fn=ignore_sigint,
         )
 
     def train_dataloader(self) -> DataLoader:

@@ -35,14 +35,8 @@ from lightning.pytorch import LightningDataModule
 from lightning.pytorch.trainer.states import TrainerFn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from csdiff.data.segmentation import (
-    DataError,
-    EpochSampler,
-    ShardedEvalSampler,
-    _ignore_sigint,
-    process_group,
-    read_image,
-)
+from csdiff.data.reading import DataError, read_image
+from csdiff.data.samplers import EpochSampler, ShardedEvalSampler, ignore_sigint, process_group, trained_in_epoch
 from csdiff.data.transforms import resize_exact, to_tensor
 
 SPLIT_DIRS = {"train": "trn", "val": "val", "test": "test"}
@@ -345,17 +339,6 @@ class PairDrawSampler(EpochSampler):
         return iter(int(drawn[position]) for position in super().__iter__())
 
 
-def trained_in_epoch(trainer: Any, batch_size: int, epoch: int) -> int:
-    """Training samples of ``epoch`` this rank went through already, from the fit's step count:
-    nonzero only in the first epoch of a fit resumed from a mid-epoch checkpoint. Same rule as
-    ``SegmentationDataModule._done_in_epoch``, as a function any datamodule can call."""
-    if trainer is None or trainer.num_training_batches == float("inf"):
-        return 0
-    accumulate = trainer.accumulate_grad_batches
-    steps_per_epoch = -(-int(trainer.num_training_batches) // accumulate)
-    return max(0, (trainer.global_step - epoch * steps_per_epoch) * accumulate * batch_size)
-
-
 # -- datamodule -----------------------------------------------------------------------------------
 class SPairDataModule(LightningDataModule):
     """SPair-71k pairs for correspondence: train / val (model selection) / test (reported).
@@ -459,7 +442,7 @@ class SPairDataModule(LightningDataModule):
             num_workers=self.num_workers,
             collate_fn=collate_pairs,
             pin_memory=torch.cuda.is_available(),
-            worker_init_fn=_ignore_sigint,
+            worker_init_fn=ignore_sigint,
         )
 
     def train_dataloader(self) -> DataLoader:

@@ -1,5 +1,6 @@
 """LightningModules composing the frozen backbone with trainable heads."""
 
+from csdiff.tasks.correspondence import CorrespondenceTask
 from csdiff.tasks.segmentation import SegmentationTask
 
-__all__ = ["SegmentationTask"]
+__all__ = ["CorrespondenceTask", "SegmentationTask"]
