@@ -163,3 +163,28 @@ def test_predict_keeps_relative_paths_and_suffixes_apart(fitted, tmp_path, capsy
     assert main(["predict", *args, "--ckpt_path", str(ckpt)]) == 1
     line = capsys.readouterr().err.strip().splitlines()[-1]
     assert str(folder / "d.jpg") in line and str(folder / "d.jpg.png") in line
+
+
+def test_feature_cache_serves_a_second_evaluation_without_backbone_calls(fitted, tmp_path):
+    """Validation twice with a feature cache: the second makes no UNet call and gives the same mIoU."""
+    from diffusers import UNet2DConditionModel
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    work, _, ckpt = fitted
+    calls = []
+
+    def count(module, args, output):
+        if isinstance(module, UNet2DConditionModel) and not any(isinstance(a, FakeTensor) for a in args):
+            calls.append(1)
+
+    args = ["validate", *quick_args(work), "--ckpt_path", str(ckpt), "--model.init_args.feature_cache", str(tmp_path / "cache")]
+    handle = torch.nn.modules.module.register_module_forward_hook(count)
+    try:
+        cold = run_lightning(args).trainer.callback_metrics["val/mIoU"].item()
+        cold_calls = len(calls)
+        warm = run_lightning(args).trainer.callback_metrics["val/mIoU"].item()
+    finally:
+        handle.remove()
+    assert cold_calls > 0 and len(calls) == cold_calls
+    assert warm == cold
+    assert len(list((tmp_path / "cache").rglob("*.safetensors"))) == 4  # 4 val images of 64², one 64² window each

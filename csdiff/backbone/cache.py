@@ -56,21 +56,25 @@ class FeatureCache:
         extractor: DiffusionFeatureExtractor,
         images: torch.Tensor,
         paths: list[str | Path],
-        transform: str,
+        transform: str | Sequence[str],
         layers: dict[str, Sequence[str]] | None = None,
     ) -> Features:
         """``extractor(images, layers=layers)`` rounded to fp16 (cast to ``extractor.feature_dtype``),
         running the backbone only on the images whose features are not cached.
 
         ``images`` (B, 3, H, W) in [-1, 1] are the B files ``paths`` after the input transform
-        named by ``transform`` (e.g. ``"eval-resize=short512"``): the pixels themselves are not
-        hashed, so the transform string must change whenever the pixels it produces do.
+        named by ``transform`` (e.g. ``"eval-resize=short512"``; one string for all images, or
+        one per image, e.g. per sliding-window crop): the pixels themselves are not hashed, so
+        the transform string must change whenever the pixels it produces do.
         ``layers`` restricts some variants to some layers, as in the extractor's ``forward``.
         """
         wanted = {v.name: [n for n in extractor.layers if n in (layers or {}).get(v.name, extractor.layers)] for v in extractor.variants}
         description = dict(self._check(extractor, images, paths), variant_layers=wanted)
         digest = _hash(description)
-        keys = [_image_key(digest, path, transform) for path in paths]
+        transforms = [transform] * len(paths) if isinstance(transform, str) else list(transform)
+        if len(transforms) != len(paths):
+            raise ValueError(f"give one transform per image or one for all: {len(transforms)} for {len(paths)} images")
+        keys = [_image_key(digest, path, t) for path, t in zip(paths, transforms)]
         stored: list[dict[str, torch.Tensor] | None] = [self._read(extractor, digest, key, wanted) for key in keys]
         missing = [i for i, entry in enumerate(stored) if entry is None]
         self.hits += len(keys) - len(missing)

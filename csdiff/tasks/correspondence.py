@@ -64,7 +64,7 @@ class CorrespondenceTask(StepSeededMixin, FrozenBackboneCheckpointMixin, Lightni
         feature_cache: str | None = None,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters()
+        self.save_hyperparameters(ignore=["feature_cache"])  # where features are cached is no property of the weights: --ckpt_path keeps the config's
         variants = [dict(v) for v in (variants or [{"name": "plain"}])]
         self.variant_names = [v["name"] for v in variants]
         self.layer_names = expand_layers(layers or ["legacy"])

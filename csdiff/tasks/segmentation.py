@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from lightning.pytorch import LightningModule
 from torch import Tensor
 
-from csdiff.backbone import DiffusionFeatureExtractor
+from csdiff.backbone import DiffusionFeatureExtractor, FeatureCache
 from csdiff.io import save_text
 from csdiff.metrics import SegmentationMetrics, format_iou_table
 from csdiff.models import FCNHead, GatedFusion, SegmentationLoss, UPerHead
@@ -41,6 +41,8 @@ class SegmentationTask(StepSeededMixin, FrozenBackboneCheckpointMixin, Lightning
         train_noise: ``seeded`` (each variant's fixed noise map) or ``fresh`` noise per
             image and step (augmentation).
         slide_crop, slide_stride: sliding-window inference on evaluation images.
+        feature_cache: a folder: evaluation features (seeded, deterministic) are computed once
+            per image and window and read back by later validations, tests and predictions.
     """
 
     def __init__(
@@ -65,9 +67,10 @@ class SegmentationTask(StepSeededMixin, FrozenBackboneCheckpointMixin, Lightning
         train_noise: Literal["seeded", "fresh"] = "seeded",
         slide_crop: int = 512,
         slide_stride: int = 512,
+        feature_cache: str | None = None,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters()
+        self.save_hyperparameters(ignore=["feature_cache"])  # where features are cached is no property of the weights: --ckpt_path keeps the config's
         backbone = dict(backbone or {})
         variants = [dict(v) for v in (variants or [{"name": "plain"}])]
         layers = list(layers or PAPER_LAYERS)
@@ -86,6 +89,7 @@ class SegmentationTask(StepSeededMixin, FrozenBackboneCheckpointMixin, Lightning
         self.val_metrics = SegmentationMetrics(num_classes)
         self.test_metrics = SegmentationMetrics(num_classes)
         self.num_classes = num_classes
+        self.cache = FeatureCache(feature_cache) if feature_cache else None
         self.class_names = [str(i) for i in range(num_classes)]
         self.palette = np.array([[(37 * i) % 256, (91 * i) % 256, (173 * i) % 256] for i in range(num_classes)], np.uint8)
 
@@ -105,20 +109,24 @@ class SegmentationTask(StepSeededMixin, FrozenBackboneCheckpointMixin, Lightning
             self.palette = np.array(dm.palette, dtype=np.uint8)
 
     # --- model ---
-    def features(self, images: Tensor) -> list[list[Tensor]]:
-        """Per variant, per level (fine to coarse) float32 maps."""
+    def features(self, images: Tensor, paths: list[str] | None = None, transforms: list[str] | None = None) -> list[list[Tensor]]:
+        """Per variant, per level (fine to coarse) float32 maps.
+
+        Evaluation crops named by their image ``paths`` and ``transforms`` (resized size and
+        window) are read from the feature cache when there is one."""
         self.extractor.fresh_noise = self.training and self.hparams.train_noise == "fresh"
-        feats = self.extractor(images)
+        if self.cache is not None and paths is not None and not self.training:
+            feats = self.cache.features(self.extractor, images, paths, transforms)
+        else:
+            feats = self.extractor(images)
         return [[feats[v][name].float() for name in self.levels] for v in self.variant_names]
 
-    def forward(self, images: Tensor) -> tuple[Tensor, Tensor | None, Any]:
-        fused = self.gate(self.features(images))
+    def forward(self, images: Tensor, paths: list[str] | None = None, transforms: list[str] | None = None) -> tuple[Tensor, Tensor | None, Any]:
+        fused = self.gate(self.features(images, paths, transforms))
         logits = self.head(fused.features)
         aux = self.aux_head(fused.features[self.hparams.aux_level]) if self.aux_head is not None else None
         return logits, aux, fused
 
-    def predict_crops(self, crops: Tensor) -> Tensor:
-        return self.forward(crops)[0]
 
     # --- training ---
     def training_step(self, batch: dict, batch_idx: int) -> dict:
@@ -159,16 +167,25 @@ class SegmentationTask(StepSeededMixin, FrozenBackboneCheckpointMixin, Lightning
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     # --- evaluation ---
-    def predict_image(self, image: Tensor, out_size: tuple[int, int]) -> Tensor:
-        """Slide inference on one (3,H,W) image; returns class ids (h, w) at ``out_size``."""
-        logits = slide_logits(self.predict_crops, image[None], self.num_classes, self.hparams.slide_crop, self.hparams.slide_stride)
+    def predict_image(self, image: Tensor, out_size: tuple[int, int], path: str | None = None) -> Tensor:
+        """Slide inference on one (3,H,W) image; returns class ids (h, w) at ``out_size``.
+
+        With the image file's ``path``, each window's features go through the feature cache
+        (when configured), keyed by the evaluation size and the window."""
+        size = "{}x{}".format(*image.shape[-2:])
+
+        def predict(crops: Tensor, boxes: list[tuple[int, int, int, int]]) -> Tensor:
+            transforms = [f"eval={size} window={y},{x},{h},{w}" for y, x, h, w in boxes]
+            return self.forward(crops, None if path is None else [path] * len(boxes), transforms)[0]
+
+        logits = slide_logits(predict, image[None], self.num_classes, self.hparams.slide_crop, self.hparams.slide_stride)
         logits = F.interpolate(logits, size=tuple(out_size), mode="bilinear", align_corners=False)
         return logits.argmax(1)[0]
 
     def _evaluate(self, batch: dict, metrics: SegmentationMetrics) -> list[Tensor]:
         preds = []
-        for image, label in zip(batch["image"], batch["label"]):
-            pred = self.predict_image(image, label.shape[-2:])
+        for image, label, path in zip(batch["image"], batch["label"], batch["path"]):
+            pred = self.predict_image(image, label.shape[-2:], path)
             metrics.update(pred, label)
             preds.append(pred)
         return preds
@@ -205,6 +222,6 @@ class SegmentationTask(StepSeededMixin, FrozenBackboneCheckpointMixin, Lightning
         """Class-id maps at each image's original size (written by ``SegmentationPredictionWriter``)."""
         out = []
         for image, path, size in zip(batch["image"], batch["path"], batch["orig_size"]):
-            pred = self.predict_image(image, tuple(int(s) for s in size))
+            pred = self.predict_image(image, tuple(int(s) for s in size), path)
             out.append({"path": path, "pred": pred.cpu().numpy().astype(np.uint8), "image": image.cpu()})
         return out

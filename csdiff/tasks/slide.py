@@ -18,7 +18,7 @@ def window_starts(length: int, crop: int, stride: int) -> list[int]:
 
 @torch.no_grad()
 def slide_logits(
-    predict: Callable[[torch.Tensor], torch.Tensor],
+    predict: Callable[[torch.Tensor, list[tuple[int, int, int, int]]], torch.Tensor],
     image: torch.Tensor,
     num_classes: int,
     crop: int,
@@ -28,8 +28,8 @@ def slide_logits(
     """Average the logits of overlapping crops: image (1,3,H,W) → logits (1,K,H,W).
 
     All windows have the same size (min(crop, H) × min(crop, W)), so they are batched.
-    ``predict`` maps crops (N,3,h,w) to logits (N,K,h',w') at any resolution; they are
-    resized bilinearly to the crop size before accumulation.
+    ``predict`` maps crops (N,3,h,w) and their boxes [(y, x, h, w)] to logits (N,K,h',w') at
+    any resolution; they are resized bilinearly to the crop size before accumulation.
     """
     _, _, height, width = image.shape
     ch, cw = min(crop, height), min(crop, width)
@@ -39,7 +39,7 @@ def slide_logits(
     for i in range(0, len(boxes), batch_size):
         chunk = boxes[i : i + batch_size]
         crops = torch.cat([image[:, :, y : y + ch, x : x + cw] for y, x in chunk])
-        logits = F.interpolate(predict(crops).float(), size=(ch, cw), mode="bilinear", align_corners=False)
+        logits = F.interpolate(predict(crops, [(y, x, ch, cw) for y, x in chunk]).float(), size=(ch, cw), mode="bilinear", align_corners=False)
         for (y, x), crop_logits in zip(chunk, logits):
             total[0, :, y : y + ch, x : x + cw] += crop_logits
             count[0, :, y : y + ch, x : x + cw] += 1
