@@ -117,6 +117,31 @@ def test_predict_writes_keypoints_and_match_pictures(fitted):
     assert all(-0.5 <= x <= w - 0.5 and -0.5 <= y <= h - 0.5 for x, y in record["predicted_target_points"])
 
 
+def test_predict_on_two_folders_of_images(fitted, tmp_path):
+    """Same-named images in two folders; source points on an 8×8 lattice; no ground truth."""
+    import shutil
+
+    work, config, cli = fitted
+    for side, category in (("a", "cat"), ("b", "dog")):
+        (tmp_path / side / "sub").mkdir(parents=True)
+        images = sorted((work / "SPair-71k" / "JPEGImages" / category).glob("*.jpg"))
+        shutil.copy(images[0], tmp_path / side / "one.jpg")
+        shutil.copy(images[1], tmp_path / side / "sub" / "two.jpg")
+    out = tmp_path / "pred"
+    settings = yaml.safe_load(config.read_text())
+    for callback in settings["trainer"]["callbacks"]:
+        if callback["class_path"].endswith("PredictionWriter"):
+            callback["init_args"]["output_dir"] = str(out)
+    settings["data"]["init_args"]["predict_folders"] = [str(tmp_path / "a"), str(tmp_path / "b")]
+    (tmp_path / "folders.yaml").write_text(yaml.safe_dump(settings))
+    ckpt = Path(cli.trainer.log_dir) / "checkpoints" / "last.ckpt"
+    assert main(["predict", "--config", str(tmp_path / "folders.yaml"), "--ckpt_path", str(ckpt)]) == 0
+    records = sorted((out / "keypoints").rglob("*.json"))
+    assert [r.name for r in records] == ["one.json", "sub_two.json"]
+    record = json.loads(records[0].read_text())
+    assert len(record["source_points"]) == len(record["predicted_target_points"]) == 64 and "target_points" not in record
+
+
 def test_zero_shot_test_runs_without_a_checkpoint_and_fit_is_refused(tmp_path, capsys):
     config = spair_config(tmp_path, "corr_spair_zeroshot.yaml", feature_cache=None)
     tested = run_lightning(["test", "--config", str(config)])

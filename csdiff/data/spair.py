@@ -35,7 +35,7 @@ from lightning.pytorch import LightningDataModule
 from lightning.pytorch.trainer.states import TrainerFn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from csdiff.data.reading import DataError, read_image
+from csdiff.data.reading import DataError, list_images, read_image
 from csdiff.data.samplers import EpochSampler, ShardedEvalSampler, ignore_sigint, process_group, trained_in_epoch
 from csdiff.data.transforms import resize_exact, to_tensor
 
@@ -241,6 +241,34 @@ def read_official_split(root: Path, split: str) -> list[Pair]:
 
 
 # -- items ----------------------------------------------------------------------------------------
+def folder_pairs(source: str | Path, target: str | Path, grid: int = 8) -> list[Pair]:
+    """Pairs of the images with the same relative path in two folders, for ``predict`` on any
+    pictures: the source keypoints are a ``grid`` × ``grid`` lattice over the source image (pixel
+    centres of its cells), the target's box is the whole image, and there is no ground truth."""
+    src_root, trg_root = Path(source), Path(target)
+    for folder in (src_root, trg_root):
+        if not folder.is_dir():
+            raise DataError(f"predict folder {folder} does not exist; pass two folders of images with the same file names")
+    targets = {Path(p).relative_to(trg_root): p for p in list_images(trg_root)}
+    pairs = []
+    for src in list_images(src_root):
+        rel = Path(src).relative_to(src_root)
+        if rel not in targets:
+            continue
+        (sh, sw), (th, tw) = (read_image(p).shape[:2] for p in (src, targets[rel]))
+        cells = (np.arange(grid, dtype=np.float32) + 0.5) / grid
+        xs, ys = np.meshgrid(cells * sw - 0.5, cells * sh - 0.5)
+        pairs.append(Pair(
+            name=str(rel.with_suffix("")), category="unknown", src_path=src, trg_path=targets[rel],
+            src_kps=np.stack([xs.ravel(), ys.ravel()], 1).astype(np.float32), trg_kps=np.zeros((0, 2), np.float32),
+            src_bbox=np.array([0, 0, sw, sh], np.float32), trg_bbox=np.array([0, 0, tw, th], np.float32),
+            src_size=(sh, sw), trg_size=(th, tw), source=f"{src} and {targets[rel]}",
+        ))
+    if not pairs:
+        raise DataError(f"no image in {src_root} has a namesake in {trg_root}; pairs are matched by relative path")
+    return pairs
+
+
 class SPairDataset(Dataset):
     """Pairs → dicts of both images squashed to ``img_size``² plus annotations in original pixels.
 
@@ -270,11 +298,12 @@ class SPairDataset(Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         """src_image/trg_image: float (3, img_size, img_size) in [-1, 1]; src_kps/trg_kps: float
         (N, 2) (x, y) in original pixels; src_size/trg_size: (H, W) of the files; src_bbox/trg_bbox:
-        float (4,) x1, y1, x2, y2 in original pixels; category, src_path, trg_path, name."""
+        float (4,) x1, y1, x2, y2 in original pixels; category, src_path, trg_path, name.
+        Pairs without ground truth (:func:`folder_pairs`) have no trg_kps."""
         pair = self.pairs[index]
         src_image, src_size = self._image(pair, "src")
         trg_image, trg_size = self._image(pair, "trg")
-        return {
+        item = {
             "src_image": src_image,
             "trg_image": trg_image,
             "src_kps": torch.from_numpy(pair.src_kps),
@@ -288,6 +317,9 @@ class SPairDataset(Dataset):
             "trg_path": pair.trg_path,
             "name": pair.name,
         }
+        if not len(pair.trg_kps):
+            del item["trg_kps"]
+        return item
 
 
 def collate_pairs(batch: list[dict[str, Any]]) -> dict[str, Any]:
@@ -348,7 +380,8 @@ class SPairDataModule(LightningDataModule):
     unless ``pair_lists`` gives a Diffusion Hyperfeatures JSON list for a split ("train",
     "val", "test"). ``categories`` keeps those categories, then ``limit`` the first N pairs.
     Training draws ``pairs_per_epoch`` random pairs per epoch (the paper: 5000), one pair
-    per step by default.
+    per step by default. ``predict_folders`` ([source, target]) predicts on pairs of
+    same-named images in two folders instead, from a ``predict_grid``² lattice of source points.
     """
 
     def __init__(
@@ -364,6 +397,8 @@ class SPairDataModule(LightningDataModule):
         seed: int = 0,
         limit: int | None = None,
         predict_split: str = "test",
+        predict_folders: list[str] | None = None,
+        predict_grid: int = 8,
     ) -> None:
         super().__init__()
         unknown = set(pair_lists or {}) - set(SPLIT_DIRS)
@@ -384,6 +419,10 @@ class SPairDataModule(LightningDataModule):
         self.seed = seed
         self.limit = limit
         self.predict_split = predict_split
+        if predict_folders is not None and len(predict_folders) != 2:
+            raise ValueError(f"predict_folders takes [source folder, target folder], got {predict_folders!r}")
+        self.predict_folders = predict_folders
+        self.predict_grid = predict_grid
         self.epoch = 0
         self.datasets: dict[str, SPairDataset] = {}
         self._train_sampler: PairDrawSampler | None = None
@@ -421,7 +460,11 @@ class SPairDataModule(LightningDataModule):
         splits = {"fit": ["train", "val"], "validate": ["val"], "test": ["test"], "predict": [self.predict_split]}
         wanted = splits.get(stage, list(SPLIT_DIRS)) if stage is not None else list(SPLIT_DIRS)
         for split in wanted:
-            self.datasets[split] = SPairDataset(self.split_pairs(split), self.img_size)
+            if stage == "predict" and self.predict_folders:
+                pairs = folder_pairs(*self.predict_folders, grid=self.predict_grid)
+            else:
+                pairs = self.split_pairs(split)
+            self.datasets[split] = SPairDataset(pairs, self.img_size)
 
     def set_epoch(self, epoch: int) -> None:
         """Select the training draw and order of ``epoch`` (call at each epoch start)."""

@@ -190,6 +190,9 @@ class CorrespondenceTask(StepSeededMixin, FrozenBackboneCheckpointMixin, Lightni
             print(table)
             if log_dir:
                 save_text(Path(log_dir) / "test_pck.txt", table + "\n")
+            experiment = getattr(self.logger, "experiment", None)
+            if callable(getattr(experiment, "add_text", None)):  # TensorBoard: the table under Text
+                experiment.add_text("test/pck_table", "    " + table.replace("\n", "\n    "), self.global_step)
 
     # --- prediction ---
     def predict_step(self, batch: dict, batch_idx: int) -> list[dict]:
