@@ -19,3 +19,12 @@ def tiny_parts():
     from csdiff.backbone.loading import load_sd_components
 
     return load_sd_components("tiny")
+
+
+@pytest.fixture
+def two_threads():
+    """SD-size tests are dominated by large convolutions and matmuls: use both cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)

@@ -116,15 +116,6 @@ def test_config_runs_with_tiny_backbone(config, tmp_path):
 # --- the paper configs at SD 1.5 size (random-sd15: SD 1.5's architecture, random weights) ---
 
 
-@pytest.fixture
-def two_threads():
-    """SD-size tests are dominated by large convolutions and matmuls: use both cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def sd15_lora_unet():
     """An SD 1.5-shaped UNet on the meta device: only its layer widths are read, to size LoRAs."""

@@ -29,14 +29,6 @@ PROMPT = "a red circle and a blue square on a striped background"
 SELF_Q = "up-level1-repeat0-vit-block0-self-q"  # the output of the first LoRA module
 
 
-@pytest.fixture
-def two_threads():
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def images():
     return shapes_images(2, size=64)

@@ -15,12 +15,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from lightning.pytorch import LightningDataModule
-from lightning.pytorch.trainer.states import TrainerFn
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset
 
+from csdiff.data.base import ShardedDataModule
 from csdiff.data.reading import IMAGE_EXTENSIONS, DataError, list_images, read_image, read_label
-from csdiff.data.samplers import EpochSampler, ShardedEvalSampler, ignore_sigint, process_group, trained_in_epoch
+from csdiff.data.samplers import EpochSampler, trained_in_epoch
 from csdiff.data.transforms import IGNORE_INDEX, EvalResize, EvalTransform, SampleTransform, TrainTransform
 
 # A (image path, label path or None) pair; None means unlabelled.
@@ -158,7 +157,7 @@ def collate_segmentation(batch: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-class SegmentationDataModule(LightningDataModule, ABC):
+class SegmentationDataModule(ShardedDataModule, ABC):
     """Base datamodule: subclasses list the files of a split and map raw labels to train ids.
 
     Splits are "train" and "val"; ``test`` scores ``test_split`` (the val split for datasets
@@ -168,6 +167,7 @@ class SegmentationDataModule(LightningDataModule, ABC):
 
     ignore_index: int = IGNORE_INDEX
     test_split: str = "val"
+    collate = staticmethod(collate_segmentation)
 
     def __init__(
         self,
@@ -186,18 +186,14 @@ class SegmentationDataModule(LightningDataModule, ABC):
         predict_root: str | None = None,
         limit: int | None = None,
     ) -> None:
-        super().__init__()
+        super().__init__(batch_size, eval_batch_size, num_workers)
         self.root = root
-        self.batch_size = batch_size
-        self.eval_batch_size = eval_batch_size
-        self.num_workers = num_workers
         self.train_transform = TrainTransform(crop_size, scale, ratio_range, cat_max_ratio, flip_prob, photometric)
         self.eval_transform = EvalTransform(eval_resize)
         self.seed = seed
         self.predict_root = predict_root
         self.limit = limit
         self.epoch = 0
-        self.datasets: dict[str, Dataset] = {}
         self._train_sampler: EpochSampler | None = None
 
     # -- what a dataset supplies ------------------------------------------------------------
@@ -282,53 +278,12 @@ class SegmentationDataModule(LightningDataModule, ABC):
     def _done_in_epoch(self, epoch: int) -> int:
         return trained_in_epoch(self.trainer, self.batch_size, epoch)
 
-    def _get(self, split: str) -> Dataset:
-        if split not in self.datasets:
-            raise RuntimeError(f"{type(self).__name__}.setup() has not prepared the {split} split")
-        return self.datasets[split]
-
-    def _loader(self, dataset: Dataset, batch_size: int, sampler: Sampler | None = None) -> DataLoader:
-        # persistent_workers stays off: workers must be re-forked each epoch to see the new epoch.
-        return DataLoader(
-            dataset,
-            batch_size=batch_size,
-            sampler=sampler,
-            num_workers=self.num_workers,
-            collate_fn=collate_segmentation,
-            pin_memory=torch.cuda.is_available(),
-            worker_init_fn=ignore_sigint,
-        )
-
     def train_dataloader(self) -> DataLoader:
         dataset = self._get("train")
         # Lightning builds this loader before it restores a resumed fit's progress; it sets
         # the sampler's epoch before each epoch, and the sampler asks what is done when iterating
         self._train_sampler = EpochSampler(dataset, self.seed, done_in_epoch=self._done_in_epoch)
         return self._loader(dataset, self.batch_size, self._train_sampler)
-
-    def _eval_loader(self, split: str) -> DataLoader:
-        """Sequential in one process; under DDP each rank scores its own unpadded shard."""
-        dataset = self._get(split)
-        world, _ = process_group()
-        if world == 1:
-            return self._loader(dataset, self.eval_batch_size)
-        if split == "val" and len(dataset) < world and self._fitting():
-            # Validation inside `fit` runs through the DDP wrapper, whose first forward after
-            # training syncs buffers: a rank without a single batch would hang the others.
-            raise DataError(
-                f"{len(dataset)} validation images for {world} processes: validating during `fit` "
-                f"needs at least one image per process; use more images or fewer devices"
-            )
-        return self._loader(dataset, self.eval_batch_size, ShardedEvalSampler(dataset))
-
-    def _fitting(self) -> bool:
-        return self.trainer is not None and self.trainer.state.fn == TrainerFn.FITTING
-
-    def val_dataloader(self) -> DataLoader:
-        return self._eval_loader("val")
-
-    def test_dataloader(self) -> DataLoader:
-        return self._eval_loader("test")
 
     def predict_dataloader(self) -> DataLoader:
         return self._eval_loader("predict")

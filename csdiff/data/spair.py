@@ -31,12 +31,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from lightning.pytorch import LightningDataModule
-from lightning.pytorch.trainer.states import TrainerFn
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset
 
+from csdiff.data.base import ShardedDataModule
 from csdiff.data.reading import DataError, list_images, read_image
-from csdiff.data.samplers import EpochSampler, ShardedEvalSampler, ignore_sigint, process_group, trained_in_epoch
+from csdiff.data.samplers import EpochSampler, trained_in_epoch
 from csdiff.data.transforms import resize_exact, to_tensor
 
 SPLIT_DIRS = {"train": "trn", "val": "val", "test": "test"}
@@ -372,7 +371,7 @@ class PairDrawSampler(EpochSampler):
 
 
 # -- datamodule -----------------------------------------------------------------------------------
-class SPairDataModule(LightningDataModule):
+class SPairDataModule(ShardedDataModule):
     """SPair-71k pairs for correspondence: train / val (model selection) / test (reported).
 
     SPair has public test labels, so ``test`` scores its own split; ``predict`` runs on
@@ -383,6 +382,9 @@ class SPairDataModule(LightningDataModule):
     per step by default. ``predict_folders`` ([source, target]) predicts on pairs of
     same-named images in two folders instead, from a ``predict_grid``² lattice of source points.
     """
+
+    collate = staticmethod(collate_pairs)
+    item_name = "pairs"
 
     def __init__(
         self,
@@ -400,7 +402,7 @@ class SPairDataModule(LightningDataModule):
         predict_folders: list[str] | None = None,
         predict_grid: int = 8,
     ) -> None:
-        super().__init__()
+        super().__init__(batch_size, eval_batch_size, num_workers)
         unknown = set(pair_lists or {}) - set(SPLIT_DIRS)
         if unknown:
             raise ValueError(f"pair_lists has splits {sorted(unknown)}; expected some of {list(SPLIT_DIRS)}")
@@ -413,9 +415,6 @@ class SPairDataModule(LightningDataModule):
         self.pair_lists = dict(pair_lists or {})
         self.categories = list(categories) if categories is not None else None
         self.pairs_per_epoch = pairs_per_epoch
-        self.batch_size = batch_size
-        self.eval_batch_size = eval_batch_size
-        self.num_workers = num_workers
         self.seed = seed
         self.limit = limit
         self.predict_split = predict_split
@@ -424,7 +423,6 @@ class SPairDataModule(LightningDataModule):
         self.predict_folders = predict_folders
         self.predict_grid = predict_grid
         self.epoch = 0
-        self.datasets: dict[str, SPairDataset] = {}
         self._train_sampler: PairDrawSampler | None = None
 
     def split_pairs(self, split: str) -> list[Pair]:
@@ -472,22 +470,6 @@ class SPairDataModule(LightningDataModule):
         if self._train_sampler is not None:
             self._train_sampler.set_epoch(epoch)
 
-    def _get(self, split: str) -> SPairDataset:
-        if split not in self.datasets:
-            raise RuntimeError(f"{type(self).__name__}.setup() has not prepared the {split} split")
-        return self.datasets[split]
-
-    def _loader(self, dataset: Dataset, batch_size: int, sampler: Sampler | None = None) -> DataLoader:
-        return DataLoader(
-            dataset,
-            batch_size=batch_size,
-            sampler=sampler,
-            num_workers=self.num_workers,
-            collate_fn=collate_pairs,
-            pin_memory=torch.cuda.is_available(),
-            worker_init_fn=ignore_sigint,
-        )
-
     def train_dataloader(self) -> DataLoader:
         dataset = self._get("train")
         self._train_sampler = PairDrawSampler(
@@ -498,27 +480,6 @@ class SPairDataModule(LightningDataModule):
         )
         self._train_sampler.set_epoch(self.epoch)
         return self._loader(dataset, self.batch_size, self._train_sampler)
-
-    def _eval_loader(self, split: str) -> DataLoader:
-        """Sequential in one process; under DDP each rank scores its own unpadded shard."""
-        dataset = self._get(split)
-        world, _ = process_group()
-        if world == 1:
-            return self._loader(dataset, self.eval_batch_size)
-        fitting = self.trainer is not None and self.trainer.state.fn == TrainerFn.FITTING
-        if split == "val" and len(dataset) < world and fitting:
-            # a rank without a batch would hang the others in DDP's first forward after training
-            raise DataError(
-                f"{len(dataset)} validation pairs for {world} processes: validating during `fit` needs at "
-                "least one pair per process; use more pairs or fewer devices"
-            )
-        return self._loader(dataset, self.eval_batch_size, ShardedEvalSampler(dataset))
-
-    def val_dataloader(self) -> DataLoader:
-        return self._eval_loader("val")
-
-    def test_dataloader(self) -> DataLoader:
-        return self._eval_loader("test")
 
     def predict_dataloader(self) -> DataLoader:
         return self._eval_loader(self.predict_split)
