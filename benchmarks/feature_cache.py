@@ -39,7 +39,7 @@ def main() -> None:
         command = [
             "validate", "--config", str(ROOT / "configs" / "quickstart.yaml"),
             "--data.init_args.root", f"{tmp}/data/ADEChallengeData2016", "--data.init_args.num_val", str(args.num_val),
-            "--model.init_args.feature_cache", f"{tmp}/cache", "--trainer.logger", "false",
+            "--model.init_args.feature_cache", f"{tmp}/cache", "--trainer.logger", "false", "--trainer.default_root_dir", tmp,
             "--trainer.enable_progress_bar", "false", "--trainer.callbacks", "[]",
         ]
         for label in ("cold", "warm"):
