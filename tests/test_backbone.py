@@ -61,10 +61,15 @@ def _independent_capture(unet, latent, emb):
 
 
 def test_every_name_equals_an_independent_hook(tiny_parts):
-    unet = tiny_parts.unet
+    assert_every_name_equals_an_independent_hook(tiny_parts)
+
+
+def assert_every_name_equals_an_independent_hook(parts) -> None:
+    """Every activation name of ``parts.unet`` against hooks written independently of csdiff's."""
+    unet = parts.unet
     torch.manual_seed(0)
     latent = torch.randn(2, 4, 8, 8)
-    emb = encode_prompt(tiny_parts.tokenizer, tiny_parts.text_encoder, PROMPT).expand(2, -1, -1)
+    emb = encode_prompt(parts.tokenizer, parts.text_encoder, PROMPT).expand(2, -1, -1)
     table = enumerate_activations(unet)
     with ActivationCapture(unet, list(table)) as capture:
         unet(latent, 50, encoder_hidden_states=emb)

@@ -55,7 +55,7 @@ class DiffusionFeatureExtractor(nn.Module):
         self,
         model: str = "tiny",
         layers: Sequence[str] = ("up-level1-upsampler-out",),
-        img_size: int = 128,
+        img_size: int | None = None,
         timestep: int = 50,
         variants: Sequence[Variant | dict] | None = None,
         base_model: str | None = None,
@@ -64,6 +64,8 @@ class DiffusionFeatureExtractor(nn.Module):
         fresh_noise: bool = False,
         dtype: str = "float32",
         feature_dtype: str = "float32",
+        unet: str | None = None,
+        noise: bool = True,
     ) -> None:
         super().__init__()
         if latent not in ("mean", "sample"):
@@ -74,12 +76,13 @@ class DiffusionFeatureExtractor(nn.Module):
         names = [v.name for v in self.variants]
         if len(set(names)) != len(names):
             raise ValueError(f"variant names must be unique, got {names}")
-        parts = load_sd_components(model, base_model=base_model, dtype=dtype)
+        parts = load_sd_components(model, base_model=base_model, dtype=dtype, unet=unet)
         self.unet, self.vae, self.text_encoder = parts.unet, parts.vae, parts.text_encoder
         self.tokenizer, self.scheduler, self.spec = parts.tokenizer, parts.scheduler, parts.spec
         self.layers = resolve_layers(self.unet, layers)
         self.latent_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         self.size_multiple = self.latent_factor * 2 ** (len(self.unet.config.block_out_channels) - 1)
+        img_size = self.unet.config.sample_size * self.latent_factor if img_size is None else img_size
         if img_size <= 0 or img_size % self.size_multiple:
             raise ValueError(
                 f"img_size={img_size} does not suit this model: it must be a positive multiple of {self.size_multiple} "
@@ -93,13 +96,15 @@ class DiffusionFeatureExtractor(nn.Module):
         for v in self.variants:
             if v.denoise_from is not None and v.denoise_from <= timestep:
                 raise ValueError(f"variant {v.name!r}: denoise_from ({v.denoise_from}) must be above timestep ({timestep})")
+            if v.denoise_from is not None and not noise:
+                raise ValueError(f"variant {v.name!r} uses denoise_from, which needs noise: set noise to true")
             if v.denoise_from is not None and self.prediction_type not in CHAIN_PREDICTION_TYPES:
                 raise ValueError(
                     f"variant {v.name!r} uses denoise_from, but {model} predicts {self.prediction_type!r}; the guided "
                     f"DDIM chain supports {', '.join(CHAIN_PREDICTION_TYPES)} models only"
                 )
         self.img_size, self.timestep = img_size, timestep
-        self.latent, self.vae_seed, self.fresh_noise = latent, vae_seed, fresh_noise
+        self.latent, self.vae_seed, self.fresh_noise, self.noise = latent, vae_seed, fresh_noise, noise
         self.dtype = parse_dtype(dtype)
         self.feature_dtype = parse_dtype(feature_dtype)
         self.loras = LoRARegistry(self.unet, self.text_encoder)
@@ -146,6 +151,7 @@ class DiffusionFeatureExtractor(nn.Module):
             layers=list(self.layers),
             img_size=self.img_size,
             timestep=self.timestep,
+            noise=self.noise,
             latent=self.latent,
             vae_seed=self.vae_seed,
             dtype=str(self.dtype).removeprefix("torch."),
@@ -297,7 +303,7 @@ class DiffusionFeatureExtractor(nn.Module):
             conds = self.conditions(variant, images, conditions, cond_cache)
             noise = self._noise(variant, shape, batch)
             if variant.denoise_from is None:
-                noisy = self.add_noise(latents, noise, self.timestep)
+                noisy = self.add_noise(latents, noise, self.timestep) if self.noise else latents
                 # A UNet LoRA does not reach the ControlNet: seed, prompt and text adapters fix its inputs.
                 share_key = None if self.fresh_noise else (variant.seed, variant.prompt, text_key)
             else:
@@ -318,8 +324,9 @@ class DiffusionFeatureExtractor(nn.Module):
 
 def _comparable(description: dict) -> dict:
     """What fixes the features, with every weight named by its fingerprint (not its path or hub id)."""
-    out = {key: description[key] for key in ("layers", "img_size", "timestep", "latent") if key in description}
+    out = {key: description[key] for key in ("layers", "img_size", "timestep", "noise", "latent") if key in description}
     out["backbone weights"] = description["backbone"]["weights_id"]
+    out["unet weights"] = description["backbone"].get("unet_weights_id")
     if description.get("latent") == "sample" and "vae_seed" in description:
         out["vae_seed"] = description["vae_seed"]
     if "variants" in description:

@@ -11,6 +11,7 @@ layout, loaded component by component.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -46,6 +47,8 @@ class BackboneSpec:
     model: str
     weights_id: str
     base_model: str | None = None
+    unet: str | None = None
+    unet_weights_id: str | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -181,10 +184,13 @@ def load_sd_components(
     base_model: str | None = None,
     dtype: str | torch.dtype = "float32",
     load_vae_decoder: bool = False,
+    unet: str | None = None,
 ) -> SDComponents:
     """Load UNet, VAE (encoder only unless asked), text encoder, tokenizer and scheduler, frozen.
 
-    No safety checker, no feature extractor: only what feature extraction needs.
+    No safety checker, no feature extractor: only what feature extraction needs. ``unet``
+    replaces the model's UNet by a fine-tuned one of the same architecture (a UNet folder, a
+    model folder with ``unet/``, or a hub id), e.g. a feature-tuned UNet such as CleanDIFT's.
     """
     torch_dtype = parse_dtype(dtype)
     path = Path(model).expanduser()
@@ -194,24 +200,87 @@ def load_sd_components(
         components = _load_single_file(path, base_model, torch_dtype)
     else:
         folder, weights_id = resolve_model_folder(model)
+        check_architecture(folder)
         missing = [s for s in SD_SUBFOLDERS if not (folder / s).is_dir()]
         if missing:
             hint = " (it is a ControlNet: use it in a variant's `controlnets`)" if (folder / "config.json").is_file() else ""
             raise BackboneNotAvailableError(
                 f"{folder} is not a Stable Diffusion folder in the diffusers layout: missing {', '.join(missing)}/{hint}"
             )
-        unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", torch_dtype=torch_dtype)
-        vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", torch_dtype=torch_dtype)
         text_encoder = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", dtype=torch_dtype)
-        tokenizer = load_tokenizer(folder / "tokenizer", text_encoder.config.vocab_size)
-        scheduler = PNDMScheduler.from_pretrained(folder, subfolder="scheduler")
-        components = SDComponents(unet, vae, text_encoder, tokenizer, scheduler, BackboneSpec(model, weights_id, base_model))
+        components = SDComponents(
+            UNet2DConditionModel.from_pretrained(folder, subfolder="unet", torch_dtype=torch_dtype),
+            AutoencoderKL.from_pretrained(folder, subfolder="vae", torch_dtype=torch_dtype),
+            text_encoder,
+            load_tokenizer(folder / "tokenizer", text_encoder.config.vocab_size),
+            PNDMScheduler.from_pretrained(folder, subfolder="scheduler"),
+            BackboneSpec(model, weights_id, base_model),
+        )
+    if unet is not None:
+        _override_unet(components, unet, torch_dtype)
     if not load_vae_decoder:
         components.vae.decoder = None
         components.vae.post_quant_conv = None
     for module in (components.unet, components.vae, components.text_encoder):
         module.requires_grad_(False).eval()
     return components
+
+
+SUPPORTED_FAMILIES = "SD 1.x and SD 2.x (UNet2DConditionModel with one CLIP text encoder)"
+# UNet settings that fix the architecture: a UNet override must match the base model in all.
+_ARCHITECTURE_KEYS = (
+    "in_channels", "block_out_channels", "down_block_types", "up_block_types", "layers_per_block",
+    "cross_attention_dim", "attention_head_dim", "use_linear_projection", "addition_embed_type",
+)
+
+
+def check_architecture(folder: Path) -> None:
+    """Refuse, by its configuration (never its name), a model of a family csdiff cannot run yet."""
+    index = folder / "model_index.json"
+    pipeline = json.loads(index.read_text()).get("_class_name", "") if index.is_file() else ""
+    unet_config = folder / "unet" / "config.json"
+    unet = json.loads(unet_config.read_text()) if unet_config.is_file() else {}
+    if (folder / "transformer").is_dir() and not unet:
+        why = "a diffusion-transformer model (transformer/ instead of unet/)"
+    elif (folder / "text_encoder_2").is_dir() or unet.get("addition_embed_type") is not None:
+        why = "an SDXL-architecture model (two text encoders, added time ids): not supported yet"
+    elif unet and unet.get("_class_name", "UNet2DConditionModel") != "UNet2DConditionModel":
+        why = f"a {unet['_class_name']} UNet"
+    else:
+        return
+    name = f" ({pipeline})" if pipeline else ""
+    raise BackboneNotAvailableError(f"{folder}{name} is {why}; csdiff supports {SUPPORTED_FAMILIES}")
+
+
+def _override_unet(components: SDComponents, unet: str, torch_dtype: torch.dtype) -> None:
+    """Swap in a fine-tuned UNet of the same architecture; the spec records it by fingerprint."""
+    path = Path(unet).expanduser()
+    if path.is_dir():
+        folder = path
+    elif unet.count("/") == 1 and not unet.startswith(("/", ".", "~")):
+        folder = _snapshot(unet, None)  # a hub id: the whole repository, then its unet/ if it has one
+    else:
+        raise BackboneNotAvailableError(f"no such UNet folder: {path} (a UNet folder, a model folder with unet/, or a hub id)")
+    if (folder / "unet" / "config.json").is_file():
+        folder = folder / "unet"
+    if not (folder / "config.json").is_file():
+        raise BackboneNotAvailableError(f"{folder} holds no UNet (no config.json, nor unet/config.json)")
+    new = UNet2DConditionModel.from_pretrained(folder, torch_dtype=torch_dtype)
+    base = components.unet.config
+    differ = [k for k in _ARCHITECTURE_KEYS if _plain(new.config.get(k)) != _plain(base.get(k))]
+    if differ:
+        details = "; ".join(f"{k}: {new.config.get(k)} vs {base.get(k)}" for k in differ)
+        raise BackboneNotAvailableError(
+            f"UNet {unet} does not fit {components.spec.model}: {details} (override vs base); a UNet override must "
+            f"be a fine-tuned copy of the base model's UNet"
+        )
+    components.unet = new
+    spec = components.spec
+    components.spec = BackboneSpec(spec.model, spec.weights_id, spec.base_model, unet, weights_fingerprint(folder, None))
+
+
+def _plain(value):
+    return list(value) if isinstance(value, (list, tuple)) else value
 
 
 def _build_random(model: str, torch_dtype: torch.dtype, load_vae_decoder: bool) -> SDComponents:

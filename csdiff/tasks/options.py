@@ -37,10 +37,12 @@ class BackboneOptions(TypedDict, total=False):
 
     model: str
     base_model: str | None
+    unet: str | None
     img_size: int
     timestep: int
     latent: Literal["mean", "sample"]
     vae_seed: int
+    noise: bool
     dtype: Literal["float32", "float16", "bfloat16"]
 
 
