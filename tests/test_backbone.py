@@ -267,3 +267,34 @@ def test_reduced_precision_close_to_float32(images, dtype):
     assert low.dtype == torch.float16
     rel = (low.float() - ref).norm() / ref.norm()
     assert rel < 0.05, f"{dtype} features differ by {rel:.3f}"
+
+
+@pytest.mark.parametrize("layers,ran,skipped", [
+    (["up-level0-upsampler-out", "up-level2-upsampler-out", "up-level1-upsampler-out"], "up_blocks.2", ["up_blocks.3", "conv_out"]),
+    (["legacy", UP_CROSS], "up_blocks.3", ["conv_out"]),
+    (["down-level1-repeat0-vit-block0-cross-map"], "down_blocks.1", ["mid_block", "up_blocks.0", "conv_out"]),
+])
+def test_unet_stops_after_the_last_requested_layer_with_equal_features(images, layers, ran, skipped):
+    """The extraction call skips every block after the last requested activation; the features
+    equal those of a full UNet call with the same hooks."""
+    ex = make(layers, variants=[Variant("plain", PROMPT), Variant("canny", PROMPT, controlnets=[ControlNet("tiny-controlnet-canny")])])
+    calls = {path: 0 for path in [ran, *skipped]}
+    handles = [ex.unet.get_submodule(p).register_forward_pre_hook(lambda *a, p=p: calls.__setitem__(p, calls[p] + 1)) for p in calls]
+    early = ex(images)
+    assert all(calls[p] == 0 for p in skipped) and calls[ran] == 2, calls  # never started; once per variant
+    for h in handles:
+        h.remove()
+    ex_full = make(layers, variants=ex.variants)
+    full = {}
+    latents = ex_full.encode_images(images)
+    for variant in ex_full.variants:  # the same call by hand, to the end of the UNet
+        emb = ex_full.prompt_embedding(variant.prompt, ()).expand(3, -1, -1)
+        noisy = ex_full.add_noise(latents, ex_full._noise(variant, latents.shape[1:], 3), ex_full.timestep)
+        conds = ex_full.conditions(variant, ex_full.resize(images), None, {})
+        extra = ex_full.control_residuals(variant, noisy, ex_full.timestep, emb, conds, None, None)
+        with ActivationCapture(ex_full.unet, ex_full.layers, latent_size=(8, 8)) as capture:
+            ex_full.unet(noisy, ex_full.timestep, encoder_hidden_states=emb, **extra)
+        full[variant.name] = capture.features
+    for v in ("plain", "canny"):
+        for name in ex.layers:
+            torch.testing.assert_close(early[v][name], full[v][name], atol=0, rtol=0, msg=name)

@@ -39,11 +39,11 @@ def unet_calls(extractor):
     """How many real UNet forwards ran (not the shape probe's fake ones): a warm call must make none."""
     calls = []
 
-    def count(_module, args, _output) -> None:
+    def count(_module, args) -> None:  # a pre-hook: the extractor stops the UNet early, so it never returns
         if not isinstance(args[0], FakeTensor):
             calls.append(1)
 
-    handle = extractor.unet.register_forward_hook(count)
+    handle = extractor.unet.register_forward_pre_hook(count)
     yield calls
     handle.remove()
 

@@ -83,22 +83,36 @@ def fold_prompt_windows(maps: torch.Tensor, window: int) -> torch.Tensor:
     return maps.view(b, n_keys // window, window, h, w).sum(1)
 
 
+class UNetStopped(Exception):
+    """Raised once the last requested activation is computed: the rest of the UNet is not needed."""
+
+
 class ActivationCapture:
     """Context manager: hooks for the given names during one UNet call; results in ``features``.
 
     ``latent_size`` (h, w) is needed only for ``up_cross``, whose maps are resized to it.
     Cross-attention maps are folded to ``prompt_window`` channels (see :func:`fold_prompt_windows`).
+    With ``stop_early`` the UNet call ends right after the last requested activation (in
+    network order): the paper's segmentation layers end in ``up_blocks[2]``, and
+    ``up_blocks[3]`` alone is about a quarter of the UNet's work at 512². The call then
+    returns nothing (the context swallows the stop); features are exactly those of a full call.
     """
 
     def __init__(
-        self, unet: nn.Module, names: list[str], latent_size: tuple[int, int] | None = None, prompt_window: int = 77
+        self,
+        unet: nn.Module,
+        names: list[str],
+        latent_size: tuple[int, int] | None = None,
+        prompt_window: int = 77,
+        stop_early: bool = False,
     ) -> None:
         self.unet = unet
         self.names = names
         self.latent_size = latent_size
         self.prompt_window = prompt_window
-        table = enumerate_activations(unet)
-        self.acts: list[Activation] = [table[n] for n in names if n != UP_CROSS]
+        self.stop_early = stop_early
+        self.table = enumerate_activations(unet)
+        self.acts: list[Activation] = [self.table[n] for n in names if n != UP_CROSS]
         self.up_cross = up_cross_maps(unet) if UP_CROSS in names else {}
         self.features: dict[str, torch.Tensor] = {}
         self._maps: dict[str, torch.Tensor] = {}
@@ -135,17 +149,32 @@ class ActivationCapture:
         for paths in self.up_cross.values():
             for path in paths:
                 self._install_map(path)
+        if self.stop_early and (self.acts or self.up_cross):  # registered last: the module's own capture hook runs first
+            self._handles.append(self.unet.get_submodule(self.last_module()).register_forward_hook(self._stop))
         return self
 
-    def __exit__(self, *exc) -> None:
+    def last_module(self) -> str:
+        """The module, in network order, after which no requested activation is left to compute."""
+        order = {name: i for i, name in enumerate(self.table)}
+        paths = {p for level in self.up_cross.values() for p in level}
+        needed = [a.name for a in self.acts] + [n for n, a in self.table.items() if a.kind == "cross-map" and a.module in paths]
+        return self.table[max(needed, key=order.__getitem__)].module
+
+    @staticmethod
+    def _stop(module, args, output) -> None:
+        raise UNetStopped
+
+    def __exit__(self, *exc) -> bool:
         for handle in self._handles:
             handle.remove()
         for path, processor in self._processors.items():
             self.unet.get_submodule(path).set_processor(processor)
         self._handles.clear()
         self._processors.clear()
-        if exc[0] is None:
+        stopped = exc[0] is UNetStopped
+        if exc[0] is None or stopped:
             self._collect_maps()
+        return stopped
 
     def _input_hook(self, name: str):
         def hook(module, args):

@@ -316,7 +316,7 @@ class DiffusionFeatureExtractor(nn.Module):
             extra = self.control_residuals(variant, noisy, self.timestep, emb, conds, control_cache, share_key)
             window = self.tokenizer.model_max_length
             names = [n for n in self.layers if n in (layers or {}).get(variant.name, self.layers)]
-            with ActivationCapture(self.unet, names, latent_size=tuple(shape[-2:]), prompt_window=window) as capture:
+            with ActivationCapture(self.unet, names, tuple(shape[-2:]), window, stop_early=True) as capture:
                 self.unet(noisy, self.timestep, encoder_hidden_states=emb, **extra)
             out[variant.name] = {name: capture.features[name].to(self.feature_dtype) for name in names}
         return out
