@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from csdiff.backbone.loading import SD_SUBFOLDERS
+from csdiff.backbone.loading import SNAPSHOT_SUBFOLDERS
 
 
 def download(repo_id: str, out: Path, revision: str | None = None) -> Path:
@@ -22,7 +22,7 @@ def download(repo_id: str, out: Path, revision: str | None = None) -> Path:
     files = list_repo_files(repo_id, revision=revision)
     is_pipeline = "model_index.json" in files
     patterns = (
-        ["model_index.json"] + [f"{s}/*.{ext}" for s in SD_SUBFOLDERS for ext in ("json", "txt", "safetensors")]
+        ["model_index.json"] + [f"{s}/*.{ext}" for s in SNAPSHOT_SUBFOLDERS for ext in ("json", "txt", "safetensors")]
         if is_pipeline
         else ["*.json", "*.txt", "*.safetensors"]
     )

@@ -48,13 +48,13 @@ def test_unknown_layer_suggests_closest(tiny_parts):
         resolve_layers(tiny_parts.unet, ["up-level1-upsampler-outt"])
 
 
-def _independent_capture(unet, latent, emb):
+def _independent_capture(unet, latent, emb, **unet_kwargs):
     """Hooks written independently of csdiff's: every module's output / input, every attention's q, k."""
     seen, handles = {}, []
     for path, module in unet.named_modules():
         handles.append(module.register_forward_hook(lambda m, a, o, p=path: seen.__setitem__(p, o)))
         handles.append(module.register_forward_pre_hook(lambda m, a, p=path: seen.__setitem__(p + "<in", a[0]) if a else None))
-    unet(latent, 50, encoder_hidden_states=emb)
+    unet(latent, 50, encoder_hidden_states=emb, **unet_kwargs)
     for h in handles:
         h.remove()
     return seen
@@ -64,16 +64,18 @@ def test_every_name_equals_an_independent_hook(tiny_parts):
     assert_every_name_equals_an_independent_hook(tiny_parts)
 
 
-def assert_every_name_equals_an_independent_hook(parts) -> None:
-    """Every activation name of ``parts.unet`` against hooks written independently of csdiff's."""
+def assert_every_name_equals_an_independent_hook(parts, emb: torch.Tensor | None = None, **unet_kwargs) -> None:
+    """Every activation name of ``parts.unet`` against hooks written independently of csdiff's
+    (``emb`` and ``unet_kwargs``: a family's own text conditioning, for a batch of 2)."""
     unet = parts.unet
     torch.manual_seed(0)
     latent = torch.randn(2, 4, 8, 8)
-    emb = encode_prompt(parts.tokenizer, parts.text_encoder, PROMPT).expand(2, -1, -1)
+    if emb is None:
+        emb = encode_prompt(parts.tokenizer, parts.text_encoder, PROMPT).expand(2, -1, -1)
     table = enumerate_activations(unet)
     with ActivationCapture(unet, list(table)) as capture:
-        unet(latent, 50, encoder_hidden_states=emb)
-    seen = _independent_capture(unet, latent, emb)
+        unet(latent, 50, encoder_hidden_states=emb, **unet_kwargs)
+    seen = _independent_capture(unet, latent, emb, **unet_kwargs)
     for name, act in table.items():
         got = capture.features[name]
         if act.kind == "input":

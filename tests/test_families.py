@@ -1,8 +1,9 @@
-"""SD 2.x-shaped models, fine-tuned UNet overrides, and architectures csdiff does not support.
+"""SD 2.x- and SDXL-shaped models, fine-tuned UNet overrides, and architectures csdiff does not support.
 
-The SD 2.x model is a tiny random-weight folder written at test time (linear projections,
-one head size per level, a GELU text encoder, a v-predicting scheduler) and loaded through
-the same code as real weights.
+Each family is a tiny random-weight folder written at test time and loaded through the same
+code as real weights: SD 2.x (linear projections, one head size per level, a GELU text
+encoder, a v-predicting scheduler) and SDXL (three levels, the first without attention,
+depth growing by level, two text encoders with a pooled embedding, time ids, an upcast VAE).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from csdiff.backbone.random_models import write_random_lora
 from csdiff.backbone.tiny import TINY_SD_DIR
 
 sd2_script = load_script("make_tiny_sd2")
+sdxl_script = load_script("make_tiny_sdxl")
 LAYERS = ["up-level1-upsampler-out", "up-level2-repeat1-vit-block0-self-q"]
 
 
@@ -138,7 +140,7 @@ def test_timestep_zero_without_noise_sees_the_clean_latent(images):
 
 @pytest.mark.parametrize("pipeline,parts", [
     ("PixArtAlphaPipeline", ["transformer", "vae", "text_encoder", "tokenizer", "scheduler"]),
-    ("StableDiffusionXLPipeline", ["unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler"]),
+    ("FluxPipeline", ["transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler"]),
 ])
 def test_unsupported_architectures_name_the_supported_families(tmp_path, pipeline, parts):
     folder = tmp_path / pipeline
@@ -146,6 +148,76 @@ def test_unsupported_architectures_name_the_supported_families(tmp_path, pipelin
         (folder / part).mkdir(parents=True)
         (folder / part / "model.safetensors").write_bytes(b"")
     (folder / "model_index.json").write_text(json.dumps({"_class_name": pipeline}))
-    with pytest.raises(BackboneNotAvailableError, match=r"SD 1\.x.*SD 2\.x") as err:
+    with pytest.raises(BackboneNotAvailableError, match=r"SD 1\.x, SD 2\.x and SDXL") as err:
         load_sd_components(str(folder))
     assert pipeline in str(err.value)
+
+
+# --- SDXL ------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def sdxl(tmp_path_factory) -> tuple[Path, Path]:
+    work = tmp_path_factory.mktemp("sdxl")
+    folder = sdxl_script.make_tiny_sdxl(work / "tiny-sdxl")
+    return folder, sdxl_script.make_tiny_sdxl_controlnet(folder, work / "tiny-sdxl-controlnet")
+
+
+def test_sdxl_loads_with_both_text_encoders_and_an_upcast_vae(sdxl):
+    ex = DiffusionFeatureExtractor(str(sdxl[0]), ["legacy", "up_cross"], dtype="float16")
+    assert ex.family == "sdxl" and ex.text_encoder_2 is not None and ex.img_size == 128  # native: 16 × 8
+    assert ex.vae.dtype == torch.float32 and ex.unet.dtype == torch.float16  # float16 VAEs of SDXL overflow
+    assert ex.layers == ["up-level0-upsampler-out", "up-level1-upsampler-out", "up-level1-repeat2-vit-out", "up_cross"]
+    names = enumerate_activations(ex.unet)
+    assert "up-level0-repeat2-vit-block2-out" in names and not any(n.startswith("up-level2-repeat0-vit") for n in names)
+    feats = ex(shapes_images(2, size=64))["plain"]
+    assert all(torch.isfinite(f).all() for f in feats.values())
+    assert {k: tuple(v.shape[1:]) for k, v in feats.items()} == ex.feature_shapes()
+
+
+def test_every_sdxl_name_equals_an_independent_hook(sdxl):
+    from csdiff.backbone.prompts import encode_prompt_sdxl
+
+    parts = load_sd_components(str(sdxl[0]))
+    emb, pooled = encode_prompt_sdxl((parts.tokenizer, parts.tokenizer_2), (parts.text_encoder, parts.text_encoder_2), "a photo")
+    added = {"text_embeds": pooled.expand(2, -1), "time_ids": torch.tensor([[64.0, 64, 0, 0, 64, 64]]).expand(2, -1)}
+    assert_every_name_equals_an_independent_hook(parts, emb.expand(2, -1, -1), added_cond_kwargs=added)
+
+
+def test_sdxl_text_conditioning_is_the_pipelines(sdxl):
+    """Penultimate hidden states of both encoders, concatenated; the second's pooled projection."""
+    from csdiff.backbone.prompts import encode_prompt_sdxl
+
+    parts = load_sd_components(str(sdxl[0]))
+    emb, pooled = encode_prompt_sdxl((parts.tokenizer, parts.tokenizer_2), (parts.text_encoder, parts.text_encoder_2), "a red circle")
+    ids = [t("a red circle", padding="max_length", max_length=77, return_tensors="pt").input_ids for t in (parts.tokenizer, parts.tokenizer_2)]
+    h1 = parts.text_encoder(ids[0], output_hidden_states=True).hidden_states[-2]
+    out2 = parts.text_encoder_2(ids[1], output_hidden_states=True)
+    torch.testing.assert_close(emb, torch.cat([h1, out2.hidden_states[-2]], dim=-1))
+    torch.testing.assert_close(pooled, out2.text_embeds)
+
+
+def test_sdxl_noise_chain_and_controlnet(sdxl, images):
+    folder, controlnet = sdxl
+    variants = [Variant("plain", "a photo"), Variant("canny", "a photo", controlnets=[ControlNet(str(controlnet))]),
+                Variant("chain", "a photo", denoise_from=53)]
+    ex = DiffusionFeatureExtractor(str(folder), ["unet-in", "up-level0-upsampler-out"], img_size=64, variants=variants)
+    f = ex(images)
+    z = ex.encode_images(images)
+    noise = torch.randn((1, 4, 8, 8), generator=torch.Generator().manual_seed(0)).expand(2, -1, -1, -1)
+    ac = ex.scheduler.alphas_cumprod[50]
+    torch.testing.assert_close(f["plain"]["unet-in"], ac.sqrt() * z + (1 - ac).sqrt() * noise, atol=1e-5, rtol=1e-5)
+    for name in ("canny", "chain"):
+        assert (f[name]["up-level0-upsampler-out"] - f["plain"]["up-level0-upsampler-out"]).abs().max() > 1e-4, name
+    with pytest.raises(ValueError, match="LoRAs on SDXL"):
+        DiffusionFeatureExtractor(str(folder), ["unet-in"], variants=[Variant("l", loras=[LoRA("x.safetensors")])])
+
+
+def test_segmentation_fit_on_sdxl_through_the_cli(sdxl, tmp_path):
+    from test_configs import _run, _substitute_tiny
+
+    folder, controlnet = sdxl
+    config = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs" / "seg_ade20k_sdxl_public.yaml").read_text())
+    cli, score = _run(_substitute_tiny(config, tmp_path, str(folder), str(controlnet), lambda path, seed: str(path)), tmp_path / "sdxl.yaml")
+    assert score in cli.trainer.callback_metrics
+    assert set(cli.model.levels) == {"up-level0-upsampler-out", "up-level1-upsampler-out", "up-level1-repeat2-vit-out"}  # SDXL's legacy

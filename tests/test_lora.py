@@ -284,7 +284,7 @@ def test_text_encoder_lora_changes_only_its_variant_prompt(te_lora, te_run, ref,
     deltas = kohya_deltas(te_lora["lora"], 0.5)
     with merged(ref.text_encoder, deltas):
         expected = encode_prompt(ref.tokenizer, ref.text_encoder, PROMPT)
-    plain_emb, te_emb = ex._prompt_cache[(PROMPT, ())], ex._prompt_cache[(PROMPT, ((name, 0.5),))]
+    plain_emb, te_emb = ex.prompt_embedding(PROMPT, ()), ex.prompt_embedding(PROMPT, ((name, 0.5),))  # both cached above
     torch.testing.assert_close(te_emb, expected, atol=2e-5, rtol=1e-5)
     assert (te_emb - plain_emb).abs().max() > 1e-3
     torch.testing.assert_close(plain_emb, encode_prompt(ref.tokenizer, ref.text_encoder, PROMPT), atol=0, rtol=0)

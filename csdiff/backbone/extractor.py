@@ -21,7 +21,7 @@ from csdiff.backbone.listing import activation_shapes
 from csdiff.backbone.loading import load_controlnet, load_sd_components, parse_dtype
 from csdiff.backbone.lora import LoRARegistry
 from csdiff.backbone.names import resolve_layers
-from csdiff.backbone.prompts import encode_prompt
+from csdiff.backbone.prompts import encode_prompt, encode_prompt_sdxl
 from csdiff.backbone.variants import Variant, as_variant
 
 Features = dict[str, dict[str, torch.Tensor]]
@@ -79,6 +79,9 @@ class DiffusionFeatureExtractor(nn.Module):
         parts = load_sd_components(model, base_model=base_model, dtype=dtype, unet=unet)
         self.unet, self.vae, self.text_encoder = parts.unet, parts.vae, parts.text_encoder
         self.tokenizer, self.scheduler, self.spec = parts.tokenizer, parts.scheduler, parts.spec
+        self.text_encoder_2, self.tokenizer_2, self.family = parts.text_encoder_2, parts.tokenizer_2, parts.family
+        if self.family == "sdxl" and any(v.loras for v in self.variants):
+            raise ValueError(f"{model} is an SDXL-architecture model: LoRAs on SDXL are not supported yet (variants with `loras`)")
         self.layers = resolve_layers(self.unet, layers)
         self.latent_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         self.size_multiple = self.latent_factor * 2 ** (len(self.unet.config.block_out_channels) - 1)
@@ -169,25 +172,47 @@ class DiffusionFeatureExtractor(nn.Module):
 
     # --- pieces ---
     def prompt_embedding(self, prompt: str, text_key: tuple) -> torch.Tensor:
+        """The UNet's text embedding (1, tokens, D) of a prompt (cached per text-encoder adapter set)."""
+        return self._prompt(prompt, text_key)[0]
+
+    def _prompt(self, prompt: str, text_key: tuple) -> tuple[torch.Tensor, torch.Tensor | None]:
         key = (prompt, text_key)
         if key not in self._prompt_cache:
-            self._prompt_cache[key] = encode_prompt(self.tokenizer, self.text_encoder, prompt)
+            if self.family == "sdxl":
+                self._prompt_cache[key] = encode_prompt_sdxl(
+                    (self.tokenizer, self.tokenizer_2), (self.text_encoder, self.text_encoder_2), prompt
+                )
+            else:
+                self._prompt_cache[key] = (encode_prompt(self.tokenizer, self.text_encoder, prompt), None)
         return self._prompt_cache[key]
+
+    def added_conditions(self, prompt: str, text_key: tuple, batch: int) -> dict:
+        """Extra UNet/ControlNet arguments of the family: none for SD 1.x/2.x; SDXL's pooled
+        text embedding and time ids (original size, crop corner, target size: the image at
+        ``img_size``, uncropped)."""
+        pooled = self._prompt(prompt, text_key)[1]
+        if pooled is None:
+            return {}
+        size = float(self.img_size)
+        time_ids = torch.tensor([[size, size, 0.0, 0.0, size, size]], device=self.device, dtype=self.dtype)
+        return {"added_cond_kwargs": {"text_embeds": pooled.to(self.device, self.dtype).expand(batch, -1), "time_ids": time_ids.expand(batch, -1)}}
 
     def _apply(self, fn, *args, **kwargs):
         self._prompt_cache.clear()  # embeddings follow the module's device/dtype
         return super()._apply(fn, *args, **kwargs)
 
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
-        """Resize to ``img_size``, VAE-encode, scale: (B,3,H,W) in [-1,1] → (B,4,h,w)."""
-        x = self.resize(images).to(self.dtype)
+        """Resize to ``img_size``, VAE-encode, scale: (B,3,H,W) in [-1,1] → (B,4,h,w) in ``dtype``.
+
+        The VAE runs in its own dtype: float32 for VAEs that overflow in float16 (SDXL's)."""
+        x = self.resize(images).to(self.vae.dtype)
         posterior = self.vae.encode(x).latent_dist
         if self.latent == "mean":
             z = posterior.mean
         else:
             eps = self._seeded_noise(self._vae_noise_seed(), posterior.mean.shape[1:], images.shape[0])
-            z = posterior.mean + posterior.std * eps
-        return z * self.vae.config.scaling_factor
+            z = posterior.mean + posterior.std * eps.to(posterior.mean.dtype)
+        return (z * self.vae.config.scaling_factor).to(self.dtype)
 
     def resize(self, images: torch.Tensor) -> torch.Tensor:
         if images.ndim != 4 or images.shape[1] != 3:
@@ -251,7 +276,7 @@ class DiffusionFeatureExtractor(nn.Module):
             out.append((key, cache[key].to(self.device, self.dtype)))
         return out
 
-    def control_residuals(self, variant, noisy, t, emb, conds, cache: dict | None, share_key: tuple | None) -> dict:
+    def control_residuals(self, variant, noisy, t, emb, conds, cache: dict | None, share_key: tuple | None, added: dict | None = None) -> dict:
         """Summed ControlNet residuals. With a ``share_key`` (what fixes the noisy latent and the
         embedding), an identical call made for an earlier variant is reused, not repeated."""
         down, mid = None, None
@@ -261,7 +286,7 @@ class DiffusionFeatureExtractor(nn.Module):
                 d, m = cache[key]
             else:
                 net = self.controlnets[self._controlnet_keys[cn.model]]
-                d, m = net(noisy, t, encoder_hidden_states=emb, controlnet_cond=cond, conditioning_scale=cn.scale, return_dict=False)
+                d, m = net(noisy, t, encoder_hidden_states=emb, controlnet_cond=cond, conditioning_scale=cn.scale, return_dict=False, **(added or {}))
                 if key is not None:
                     cache[key] = (d, m)
             down = list(d) if down is None else [a + b for a, b in zip(down, d)]
@@ -300,6 +325,7 @@ class DiffusionFeatureExtractor(nn.Module):
         for variant in chosen:
             text_key = self.loras.activate(list(variant.loras))
             emb = self.prompt_embedding(variant.prompt, text_key).to(self.device, self.dtype).expand(batch, -1, -1)
+            added = self.added_conditions(variant.prompt, text_key, batch)
             conds = self.conditions(variant, images, conditions, cond_cache)
             noise = self._noise(variant, shape, batch)
             if variant.denoise_from is None:
@@ -309,15 +335,15 @@ class DiffusionFeatureExtractor(nn.Module):
             else:
                 noisy = self.add_noise(latents, noise, variant.denoise_from)
                 for t in range(variant.denoise_from, self.timestep, -1):
-                    extra = self.control_residuals(variant, noisy, t, emb, conds, None, None)
-                    prediction = self.unet(noisy, t, encoder_hidden_states=emb, **extra).sample
+                    extra = self.control_residuals(variant, noisy, t, emb, conds, None, None, added)
+                    prediction = self.unet(noisy, t, encoder_hidden_states=emb, **extra, **added).sample
                     noisy = self.ddim_step(noisy, prediction, t)
                 share_key = None  # the chain depends on every guidance setting: never shared
-            extra = self.control_residuals(variant, noisy, self.timestep, emb, conds, control_cache, share_key)
+            extra = self.control_residuals(variant, noisy, self.timestep, emb, conds, control_cache, share_key, added)
             window = self.tokenizer.model_max_length
             names = [n for n in self.layers if n in (layers or {}).get(variant.name, self.layers)]
             with ActivationCapture(self.unet, names, tuple(shape[-2:]), window, stop_early=True) as capture:
-                self.unet(noisy, self.timestep, encoder_hidden_states=emb, **extra)
+                self.unet(noisy, self.timestep, encoder_hidden_states=emb, **extra, **added)
             out[variant.name] = {name: capture.features[name].to(self.feature_dtype) for name in names}
         return out
 

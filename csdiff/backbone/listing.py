@@ -17,7 +17,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 from csdiff.backbone.capture import ActivationCapture
 from csdiff.backbone.loading import SDComponents
-from csdiff.backbone.names import UP_CROSS, enumerate_activations
+from csdiff.backbone.names import UP_CROSS, enumerate_activations, family_of, up_cross_maps
 
 
 @dataclass(frozen=True)
@@ -36,8 +36,12 @@ def activation_shapes(
     with FakeTensorMode(allow_non_fake_inputs=True):
         latent = torch.zeros(1, unet.config.in_channels, *latent_size, dtype=dtype)
         emb = torch.zeros(1, prompt_window, cross_dim, dtype=dtype)
+        added = {}
+        if family_of(unet) == "sdxl":  # pooled text embedding + 6 time ids
+            pooled = unet.config.projection_class_embeddings_input_dim - 6 * unet.config.addition_time_embed_dim
+            added = {"added_cond_kwargs": {"text_embeds": torch.zeros(1, pooled, dtype=dtype), "time_ids": torch.zeros(1, 6, dtype=dtype)}}
         with ActivationCapture(unet, list(names), latent_size=latent_size, prompt_window=prompt_window) as capture:
-            unet(latent, 0, encoder_hidden_states=emb)
+            unet(latent, 0, encoder_hidden_states=emb, **added)
         return {name: tuple(int(d) for d in capture.features[name].shape[1:]) for name in names}
 
 
@@ -48,5 +52,6 @@ def list_layers(parts: SDComponents, img_size: int) -> list[LayerInfo]:
     latent = (img_size // factor, img_size // factor)
     shapes = activation_shapes(parts.unet, [*table, UP_CROSS], latent, parts.tokenizer.model_max_length)
     rows = [LayerInfo(name, shapes[name], act.module) for name, act in table.items()]
-    rows.append(LayerInfo(UP_CROSS, shapes[UP_CROSS], "cross-attention maps of up-level1 and up-level2"))
+    levels = " and ".join(f"up-level{level}" for level in up_cross_maps(parts.unet))
+    rows.append(LayerInfo(UP_CROSS, shapes[UP_CROSS], f"cross-attention maps of {levels}"))
     return rows

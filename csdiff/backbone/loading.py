@@ -18,13 +18,16 @@ from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, ControlNetModel, PNDMScheduler, SchedulerMixin, UNet2DConditionModel
-from transformers import CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from csdiff.backbone import random_models
+from csdiff.backbone.names import family_of
 from csdiff.backbone.tiny import TINY_ALIASES
 
 SD_SUBFOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
-WEIGHT_SUBFOLDERS = ("unet", "vae", "text_encoder")
+# What is fetched for a pipeline: SDXL-architecture models add a second text encoder.
+SNAPSHOT_SUBFOLDERS = (*SD_SUBFOLDERS, "text_encoder_2", "tokenizer_2")
+WEIGHT_SUBFOLDERS = ("unet", "vae", "text_encoder", "text_encoder_2")
 # Files that loading never reads when the plain weights are present: precision/EMA variants.
 _VARIANT_MARKS = (".fp16.", "non_ema", ".ema.")
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
@@ -56,12 +59,20 @@ class BackboneSpec:
 
 @dataclass
 class SDComponents:
+    """The frozen parts; SDXL-architecture models also have a second text encoder and tokenizer."""
+
     unet: UNet2DConditionModel
     vae: AutoencoderKL
     text_encoder: CLIPTextModel
     tokenizer: CLIPTokenizer
     scheduler: SchedulerMixin
     spec: BackboneSpec
+    text_encoder_2: CLIPTextModelWithProjection | None = None
+    tokenizer_2: CLIPTokenizer | None = None
+
+    @property
+    def family(self) -> str:
+        return family_of(self.unet)
 
 
 def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
@@ -151,7 +162,7 @@ def resolve_model_folder(model: str, subfolders: tuple[str, ...] | None = WEIGHT
                 f"no such file or folder: {path} (a hub id has the form `org/name`; built-in: {builtin})"
             )
         else:
-            folder = _snapshot(model, None if subfolders is None else SD_SUBFOLDERS)
+            folder = _snapshot(model, None if subfolders is None else SNAPSHOT_SUBFOLDERS)
     return folder, weights_fingerprint(folder, subfolders)
 
 
@@ -208,25 +219,34 @@ def load_sd_components(
                 f"{folder} is not a Stable Diffusion folder in the diffusers layout: missing {', '.join(missing)}/{hint}"
             )
         text_encoder = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", dtype=torch_dtype)
+        # SDXL's VAE overflows in float16 (its config says `force_upcast`): it stays float32, as in
+        # diffusers' SDXL pipeline, so features are never NaN. SD 1.x/2.x VAEs run in `dtype`.
+        sdxl = UNet2DConditionModel.load_config(folder, subfolder="unet").get("addition_embed_type") == "text_time"
+        upcast = sdxl and AutoencoderKL.load_config(folder, subfolder="vae").get("force_upcast", False)
+        vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", torch_dtype=torch.float32 if upcast else torch_dtype)
         components = SDComponents(
             UNet2DConditionModel.from_pretrained(folder, subfolder="unet", torch_dtype=torch_dtype),
-            AutoencoderKL.from_pretrained(folder, subfolder="vae", torch_dtype=torch_dtype),
+            vae,
             text_encoder,
             load_tokenizer(folder / "tokenizer", text_encoder.config.vocab_size),
             PNDMScheduler.from_pretrained(folder, subfolder="scheduler"),
             BackboneSpec(model, weights_id, base_model),
         )
+        if (folder / "text_encoder_2").is_dir():
+            components.text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(folder, subfolder="text_encoder_2", dtype=torch_dtype)
+            components.tokenizer_2 = load_tokenizer(folder / "tokenizer_2", components.text_encoder_2.config.vocab_size)
     if unet is not None:
         _override_unet(components, unet, torch_dtype)
     if not load_vae_decoder:
         components.vae.decoder = None
         components.vae.post_quant_conv = None
-    for module in (components.unet, components.vae, components.text_encoder):
-        module.requires_grad_(False).eval()
+    for module in (components.unet, components.vae, components.text_encoder, components.text_encoder_2):
+        if module is not None:
+            module.requires_grad_(False).eval()
     return components
 
 
-SUPPORTED_FAMILIES = "SD 1.x and SD 2.x (UNet2DConditionModel with one CLIP text encoder)"
+SUPPORTED_FAMILIES = "SD 1.x, SD 2.x and SDXL (UNet2DConditionModel with CLIP text encoders)"
 # UNet settings that fix the architecture: a UNet override must match the base model in all.
 _ARCHITECTURE_KEYS = (
     "in_channels", "block_out_channels", "down_block_types", "up_block_types", "layers_per_block",
@@ -240,10 +260,11 @@ def check_architecture(folder: Path) -> None:
     pipeline = json.loads(index.read_text()).get("_class_name", "") if index.is_file() else ""
     unet_config = folder / "unet" / "config.json"
     unet = json.loads(unet_config.read_text()) if unet_config.is_file() else {}
+    sdxl = unet.get("addition_embed_type") == "text_time"
     if (folder / "transformer").is_dir() and not unet:
         why = "a diffusion-transformer model (transformer/ instead of unet/)"
-    elif (folder / "text_encoder_2").is_dir() or unet.get("addition_embed_type") is not None:
-        why = "an SDXL-architecture model (two text encoders, added time ids): not supported yet"
+    elif sdxl != (folder / "text_encoder_2").is_dir() or unet.get("addition_embed_type") not in (None, "text_time"):
+        why = f"a UNet with addition_embed_type {unet.get('addition_embed_type')!r} and {'two text encoders' if (folder / 'text_encoder_2').is_dir() else 'one text encoder'}"
     elif unet and unet.get("_class_name", "UNet2DConditionModel") != "UNet2DConditionModel":
         why = f"a {unet['_class_name']} UNet"
     else:

@@ -31,3 +31,27 @@ def encode_prompt(tokenizer: CLIPTokenizer, text_encoder: CLIPTextModel, prompt:
     ids = prompt_windows(tokenizer, prompt).to(text_encoder.device)
     hidden = text_encoder(ids)[0]  # (n_windows, 77, D)
     return hidden.reshape(1, -1, hidden.shape[-1])
+
+
+@torch.no_grad()
+def encode_prompt_sdxl(tokenizers: tuple, text_encoders: tuple, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """SDXL's text conditioning: (1, 77·n_windows, D1 + D2) and the pooled embedding (1, P).
+
+    As SDXL's pipeline does: each encoder's penultimate hidden states, concatenated along the
+    feature axis; the pooled, projected embedding of the second encoder (here of the first
+    window). Both tokenizations are cut into the same number of windows (the shorter one is
+    padded with empty windows), so the two token axes line up.
+    """
+    ids = [prompt_windows(tokenizer, prompt) for tokenizer in tokenizers]
+    n = max(w.shape[0] for w in ids)
+    hidden, pooled = [], None
+    for tokenizer, encoder, windows in zip(tokenizers, text_encoders, ids):
+        if windows.shape[0] < n:
+            windows = torch.cat([windows, prompt_windows(tokenizer, "").expand(n - windows.shape[0], -1)])
+        out = encoder(windows.to(encoder.device), output_hidden_states=True)
+        hidden.append(out.hidden_states[-2].reshape(1, -1, out.hidden_states[-2].shape[-1]))
+        if out[0].ndim == 2:  # the projected, pooled output of CLIPTextModelWithProjection
+            pooled = out[0][:1]
+    if pooled is None:
+        raise ValueError("SDXL needs a text encoder with projection (CLIPTextModelWithProjection) as its second encoder")
+    return torch.cat(hidden, dim=-1), pooled

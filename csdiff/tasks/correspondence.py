@@ -11,7 +11,6 @@ from lightning.pytorch import LightningModule
 from torch import Tensor
 
 from csdiff.backbone import UP_CROSS, DiffusionFeatureExtractor, FeatureCache
-from csdiff.backbone.names import expand_layers
 from csdiff.io import save_text
 from csdiff.metrics import PCK, format_pck_table
 from csdiff.models import CorrespondenceHead, info_nce, match_points, rescale_points, sample_features
@@ -67,16 +66,16 @@ class CorrespondenceTask(StepSeededMixin, FrozenBackboneCheckpointMixin, Lightni
         self.save_hyperparameters(ignore=["feature_cache"])  # where features are cached is no property of the weights: --ckpt_path keeps the config's
         variants = [dict(v) for v in (variants or [{"name": "plain"}])]
         self.variant_names = [v["name"] for v in variants]
-        self.layer_names = expand_layers(layers or ["legacy"])
-        if UP_CROSS in self.layer_names:
+        requested = list(layers or ["legacy"])
+        if UP_CROSS in requested:
             raise ValueError("up_cross comes from `attention_variant`; leave it out of `layers`")
         self.attention_name = None
-        extractor_layers = list(self.layer_names)
         if attention_variant is not None:
             self.attention_name = attention_variant.get("name", "attention")
             variants.append({**attention_variant, "name": self.attention_name})
-            extractor_layers.append(UP_CROSS)
-        self.extractor = DiffusionFeatureExtractor(layers=extractor_layers, variants=variants, **dict(backbone or {}))
+            requested.append(UP_CROSS)
+        self.extractor = DiffusionFeatureExtractor(layers=requested, variants=variants, **dict(backbone or {}))
+        self.layer_names = [name for name in self.extractor.layers if name != UP_CROSS]  # named sets expanded for the family
         shapes = self.extractor.feature_shapes()
         self.grid = max(shapes[name][1] for name in self.layer_names)
         channels = sum(shapes[name][0] for name in self.layer_names)
