@@ -209,8 +209,36 @@ def test_sdxl_noise_chain_and_controlnet(sdxl, images):
     torch.testing.assert_close(f["plain"]["unet-in"], ac.sqrt() * z + (1 - ac).sqrt() * noise, atol=1e-5, rtol=1e-5)
     for name in ("canny", "chain"):
         assert (f[name]["up-level0-upsampler-out"] - f["plain"]["up-level0-upsampler-out"]).abs().max() > 1e-4, name
-    with pytest.raises(ValueError, match="LoRAs on SDXL"):
-        DiffusionFeatureExtractor(str(folder), ["unet-in"], variants=[Variant("l", loras=[LoRA("x.safetensors")])])
+
+
+def test_sdxl_kohya_lora_reaches_unet_and_both_text_encoders(sdxl, images, tmp_path):
+    """A kohya SDXL file (lora_unet_…, lora_te1_…, lora_te2_…): each part adapts its model, the
+    text parts change only their variant's prompt embedding, and nothing becomes trainable."""
+    from safetensors.torch import save_file
+
+    folder, _ = sdxl
+    g = torch.Generator().manual_seed(0)
+    parts = {
+        "lora_unet_up_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q": 64,
+        "lora_te1_text_model_encoder_layers_0_self_attn_q_proj": 32,
+        "lora_te2_text_model_encoder_layers_1_mlp_fc1": (32, 64),
+    }
+    tensors = {}
+    for key, width in parts.items():
+        n_in, n_out = (width, width) if isinstance(width, int) else width
+        tensors.update({f"{key}.lora_down.weight": torch.randn(4, n_in, generator=g) * 0.3,
+                        f"{key}.lora_up.weight": torch.randn(n_out, 4, generator=g) * 0.3, f"{key}.alpha": torch.tensor(4.0)})
+    save_file(tensors, str(tmp_path / "sdxl_lora.safetensors"))
+    variants = [Variant("lora", "a photo", loras=[LoRA(str(tmp_path / "sdxl_lora.safetensors"))]), Variant("plain", "a photo")]
+    ex = DiffusionFeatureExtractor(str(folder), ["up-level0-upsampler-out"], img_size=64, variants=variants)
+    f = ex(images)
+    name = next(iter(ex.loras.adapters.values()))
+    assert ex.loras.in_unet == {name} and ex.loras.in_text == {"text_encoder": {name}, "text_encoder_2": {name}}
+    assert (ex.prompt_embedding("a photo", ((name, 1.0),)) - ex.prompt_embedding("a photo", ())).abs().max() > 1e-3
+    assert (f["lora"]["up-level0-upsampler-out"] - f["plain"]["up-level0-upsampler-out"]).abs().max() > 1e-4
+    assert not any(p.requires_grad for p in ex.parameters())
+    plain = DiffusionFeatureExtractor(str(folder), ["up-level0-upsampler-out"], img_size=64, variants=[Variant("plain", "a photo")])
+    torch.testing.assert_close(plain(images)["plain"]["up-level0-upsampler-out"], f["plain"]["up-level0-upsampler-out"])
 
 
 def test_segmentation_fit_on_sdxl_through_the_cli(sdxl, tmp_path):

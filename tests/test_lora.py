@@ -321,7 +321,7 @@ def test_each_file_loads_once_as_its_own_adapter(kohya, monkeypatch):
 def test_missing_file_names_the_path(tiny_parts, tmp_path):
     missing = str(tmp_path / "nowhere" / "style.safetensors")
     with pytest.raises(LoRAError, match="not found") as err:
-        LoRARegistry(tiny_parts.unet, tiny_parts.text_encoder).load(missing)
+        LoRARegistry(tiny_parts.unet, {"text_encoder": tiny_parts.text_encoder}).load(missing)
     assert missing in str(err.value)
 
 
@@ -329,7 +329,7 @@ def test_non_lora_suffix_is_refused(tiny_parts, tmp_path):
     path = tmp_path / "notes.txt"
     path.write_text("not a LoRA")
     with pytest.raises(LoRAError, match="not a LoRA file"):
-        LoRARegistry(tiny_parts.unet, tiny_parts.text_encoder).load(str(path))
+        LoRARegistry(tiny_parts.unet, {"text_encoder": tiny_parts.text_encoder}).load(str(path))
 
 
 def test_file_matching_no_module_adapts_zero_modules(tmp_path):

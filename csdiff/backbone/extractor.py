@@ -80,8 +80,6 @@ class DiffusionFeatureExtractor(nn.Module):
         self.unet, self.vae, self.text_encoder = parts.unet, parts.vae, parts.text_encoder
         self.tokenizer, self.scheduler, self.spec = parts.tokenizer, parts.scheduler, parts.spec
         self.text_encoder_2, self.tokenizer_2, self.family = parts.text_encoder_2, parts.tokenizer_2, parts.family
-        if self.family == "sdxl" and any(v.loras for v in self.variants):
-            raise ValueError(f"{model} is an SDXL-architecture model: LoRAs on SDXL are not supported yet (variants with `loras`)")
         self.layers = resolve_layers(self.unet, layers)
         self.latent_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         self.size_multiple = self.latent_factor * 2 ** (len(self.unet.config.block_out_channels) - 1)
@@ -110,7 +108,8 @@ class DiffusionFeatureExtractor(nn.Module):
         self.latent, self.vae_seed, self.fresh_noise, self.noise = latent, vae_seed, fresh_noise, noise
         self.dtype = parse_dtype(dtype)
         self.feature_dtype = parse_dtype(feature_dtype)
-        self.loras = LoRARegistry(self.unet, self.text_encoder)
+        encoders = {"text_encoder": self.text_encoder, "text_encoder_2": self.text_encoder_2}
+        self.loras = LoRARegistry(self.unet, {k: v for k, v in encoders.items() if v is not None})
         self.controlnets = nn.ModuleDict()
         self.controlnet_ids: dict[str, str] = {}
         self._controlnet_keys: dict[str, str] = {}

@@ -14,7 +14,7 @@ import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
-from diffusers import StableDiffusionPipeline
+from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 from diffusers.loaders.lora_base import (
     disable_lora_for_text_encoder,
     enable_lora_for_text_encoder,
@@ -60,12 +60,14 @@ def _fold_alphas(state_dict: dict, alphas: dict | None) -> tuple[dict, dict | No
     return out, None
 
 
-def _text_encoder_keys_to_new_format(state_dict: dict) -> dict:
+def _text_encoder_keys_to_new_format(state_dict: dict, prefixes: tuple[str, ...]) -> dict:
     """Old-format kohya text-encoder keys (``to_q_lora.down``) to ``q_proj.lora_linear_layer.down``:
     diffusers recognises the old format only when ``out_proj`` is adapted too."""
-    te = {k: v for k, v in state_dict.items() if k.startswith("text_encoder.")}
-    rest = {k: v for k, v in state_dict.items() if not k.startswith("text_encoder.")}
-    return {**rest, **convert_state_dict(te, DIFFUSERS_OLD_TO_DIFFUSERS)}
+    out = {k: v for k, v in state_dict.items() if not k.startswith(tuple(f"{p}." for p in prefixes))}
+    for prefix in prefixes:
+        te = {k: v for k, v in state_dict.items() if k.startswith(f"{prefix}.")}
+        out.update(convert_state_dict(te, DIFFUSERS_OLD_TO_DIFFUSERS))
+    return out
 
 
 def _unit_scaling(adapter: str, *models: nn.Module) -> None:
@@ -92,16 +94,27 @@ def _adapted_modules(model: nn.Module, adapter: str) -> int:
 
 
 class LoRARegistry:
-    """Loads LoRA files into a shared UNet and text encoder and activates them per variant."""
+    """Loads LoRA files into a shared UNet and text encoder(s) and activates them per variant.
 
-    def __init__(self, unet: nn.Module, text_encoder: nn.Module) -> None:
+    ``text_encoders`` maps diffusers' key prefixes to the encoders: ``text_encoder`` (SD 1.x /
+    2.x), plus ``text_encoder_2`` for SDXL, whose files (kohya ``lora_te1_…``/``lora_te2_…``
+    or diffusers) are read with the SDXL pipeline's converter.
+    """
+
+    def __init__(self, unet: nn.Module, text_encoders: dict[str, nn.Module]) -> None:
         self.unet = unet
-        self.text_encoder = text_encoder
+        self.text_encoders = text_encoders
+        self.pipeline = StableDiffusionXLPipeline if "text_encoder_2" in text_encoders else StableDiffusionPipeline
         self.adapters: dict[str, str] = {}  # resolved path -> adapter name
         self._given: dict[str, str] = {}  # path as written -> adapter name (no filesystem call per batch)
         self.in_unet: set[str] = set()
-        self.in_text_encoder: set[str] = set()
+        self.in_text: dict[str, set[str]] = {prefix: set() for prefix in text_encoders}
         self.fingerprints: dict[str, str] = {}  # adapter name -> fingerprint of its file(s)
+
+    @property
+    def in_text_encoder(self) -> set[str]:
+        """Adapters that reach any text encoder (they change their variant's prompt embedding)."""
+        return set().union(*self.in_text.values())
 
     def load(self, path: str) -> str:
         """Load a LoRA once; returns its adapter name."""
@@ -122,7 +135,7 @@ class LoRARegistry:
             found = ", ".join(p.name for p in weights) or "none"
             raise LoRAError(f"LoRA folder {path} must hold exactly one weight file (*.safetensors or *.bin); found {found}")
         try:
-            state_dict, alphas, metadata = StableDiffusionPipeline.lora_state_dict(
+            state_dict, alphas, metadata = self.pipeline.lora_state_dict(
                 str(weights[0].parent), weight_name=weights[0].name, unet_config=self.unet.config,
                 return_lora_metadata=True, local_files_only=True,
                 use_safetensors=None if weights[0].suffix != ".safetensors" else True,
@@ -131,29 +144,32 @@ class LoRARegistry:
             raise LoRAError(f"cannot read LoRA {path}: {err}") from None
         given_alphas = alphas
         state_dict, alphas = _fold_alphas(state_dict, alphas)
-        state_dict = _text_encoder_keys_to_new_format(state_dict)
+        state_dict = _text_encoder_keys_to_new_format(state_dict, tuple(self.text_encoders))
         try:
-            StableDiffusionPipeline.load_lora_into_unet(state_dict, alphas, self.unet, adapter_name=name, metadata=metadata)
-            if any(k.startswith("text_encoder.") for k in state_dict):
-                StableDiffusionPipeline.load_lora_into_text_encoder(
-                    state_dict, alphas, self.text_encoder, prefix="text_encoder", adapter_name=name, metadata=metadata
-                )
+            self.pipeline.load_lora_into_unet(state_dict, alphas, self.unet, adapter_name=name, metadata=metadata)
+            for prefix, encoder in self.text_encoders.items():
+                if any(k.startswith(f"{prefix}.") for k in state_dict):
+                    self.pipeline.load_lora_into_text_encoder(
+                        state_dict, alphas, encoder, prefix=prefix, adapter_name=name, metadata=metadata
+                    )
         except Exception as err:
             if "not found in the base model" in str(err):  # peft: no key names a module of this model
                 raise LoRAError(f"LoRA {path} adapts zero modules of this backbone ({err}): is it a LoRA for another model family?") from None
             raise LoRAError(f"LoRA {path} does not fit this backbone: {err}") from None
         if given_alphas and alphas is None:
-            _unit_scaling(name, self.unet, self.text_encoder)
-        n_unet, n_text = _adapted_modules(self.unet, name), _adapted_modules(self.text_encoder, name)
-        if n_unet + n_text == 0:
+            _unit_scaling(name, self.unet, *self.text_encoders.values())
+        n_unet = _adapted_modules(self.unet, name)
+        n_text = {prefix: _adapted_modules(encoder, name) for prefix, encoder in self.text_encoders.items()}
+        if n_unet + sum(n_text.values()) == 0:
             raise LoRAError(
                 f"LoRA {path} adapts zero modules of this backbone (its keys match no UNet or text-encoder layer): "
                 f"is it a LoRA for another model family?"
             )
         if n_unet:
             self.in_unet.add(name)
-        if n_text:
-            self.in_text_encoder.add(name)
+        for prefix, n in n_text.items():
+            if n:
+                self.in_text[prefix].add(name)
         self.adapters[resolved] = name
         self._given[path] = name
         self.fingerprints[name] = _lora_fingerprint(file)
@@ -165,26 +181,28 @@ class LoRARegistry:
         return self.fingerprints[self.load(path)]
 
     def _freeze(self) -> None:
-        self.unet.requires_grad_(False)
-        self.text_encoder.requires_grad_(False)
+        for model in (self.unet, *self.text_encoders.values()):
+            model.requires_grad_(False)
 
     def activate(self, loras: list[LoRA]) -> tuple[tuple[str, float], ...]:
         """Switch to exactly these LoRAs; returns the text-encoder adapter key (for prompt caching)."""
         names = [(self.load(l.path), l.scale) for l in loras]
         unet_sel = [(n, s) for n, s in names if n in self.in_unet]
-        text_sel = [(n, s) for n, s in names if n in self.in_text_encoder]
         if self.in_unet:
             if unet_sel:
                 self.unet.enable_adapters()
                 self.unet.set_adapters([n for n, _ in unet_sel], weights=[s for _, s in unet_sel])
             else:
                 self.unet.disable_adapters()
-        if self.in_text_encoder:
-            if text_sel:
-                enable_lora_for_text_encoder(self.text_encoder)
-                set_adapters_for_text_encoder([n for n, _ in text_sel], self.text_encoder, [s for _, s in text_sel])
+        for prefix, encoder in self.text_encoders.items():
+            if not self.in_text[prefix]:
+                continue
+            sel = [(n, s) for n, s in names if n in self.in_text[prefix]]
+            if sel:
+                enable_lora_for_text_encoder(encoder)
+                set_adapters_for_text_encoder([n for n, _ in sel], encoder, [s for _, s in sel])
             else:
-                disable_lora_for_text_encoder(self.text_encoder)
+                disable_lora_for_text_encoder(encoder)
         if self.in_unet or self.in_text_encoder:
             self._freeze()  # peft's set_adapter turned requires_grad back on for the active adapters
-        return tuple(text_sel)
+        return tuple((n, s) for n, s in names if n in self.in_text_encoder)
