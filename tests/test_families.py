@@ -165,7 +165,7 @@ def sdxl(tmp_path_factory) -> tuple[Path, Path]:
 
 def test_sdxl_loads_with_both_text_encoders_and_an_upcast_vae(sdxl):
     ex = DiffusionFeatureExtractor(str(sdxl[0]), ["legacy", "up_cross"], dtype="float16")
-    assert ex.family == "sdxl" and ex.text_encoder_2 is not None and ex.img_size == 128  # native: 16 × 8
+    assert ex.family.name == "sdxl" and ex.text_encoder_2 is not None and ex.img_size == 128  # native: 16 × 8
     assert ex.vae.dtype == torch.float32 and ex.unet.dtype == torch.float16  # float16 VAEs of SDXL overflow
     assert ex.layers == ["up-level0-upsampler-out", "up-level1-upsampler-out", "up-level1-repeat2-vit-out", "up_cross"]
     names = enumerate_activations(ex.unet)
@@ -249,3 +249,12 @@ def test_segmentation_fit_on_sdxl_through_the_cli(sdxl, tmp_path):
     cli, score = _run(_substitute_tiny(config, tmp_path, str(folder), str(controlnet), lambda path, seed: str(path)), tmp_path / "sdxl.yaml")
     assert score in cli.trainer.callback_metrics
     assert set(cli.model.levels) == {"up-level0-upsampler-out", "up-level1-upsampler-out", "up-level1-repeat2-vit-out"}  # SDXL's legacy
+
+
+def test_layers_verb_lists_each_familys_names_and_shapes(sd2, sdxl, capsys):
+    from csdiff.cli import main
+
+    for folder, native, probe, shape in ((sd2[0], 64, "up-level3-repeat2-vit-out", [32, 8, 8]), (sdxl[0], 128, "up-level0-repeat2-vit-block2-out", [64, 4, 4])):
+        assert main(["layers", "--model", str(folder), "--format", "json"]) == 0
+        rows = {r["name"]: r["shape"] for r in json.loads(capsys.readouterr().out)}
+        assert rows[probe] == shape and rows["up_cross"] == [154, native // 8, native // 8], folder

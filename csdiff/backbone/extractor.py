@@ -21,7 +21,6 @@ from csdiff.backbone.listing import activation_shapes
 from csdiff.backbone.loading import load_controlnet, load_sd_components, parse_dtype
 from csdiff.backbone.lora import LoRARegistry
 from csdiff.backbone.names import resolve_layers
-from csdiff.backbone.prompts import encode_prompt, encode_prompt_sdxl
 from csdiff.backbone.variants import Variant, as_variant
 
 Features = dict[str, dict[str, torch.Tensor]]
@@ -177,24 +176,14 @@ class DiffusionFeatureExtractor(nn.Module):
     def _prompt(self, prompt: str, text_key: tuple) -> tuple[torch.Tensor, torch.Tensor | None]:
         key = (prompt, text_key)
         if key not in self._prompt_cache:
-            if self.family == "sdxl":
-                self._prompt_cache[key] = encode_prompt_sdxl(
-                    (self.tokenizer, self.tokenizer_2), (self.text_encoder, self.text_encoder_2), prompt
-                )
-            else:
-                self._prompt_cache[key] = (encode_prompt(self.tokenizer, self.text_encoder, prompt), None)
+            tokenizers = tuple(t for t in (self.tokenizer, self.tokenizer_2) if t is not None)
+            encoders = tuple(e for e in (self.text_encoder, self.text_encoder_2) if e is not None)
+            self._prompt_cache[key] = self.family.encode(tokenizers, encoders, prompt)
         return self._prompt_cache[key]
 
     def added_conditions(self, prompt: str, text_key: tuple, batch: int) -> dict:
-        """Extra UNet/ControlNet arguments of the family: none for SD 1.x/2.x; SDXL's pooled
-        text embedding and time ids (original size, crop corner, target size: the image at
-        ``img_size``, uncropped)."""
-        pooled = self._prompt(prompt, text_key)[1]
-        if pooled is None:
-            return {}
-        size = float(self.img_size)
-        time_ids = torch.tensor([[size, size, 0.0, 0.0, size, size]], device=self.device, dtype=self.dtype)
-        return {"added_cond_kwargs": {"text_embeds": pooled.to(self.device, self.dtype).expand(batch, -1), "time_ids": time_ids.expand(batch, -1)}}
+        """The family's extra UNet/ControlNet arguments for a prompt (SDXL: pooled embedding, time ids)."""
+        return self.family.added_conditions(self._prompt(prompt, text_key)[1], self.img_size, batch, self.dtype, self.device)
 
     def _apply(self, fn, *args, **kwargs):
         self._prompt_cache.clear()  # embeddings follow the module's device/dtype

@@ -17,7 +17,8 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 from csdiff.backbone.capture import ActivationCapture
 from csdiff.backbone.loading import SDComponents
-from csdiff.backbone.names import UP_CROSS, enumerate_activations, family_of, up_cross_maps
+from csdiff.backbone.families import family_of
+from csdiff.backbone.names import UP_CROSS, enumerate_activations, up_cross_maps
 
 
 @dataclass(frozen=True)
@@ -37,7 +38,7 @@ def activation_shapes(
         latent = torch.zeros(1, unet.config.in_channels, *latent_size, dtype=dtype)
         emb = torch.zeros(1, prompt_window, cross_dim, dtype=dtype)
         added = {}
-        if family_of(unet) == "sdxl":  # pooled text embedding + 6 time ids
+        if family_of(unet).time_ids:  # pooled text embedding + 6 time ids
             pooled = unet.config.projection_class_embeddings_input_dim - 6 * unet.config.addition_time_embed_dim
             added = {"added_cond_kwargs": {"text_embeds": torch.zeros(1, pooled, dtype=dtype), "time_ids": torch.zeros(1, 6, dtype=dtype)}}
         with ActivationCapture(unet, list(names), latent_size=latent_size, prompt_window=prompt_window) as capture:

@@ -21,7 +21,7 @@ from diffusers import AutoencoderKL, ControlNetModel, PNDMScheduler, SchedulerMi
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from csdiff.backbone import random_models
-from csdiff.backbone.names import family_of
+from csdiff.backbone.families import Family, family_of, family_of_config
 from csdiff.backbone.tiny import TINY_ALIASES
 
 SD_SUBFOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
@@ -71,7 +71,7 @@ class SDComponents:
     tokenizer_2: CLIPTokenizer | None = None
 
     @property
-    def family(self) -> str:
+    def family(self) -> Family:
         return family_of(self.unet)
 
 
@@ -221,7 +221,7 @@ def load_sd_components(
         text_encoder = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", dtype=torch_dtype)
         # SDXL's VAE overflows in float16 (its config says `force_upcast`): it stays float32, as in
         # diffusers' SDXL pipeline, so features are never NaN. SD 1.x/2.x VAEs run in `dtype`.
-        sdxl = UNet2DConditionModel.load_config(folder, subfolder="unet").get("addition_embed_type") == "text_time"
+        sdxl = family_of_config(UNet2DConditionModel.load_config(folder, subfolder="unet")).time_ids
         upcast = sdxl and AutoencoderKL.load_config(folder, subfolder="vae").get("force_upcast", False)
         vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", torch_dtype=torch.float32 if upcast else torch_dtype)
         components = SDComponents(

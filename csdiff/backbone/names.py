@@ -13,48 +13,14 @@ from typing import Iterable, Literal
 
 from torch import nn
 
+from csdiff.backbone.families import SD, family_of
+
 Kind = Literal["output", "input", "tokens", "self-map", "cross-map"]
 
-# Aggregated attention feature: cross-attention maps of up-level1 and up-level2 (DESIGN §2);
-# on SDXL, whose last up-level has no attention, of its up-level0 and up-level1.
+# Aggregated attention feature: cross-attention maps of two up-levels per family (DESIGN §2).
 UP_CROSS = "up_cross"
-UP_CROSS_LEVELS = {"sd": (1, 2), "sdxl": (0, 1)}
-
-LAYER_SETS: dict[str, tuple[str, ...]] = {
-    "legacy": (
-        "up-level0-upsampler-out",
-        "up-level1-upsampler-out",
-        "up-level2-upsampler-out",
-        "up-level3-repeat2-vit-out",
-    ),
-    "practical": (
-        "up-level1-repeat1-vit-block0-cross-q",
-        "up-level1-repeat2-res-out",
-        "up-level2-repeat1-vit-block0-cross-q",
-        "up-level3-repeat0-vit-block0-self-k",
-    ),
-}
-# SDXL's sets: `legacy`'s analogue (its up-level samplers and the finest attention output,
-# since its last up-level has no attention) and the companion paper's `practical` set.
-SDXL_LAYER_SETS: dict[str, tuple[str, ...]] = {
-    "legacy": ("up-level0-upsampler-out", "up-level1-upsampler-out", "up-level1-repeat2-vit-out"),
-    "practical": (
-        "up-level0-repeat0-vit-block7-out",
-        "up-level0-repeat0-vit-block5-out",
-        "up-level1-repeat0-vit-block0-cross-q",
-        "up-level1-repeat0-vit-block0-out",
-    ),
-}
-
-
-def family_of(unet: nn.Module) -> str:
-    """``sdxl`` for UNets conditioned on pooled text and time ids, else ``sd`` (SD 1.x / 2.x):
-    read from the configuration, never from a model's name."""
-    return "sdxl" if unet.config.get("addition_embed_type") == "text_time" else "sd"
-
-
-def layer_sets(unet: nn.Module) -> dict[str, tuple[str, ...]]:
-    return SDXL_LAYER_SETS if family_of(unet) == "sdxl" else LAYER_SETS
+# SD 1.x / 2.x named sets (each family's, including SDXL's, are in csdiff.backbone.families).
+LAYER_SETS = SD.layer_sets
 
 
 class UnknownLayerError(ValueError):
@@ -128,7 +94,7 @@ def enumerate_activations(unet: nn.Module) -> dict[str, Activation]:
 def up_cross_maps(unet: nn.Module) -> dict[int, list[str]]:
     """Module paths of the cross-attention layers that make up ``up_cross``, per up-level."""
     out: dict[int, list[str]] = {}
-    for level in UP_CROSS_LEVELS[family_of(unet)]:
+    for level in family_of(unet).up_cross_levels:
         block = unet.up_blocks[level]
         out[level] = [
             f"up_blocks.{level}.attentions.{r}.transformer_blocks.{i}.attn2"
@@ -152,7 +118,7 @@ def expand_layers(layers: str | Iterable[str], sets: dict[str, tuple[str, ...]] 
 
 def resolve_layers(unet: nn.Module, layers: str | Iterable[str]) -> list[str]:
     """Validate layer names against a UNet; unknown names fail with the closest valid ones."""
-    names = expand_layers(layers, layer_sets(unet))
+    names = expand_layers(layers, family_of(unet).layer_sets)
     if not names:
         raise UnknownLayerError("no layers given: name at least one activation (see `csdiff layers`)")
     valid = enumerate_activations(unet)
