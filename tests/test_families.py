@@ -258,3 +258,15 @@ def test_layers_verb_lists_each_familys_names_and_shapes(sd2, sdxl, capsys):
         assert main(["layers", "--model", str(folder), "--format", "json"]) == 0
         rows = {r["name"]: r["shape"] for r in json.loads(capsys.readouterr().out)}
         assert rows[probe] == shape and rows["up_cross"] == [154, native // 8, native // 8], folder
+
+
+@pytest.mark.parametrize("config_name,family", [("corr_spair_sdxl_public.yaml", "sdxl"), ("corr_spair_sd21_public.yaml", "sd2")])
+def test_correspondence_config_runs_on_its_family(config_name, family, sd2, sdxl, tmp_path):
+    """The SDXL and SD 2.1 correspondence configs on tiny models of their own family: gate,
+    attention feature (`up_cross` from that family's up-levels), denoising chains, PCK."""
+    from test_configs import _run, _substitute_tiny
+
+    folder, controlnet = sdxl if family == "sdxl" else sd2
+    config = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs" / config_name).read_text())
+    cli, score = _run(_substitute_tiny(config, tmp_path, str(folder), str(controlnet), lambda path, seed: str(path)), tmp_path / config_name)
+    assert score in cli.trainer.callback_metrics
