@@ -211,6 +211,20 @@ def test_sdxl_noise_chain_and_controlnet(sdxl, images):
         assert (f[name]["up-level0-upsampler-out"] - f["plain"]["up-level0-upsampler-out"]).abs().max() > 1e-4, name
 
 
+def test_sdxl_time_ids_default_to_the_image_and_are_configurable(sdxl, images):
+    folder, _ = sdxl
+    seen = []
+    default = DiffusionFeatureExtractor(str(folder), ["up-level0-upsampler-out"], img_size=64)
+    custom = DiffusionFeatureExtractor(str(folder), ["up-level0-upsampler-out"], img_size=64, time_ids=[1024, 768, 0, 0, 64, 64])
+    for ex in (default, custom):
+        handle = ex.unet.register_forward_pre_hook(lambda m, a, k: seen.append(k["added_cond_kwargs"]["time_ids"][0].tolist()), with_kwargs=True)
+        out = ex(images)["plain"]["up-level0-upsampler-out"]
+        handle.remove()
+    assert seen == [[64, 64, 0, 0, 64, 64], [1024, 768, 0, 0, 64, 64]]
+    assert (out - default(images)["plain"]["up-level0-upsampler-out"]).abs().max() > 1e-4
+    assert describe_differences(default.describe(), custom.describe())[0].startswith("time_ids:")
+
+
 def test_sdxl_kohya_lora_reaches_unet_and_both_text_encoders(sdxl, images, tmp_path):
     """A kohya SDXL file (lora_unet_…, lora_te1_…, lora_te2_…): each part adapts its model, the
     text parts change only their variant's prompt embedding, and nothing becomes trainable."""

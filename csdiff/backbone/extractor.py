@@ -48,6 +48,10 @@ class DiffusionFeatureExtractor(nn.Module):
         fresh_noise: draw new noise per image and call (training augmentation) instead of
             the batch-independent, seeded noise map of each variant.
         dtype: dtype of the frozen parts; ``feature_dtype``: dtype of returned features.
+        unet: a fine-tuned UNet of the same architecture in place of the model's.
+        noise: false feeds the clean latent (no noise at all, e.g. at ``timestep`` 0).
+        time_ids: SDXL's six size conditions (original h, w, crop top, left, target h, w);
+            default: the image at ``img_size``, uncropped.
     """
 
     def __init__(
@@ -65,6 +69,7 @@ class DiffusionFeatureExtractor(nn.Module):
         feature_dtype: str = "float32",
         unet: str | None = None,
         noise: bool = True,
+        time_ids: Sequence[int] | None = None,
     ) -> None:
         super().__init__()
         if latent not in ("mean", "sample"):
@@ -105,6 +110,9 @@ class DiffusionFeatureExtractor(nn.Module):
                 )
         self.img_size, self.timestep = img_size, timestep
         self.latent, self.vae_seed, self.fresh_noise, self.noise = latent, vae_seed, fresh_noise, noise
+        if time_ids is not None and len(time_ids) != 6:
+            raise ValueError(f"time_ids are 6 numbers (original h, w, crop top, left, target h, w), got {list(time_ids)}")
+        self.time_ids = None if time_ids is None else [int(v) for v in time_ids]
         self.dtype = parse_dtype(dtype)
         self.feature_dtype = parse_dtype(feature_dtype)
         encoders = {"text_encoder": self.text_encoder, "text_encoder_2": self.text_encoder_2}
@@ -153,6 +161,7 @@ class DiffusionFeatureExtractor(nn.Module):
             img_size=self.img_size,
             timestep=self.timestep,
             noise=self.noise,
+            time_ids=self.time_ids,
             latent=self.latent,
             vae_seed=self.vae_seed,
             dtype=str(self.dtype).removeprefix("torch."),
@@ -183,7 +192,8 @@ class DiffusionFeatureExtractor(nn.Module):
 
     def added_conditions(self, prompt: str, text_key: tuple, batch: int) -> dict:
         """The family's extra UNet/ControlNet arguments for a prompt (SDXL: pooled embedding, time ids)."""
-        return self.family.added_conditions(self._prompt(prompt, text_key)[1], self.img_size, batch, self.dtype, self.device)
+        pooled = self._prompt(prompt, text_key)[1]
+        return self.family.added_conditions(pooled, self.img_size, batch, self.dtype, self.device, self.time_ids)
 
     def _apply(self, fn, *args, **kwargs):
         self._prompt_cache.clear()  # embeddings follow the module's device/dtype
@@ -338,7 +348,7 @@ class DiffusionFeatureExtractor(nn.Module):
 
 def _comparable(description: dict) -> dict:
     """What fixes the features, with every weight named by its fingerprint (not its path or hub id)."""
-    out = {key: description[key] for key in ("layers", "img_size", "timestep", "noise", "latent") if key in description}
+    out = {key: description[key] for key in ("layers", "img_size", "timestep", "noise", "time_ids", "latent") if key in description}
     out["backbone weights"] = description["backbone"]["weights_id"]
     out["unet weights"] = description["backbone"].get("unet_weights_id")
     if description.get("latent") == "sample" and "vae_seed" in description:

@@ -8,7 +8,7 @@ the UNet's configuration, never from a model's name.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,13 +35,16 @@ class Family:
     encode: Encoder
     time_ids: bool = False  # SDXL: pooled text embedding and six time ids as added conditioning
 
-    def added_conditions(self, pooled: torch.Tensor | None, img_size: int, batch: int, dtype: torch.dtype, device) -> dict:
+    def added_conditions(
+        self, pooled: torch.Tensor | None, img_size: int, batch: int, dtype: torch.dtype, device, time_ids: Sequence[int] | None = None
+    ) -> dict:
         """Extra UNet/ControlNet arguments: none for SD 1.x/2.x; for SDXL the pooled embedding and
-        the time ids (original size, crop corner, target size: the image at ``img_size``, uncropped)."""
+        the time ids (original height, width, crop top, left, target height, width), by default
+        the image at ``img_size``, uncropped."""
         if not self.time_ids:
             return {}
-        size = float(img_size)
-        time_ids = torch.tensor([[size, size, 0.0, 0.0, size, size]], device=device, dtype=dtype)
+        values = [float(v) for v in (time_ids or (img_size, img_size, 0, 0, img_size, img_size))]
+        time_ids = torch.tensor([values], device=device, dtype=dtype)
         text = pooled.to(device, dtype).expand(batch, -1)
         return {"added_cond_kwargs": {"text_embeds": text, "time_ids": time_ids.expand(batch, -1)}}
 

@@ -43,6 +43,7 @@ class BackboneOptions(TypedDict, total=False):
     latent: Literal["mean", "sample"]
     vae_seed: int
     noise: bool
+    time_ids: list[int] | None
     dtype: Literal["float32", "float16", "bfloat16"]
 
 
