@@ -34,7 +34,7 @@ LAYERS = ["up-level1-upsampler-out", "up-level2-repeat1-vit-block0-self-q"]
 def sd2(tmp_path_factory) -> tuple[Path, Path]:
     work = tmp_path_factory.mktemp("sd2")
     folder = sd2_script.make_tiny_sd2(work / "tiny-sd2")
-    return folder, sd2_script.make_tiny_sd2_controlnet(folder, work / "tiny-sd2-controlnet")
+    return folder, sd2_script.make_tiny_controlnet(folder, work / "tiny-sd2-controlnet")
 
 
 @pytest.fixture(scope="module")
@@ -160,7 +160,7 @@ def test_unsupported_architectures_name_the_supported_families(tmp_path, pipelin
 def sdxl(tmp_path_factory) -> tuple[Path, Path]:
     work = tmp_path_factory.mktemp("sdxl")
     folder = sdxl_script.make_tiny_sdxl(work / "tiny-sdxl")
-    return folder, sdxl_script.make_tiny_sdxl_controlnet(folder, work / "tiny-sdxl-controlnet")
+    return folder, sd2_script.make_tiny_controlnet(folder, work / "tiny-sdxl-controlnet")
 
 
 def test_sdxl_loads_with_both_text_encoders_and_an_upcast_vae(sdxl):

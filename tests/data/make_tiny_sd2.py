@@ -3,7 +3,7 @@
 What tells SD 2.x from 1.x, in miniature: linear projections in the transformers, one head
 size per level (``attention_head_dim`` is a list), a text encoder with GELU (OpenCLIP, as
 diffusers converts it), and a v-predicting scheduler (SD 2.1 at 768). Loaded through the same
-code as real weights; ``make_tiny_sd2_controlnet`` adds a ControlNet built from its UNet.
+code as real weights; ``make_tiny_controlnet`` adds a ControlNet built from its UNet (of any family).
 """
 
 from __future__ import annotations
@@ -57,8 +57,9 @@ def make_tiny_sd2(root: Path, seed: int = 0) -> Path:
     return root
 
 
-def make_tiny_sd2_controlnet(model: Path, out: Path, seed: int = 1) -> Path:
-    """A random ControlNet for the model at ``model``, with non-zero output convolutions so it acts."""
+def make_tiny_controlnet(model: Path, out: Path, seed: int = 1) -> Path:
+    """A random ControlNet for the model at ``model`` (any family), with non-zero output
+    convolutions so it acts."""
     torch.manual_seed(seed)
     controlnet = ControlNetModel.from_unet(UNet2DConditionModel.from_pretrained(model, subfolder="unet"))
     with torch.no_grad():

@@ -4,7 +4,7 @@ What tells SDXL from SD 1.x/2.x, in miniature: three levels whose first has no a
 transformer depth growing with the level (1 / 2 / 3 here; SDXL: 0 / 2 / 10), linear
 projections, two text encoders (the second with a projection giving the pooled embedding),
 added conditioning on text embeddings and six time ids, and a VAE that asks to be upcast.
-``make_tiny_sdxl_controlnet`` adds a ControlNet built from its UNet.
+ControlNets for it come from ``make_tiny_sd2.make_tiny_controlnet``.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, ControlNetModel, EulerDiscreteScheduler, UNet2DConditionModel
+from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from csdiff.backbone import tiny
@@ -59,17 +59,6 @@ def make_tiny_sdxl(root: Path, seed: int = 0) -> Path:
         "tokenizer_2": ["transformers", "CLIPTokenizer"], "scheduler": ["diffusers", "EulerDiscreteScheduler"],
     }))
     return root
-
-
-def make_tiny_sdxl_controlnet(model: Path, out: Path, seed: int = 1) -> Path:
-    """A random ControlNet for the model at ``model``, with non-zero output convolutions so it acts."""
-    torch.manual_seed(seed)
-    controlnet = ControlNetModel.from_unet(UNet2DConditionModel.from_pretrained(model, subfolder="unet"))
-    with torch.no_grad():
-        for conv in [*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block]:
-            conv.weight.normal_(0, 0.05)
-    controlnet.save_pretrained(out)
-    return out
 
 
 if __name__ == "__main__":
