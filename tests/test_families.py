@@ -84,10 +84,11 @@ def test_sd2_controlnet_and_lora_change_features(sd2, images, tmp_path):
 
 
 def test_segmentation_fit_on_sd2_through_the_cli(sd2, tmp_path):
+    """The SD 2.1 segmentation config on the tiny SD 2.x model."""
     from test_configs import _run, _substitute_tiny
 
     folder, controlnet = sd2
-    config = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs" / "seg_ade20k_public.yaml").read_text())
+    config = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs" / "seg_ade20k_sd21_public.yaml").read_text())
     lora = lambda path, seed: str(path)  # noqa: E731  (the public config has no LoRA)
     cli, score = _run(_substitute_tiny(config, tmp_path, str(folder), str(controlnet), lora), tmp_path / "sd2.yaml")
     assert score in cli.trainer.callback_metrics
@@ -284,3 +285,23 @@ def test_correspondence_config_runs_on_its_family(config_name, family, sd2, sdxl
     config = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs" / config_name).read_text())
     cli, score = _run(_substitute_tiny(config, tmp_path, str(folder), str(controlnet), lambda path, seed: str(path)), tmp_path / config_name)
     assert score in cli.trainer.callback_metrics
+
+
+def test_sdxl_diffusers_lora_folder_loads_and_acts(sdxl, images, tmp_path):
+    """A diffusers-format SDXL LoRA (saved by the SDXL pipeline, with peft metadata) on the UNet."""
+    from diffusers import StableDiffusionXLPipeline
+    from peft import LoraConfig
+
+    folder, _ = sdxl
+    module = "up_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
+    g = torch.Generator().manual_seed(3)
+    layers = {f"{module}.lora_A.weight": torch.randn(4, 64, generator=g) * 0.3, f"{module}.lora_B.weight": torch.randn(64, 4, generator=g) * 0.3}
+    config = LoraConfig(r=4, lora_alpha=4, target_modules=[module]).to_dict()
+    StableDiffusionXLPipeline.save_lora_weights(tmp_path / "lora", unet_lora_layers=layers, unet_lora_adapter_metadata=config)
+    variants = [Variant("lora", "a photo", loras=[LoRA(str(tmp_path / "lora"))]), Variant("plain", "a photo")]
+    ex = DiffusionFeatureExtractor(str(folder), ["up-level0-upsampler-out"], img_size=64, variants=variants)
+    f = ex(images)
+    assert len(ex.loras.in_unet) == 1 and not ex.loras.in_text_encoder
+    assert (f["lora"]["up-level0-upsampler-out"] - f["plain"]["up-level0-upsampler-out"]).abs().max() > 1e-4
+    assert not any(p.requires_grad for p in ex.parameters())
+
