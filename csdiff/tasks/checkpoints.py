@@ -24,6 +24,10 @@ class CheckpointMismatchError(ValueError):
 class FrozenBackboneCheckpointMixin:
     """For LightningModules holding a frozen ``self.extractor`` (a DiffusionFeatureExtractor)."""
 
+    def task_parameters(self) -> list:
+        """The task's own trainable parameters: the frozen backbone never enters an optimizer."""
+        return [p for name, p in self.named_parameters() if not name.startswith(FROZEN_PREFIX) and p.requires_grad]
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint["state_dict"]
         for key in [k for k in state if k.startswith(FROZEN_PREFIX)]:

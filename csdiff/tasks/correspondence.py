@@ -146,7 +146,7 @@ class CorrespondenceTask(StepSeededMixin, FrozenBackboneCheckpointMixin, Lightni
         return out
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        params = [p for name, p in self.named_parameters() if not name.startswith("extractor.") and p.requires_grad]
+        params = self.task_parameters()
         if not params:
             raise ValueError(
                 "this configuration has nothing to train (fusion: mean, head: nn): it is zero-shot; "

@@ -154,9 +154,7 @@ class SegmentationTask(StepSeededMixin, FrozenBackboneCheckpointMixin, Lightning
             dm.set_epoch(self.current_epoch)  # DDP wrappers may hide the sampler's own set_epoch
 
     def configure_optimizers(self) -> dict:
-        # The task's own parameters only: the frozen backbone never enters the optimizer.
-        params = [p for name, p in self.named_parameters() if not name.startswith("extractor.") and p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        opt = torch.optim.AdamW(self.task_parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
         total = max(1, int(self.trainer.estimated_stepping_batches))
         lr, min_lr, power = self.hparams.lr, self.hparams.min_lr, self.hparams.poly_power
 
