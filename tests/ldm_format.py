@@ -1,9 +1,9 @@
-"""Write a diffusers Stable Diffusion (SD 1.x topology) under the original LDM / CompVis key names.
+"""Write a diffusers Stable Diffusion (SD 1.x, 2.x or SDXL) under the original LDM / SGM key names.
 
 Test helper: it produces the kind of single-file checkpoint (``model.diffusion_model.*``,
-``first_stage_model.*``, ``cond_stage_model.transformer.*``) that A1111 / kohya tools and the
-original ``ldm`` code write, so that the single-file loading path can be tested offline on the
-tiny model. The mapping follows the LDM architecture:
+``first_stage_model.*``, and the text encoders under their original names) that A1111 / kohya
+tools and the original ``ldm`` / ``sgm`` code write, so that the single-file loading path can be
+tested offline on tiny models of every family. The mapping follows the LDM architecture:
 
 UNet (``ldm.modules.diffusionmodules.openaimodel.UNetModel``)
     ``input_blocks`` is a flat list: ``[conv_in]``, then per level ``layers_per_block`` blocks of
@@ -20,9 +20,15 @@ VAE (``ldm.modules.diffusionmodules.model.Encoder/Decoder``)
     (``norm``, ``q``, ``k``, ``v``, ``proj_out`` as 1x1 convs), ``mid.block_2``; ``norm_out``.
     The decoder's ``up`` list is indexed from the lowest resolution up in diffusers but from
     the highest resolution in LDM, hence the reversed index. Resnet shortcut: ``nin_shortcut``.
-Text encoder (``FrozenCLIPEmbedder``)
-    ``cond_stage_model.transformer`` is a transformers ``CLIPTextModel``: its keys unchanged
-    under ``text_model.``.
+Text encoders
+    SD 1.x (``FrozenCLIPEmbedder``): ``cond_stage_model.transformer`` is a transformers
+    ``CLIPTextModel``, its keys unchanged under ``text_model.``. SD 2.x
+    (``FrozenOpenCLIPEmbedder``): ``cond_stage_model.model`` in OpenCLIP's own names —
+    ``token_embedding``, ``positional_embedding`` (a bare tensor), ``transformer.resblocks.{i}``
+    with ``ln_1``, ``ln_2``, ``attn.in_proj_weight``/``_bias`` (q, k, v stacked), ``attn.out_proj``,
+    ``mlp.c_fc``, ``mlp.c_proj``; ``ln_final``; ``text_projection`` (transposed, no bias). SDXL
+    (``sgm`` conditioner): ``conditioner.embedders.0.transformer`` as SD 1.x and
+    ``conditioner.embedders.1.model`` in OpenCLIP names. The UNet's added embedding is ``label_emb.0``.
 """
 
 from __future__ import annotations
@@ -78,6 +84,8 @@ def unet_prefix_map(config) -> list[tuple[str, str, dict[str, str] | None]]:
         ("conv_in", "input_blocks.0.0", None),
         ("conv_norm_out", "out.0", None),
         ("conv_out", "out.2", None),
+        ("add_embedding.linear_1", "label_emb.0.0", None),
+        ("add_embedding.linear_2", "label_emb.0.2", None),
         ("mid_block.resnets.0", "middle_block.0", _UNET_RESNET),
         ("mid_block.attentions.0", "middle_block.1", None),
         ("mid_block.resnets.1", "middle_block.2", _UNET_RESNET),
@@ -153,11 +161,48 @@ def _convert(state_dict: dict[str, torch.Tensor], prefixes, out_prefix: str, wha
     return out
 
 
-def diffusers_to_ldm_state_dict(unet, vae, text_encoder) -> dict[str, torch.Tensor]:
-    """One state dict with the original LDM key names of the whole model (UNet, VAE, CLIP text encoder).
+_OPEN_CLIP_LAYER = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "self_attn.out_proj": "attn.out_proj",
+                    "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj"}
 
-    Tensors are detached contiguous copies (safe for ``safetensors`` and ``torch.save``), in the
-    models' current dtype. The VAE decoder is included when the VAE has one.
+
+def _hf_clip(text_encoder, prefix: str) -> dict[str, torch.Tensor]:
+    out = {}
+    for key, tensor in text_encoder.state_dict().items():
+        if key.endswith("position_ids"):
+            continue  # a buffer, not a weight (older transformers kept it in the state dict)
+        out[prefix + (key if key.startswith("text_model.") else "text_model." + key)] = tensor
+    return out
+
+
+def _open_clip(text_encoder, prefix: str) -> dict[str, torch.Tensor]:
+    """A transformers CLIP text encoder in OpenCLIP's names (q, k, v fused into ``in_proj``)."""
+    sd = {k.removeprefix("text_model."): v for k, v in text_encoder.state_dict().items() if not k.endswith("position_ids")}
+    out = {
+        prefix + "token_embedding.weight": sd.pop("embeddings.token_embedding.weight"),
+        prefix + "positional_embedding": sd.pop("embeddings.position_embedding.weight"),
+        prefix + "ln_final.weight": sd.pop("final_layer_norm.weight"),
+        prefix + "ln_final.bias": sd.pop("final_layer_norm.bias"),
+    }
+    if "text_projection.weight" in sd:
+        out[prefix + "text_projection"] = sd.pop("text_projection.weight").T
+    for i in range(text_encoder.config.num_hidden_layers):
+        layer, block = f"encoder.layers.{i}.", f"{prefix}transformer.resblocks.{i}."
+        for kind in ("weight", "bias"):
+            out[block + f"attn.in_proj_{kind}"] = torch.cat([sd.pop(layer + f"self_attn.{p}_proj.{kind}") for p in "qkv"])
+            for src, dst in _OPEN_CLIP_LAYER.items():
+                out[block + f"{dst}.{kind}"] = sd.pop(layer + f"{src}.{kind}")
+    if sd:
+        raise KeyError(f"text encoder parameters without an OpenCLIP name: {sorted(sd)}")
+    return out
+
+
+def diffusers_to_ldm_state_dict(unet, vae, text_encoder, text_encoder_2=None, open_clip: bool = False) -> dict[str, torch.Tensor]:
+    """One state dict with the original key names of the whole model (UNet, VAE, text encoders).
+
+    SD 1.x by default; ``open_clip=True`` writes the text encoder as SD 2.x's OpenCLIP; a
+    ``text_encoder_2`` makes it an SDXL checkpoint. Tensors are detached contiguous copies
+    (safe for ``safetensors`` and ``torch.save``), in the models' current dtype. The VAE decoder
+    is included when the VAE has one.
     """
     result: dict[str, torch.Tensor] = {}
     result.update(_convert(unet.state_dict(), unet_prefix_map(unet.config), UNET_PREFIX, "unet"))
@@ -166,9 +211,11 @@ def diffusers_to_ldm_state_dict(unet, vae, text_encoder) -> dict[str, torch.Tens
         if ".mid.attn_1." in key and key.endswith(".weight") and tensor.ndim == 2:
             tensor = tensor[:, :, None, None]  # LDM's AttnBlock uses 1x1 convs for q, k, v, proj_out
         result[key] = tensor
-    for key, tensor in text_encoder.state_dict().items():
-        if key.endswith("position_ids"):
-            continue  # a buffer, not a weight (older transformers kept it in the state dict)
-        name = key if key.startswith("text_model.") else "text_model." + key
-        result[CLIP_PREFIX + name] = tensor
+    if text_encoder_2 is not None:
+        result.update(_hf_clip(text_encoder, "conditioner.embedders.0.transformer."))
+        result.update(_open_clip(text_encoder_2, "conditioner.embedders.1.model."))
+    elif open_clip:
+        result.update(_open_clip(text_encoder, "cond_stage_model.model."))
+    else:
+        result.update(_hf_clip(text_encoder, CLIP_PREFIX))
     return {k: v.detach().clone().contiguous() for k, v in result.items()}

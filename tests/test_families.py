@@ -236,7 +236,7 @@ def test_sdxl_kohya_lora_reaches_unet_and_both_text_encoders(sdxl, images, tmp_p
     parts = {
         "lora_unet_up_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q": 64,
         "lora_te1_text_model_encoder_layers_0_self_attn_q_proj": 32,
-        "lora_te2_text_model_encoder_layers_1_mlp_fc1": (32, 64),
+        "lora_te2_text_model_encoder_layers_1_mlp_fc1": (48, 96),
     }
     tensors = {}
     for key, width in parts.items():
@@ -305,3 +305,60 @@ def test_sdxl_diffusers_lora_folder_loads_and_acts(sdxl, images, tmp_path):
     assert (f["lora"]["up-level0-upsampler-out"] - f["plain"]["up-level0-upsampler-out"]).abs().max() > 1e-4
     assert not any(p.requires_grad for p in ex.parameters())
 
+
+
+# --- single files and long prompts, per family -------------------------------------------------
+
+
+@pytest.mark.parametrize("family", ["sd2", "sdxl"])
+def test_single_file_checkpoint_loads_as_its_folder(family, sd2, sdxl, images, tmp_path):
+    """An SD 2.x (OpenCLIP text encoder) or SDXL (sgm conditioner, label_emb) checkpoint in one
+    file, in the original key names, loads into the same weights and features as its folder;
+    the base folder of another family is refused with the reason."""
+    from safetensors.torch import save_file
+
+    from ldm_format import diffusers_to_ldm_state_dict
+
+    folder, other = (sd2[0], sdxl[0]) if family == "sd2" else (sdxl[0], sd2[0])
+    ref = load_sd_components(str(folder), load_vae_decoder=True)
+    path = tmp_path / f"{family}-merged.safetensors"
+    save_file(diffusers_to_ldm_state_dict(ref.unet, ref.vae, ref.text_encoder, ref.text_encoder_2, open_clip=True), str(path))
+    parts = load_sd_components(str(path), base_model=str(folder))
+    for part in ("unet", "text_encoder", "text_encoder_2"):
+        want = dict(getattr(ref, part).named_parameters()) if getattr(ref, part) is not None else {}
+        got = dict(getattr(parts, part).named_parameters()) if getattr(parts, part) is not None else {}
+        assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want), part
+    assert parts.scheduler.config.prediction_type == ref.scheduler.config.prediction_type
+    assert parts.spec.model == str(path) and parts.spec.weights_id != ref.spec.weights_id
+    layers = ["up-level1-upsampler-out", "up_cross"]
+    a = DiffusionFeatureExtractor(str(path), layers, base_model=str(folder), img_size=64)(images)["plain"]
+    b = DiffusionFeatureExtractor(str(folder), layers, img_size=64)(images)["plain"]
+    for layer in layers:
+        torch.testing.assert_close(a[layer], b[layer], rtol=0, atol=1e-6)
+    with pytest.raises(BackboneNotAvailableError, match="own family and architecture") as err:
+        load_sd_components(str(path), base_model=str(other))
+    assert str(path) in str(err.value)
+
+
+def test_sdxl_long_prompt_windows(sdxl, images):
+    """A prompt over 77 tokens: each 77-token window goes through both encoders on its own,
+    the windows are concatenated on the token axis, and the attention features keep 77
+    channels per up-level whatever the prompt length."""
+    from csdiff.backbone.prompts import encode_prompt_sdxl, prompt_windows
+
+    parts = load_sd_components(str(sdxl[0]))
+    long = ", ".join(["a red circle and a blue square on a striped background"] * 12)
+    emb, pooled = encode_prompt_sdxl((parts.tokenizer, parts.tokenizer_2), (parts.text_encoder, parts.text_encoder_2), long)
+    windows = [prompt_windows(t, long) for t in (parts.tokenizer, parts.tokenizer_2)]
+    n = windows[0].shape[0]
+    assert n >= 2 and emb.shape == (1, 77 * n, 32 + 48)
+    for i in range(n):  # by hand, window by window
+        h1 = parts.text_encoder(windows[0][i : i + 1], output_hidden_states=True).hidden_states[-2]
+        out2 = parts.text_encoder_2(windows[1][i : i + 1], output_hidden_states=True)
+        torch.testing.assert_close(emb[:, 77 * i : 77 * (i + 1)], torch.cat([h1, out2.hidden_states[-2]], dim=-1))
+        if i == 0:
+            torch.testing.assert_close(pooled, out2.text_embeds)
+    ex = DiffusionFeatureExtractor(str(sdxl[0]), ["up_cross"], img_size=64, variants=[Variant("long", long), Variant("short", "a photo")])
+    f = ex(images)
+    assert f["long"]["up_cross"].shape == f["short"]["up_cross"].shape == (2, 154, 8, 8)
+    assert (f["long"]["up_cross"] - f["short"]["up_cross"]).abs().max() > 1e-4

@@ -341,24 +341,44 @@ def load_tokenizer(folder: Path, vocab_size: int) -> CLIPTokenizer:
 
 
 def _load_single_file(path: Path, base_model: str | None, torch_dtype: torch.dtype) -> SDComponents:
-    """A whole SD checkpoint in one file (original LDM key names), configured by a base folder."""
-    from diffusers import StableDiffusionPipeline
+    """A whole SD 1.x / 2.x / SDXL checkpoint in one file (original LDM / SGM key names),
+    configured by a base folder of the same family: the family comes from that folder's
+    configuration, never from the file's name."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
     if base_model is None:
         raise BackboneNotAvailableError(
             f"{path} is a single-file checkpoint: it needs a base-model folder in the diffusers layout for its "
             f"configuration (offline). Pass `base_model` (e.g. `--model.init_args.backbone.base_model "
-            f"/path/to/stable-diffusion-v1-5`, or `tiny` for checkpoints of the tiny model)."
+            f"/path/to/stable-diffusion-v1-5`, a SD 2.x or SDXL folder for their checkpoints, or `tiny` for "
+            f"checkpoints of the tiny model)."
         )
     base_folder, _ = resolve_model_folder(base_model)
-    # diffusers reads `.ckpt` files with torch.load(weights_only=True): pickled code is refused.
-    pipe = StableDiffusionPipeline.from_single_file(
-        str(path), config=str(base_folder), local_files_only=True, torch_dtype=torch_dtype,
-        safety_checker=None, requires_safety_checker=False,
-    )
-    tokenizer = load_tokenizer(base_folder / "tokenizer", pipe.text_encoder.config.vocab_size)
+    check_architecture(base_folder)
+    sdxl = (base_folder / "text_encoder_2").is_dir()
+    pipeline = StableDiffusionXLPipeline if sdxl else StableDiffusionPipeline
+    extra = {"add_watermarker": False} if sdxl else {"safety_checker": None, "requires_safety_checker": False}
+    try:
+        # diffusers reads `.ckpt` files with torch.load(weights_only=True): pickled code is refused.
+        pipe = pipeline.from_single_file(str(path), config=str(base_folder), local_files_only=True, torch_dtype=torch_dtype, **extra)
+    except Exception as err:  # shape mismatches, missing keys, unreadable files: all mean "not this base"
+        raise BackboneNotAvailableError(
+            f"{path} could not be loaded as a checkpoint of the {'SDXL' if sdxl else 'SD 1.x/2.x'} base model {base_model!r} "
+            f"({type(err).__name__}: {str(err)[:300]}); `base_model` must be the diffusers folder of the checkpoint's "
+            f"own family and architecture ({SUPPORTED_FAMILIES})"
+        ) from err
     spec = BackboneSpec(str(path), fingerprint_files([path], path), base_model)
-    return SDComponents(pipe.unet, pipe.vae, pipe.text_encoder, tokenizer, pipe.scheduler, spec)
+    components = SDComponents(
+        pipe.unet, pipe.vae, pipe.text_encoder,
+        load_tokenizer(base_folder / "tokenizer", pipe.text_encoder.config.vocab_size),
+        PNDMScheduler.from_pretrained(base_folder, subfolder="scheduler"), spec,
+    )
+    if sdxl:
+        components.text_encoder_2 = pipe.text_encoder_2
+        components.tokenizer_2 = load_tokenizer(base_folder / "tokenizer_2", pipe.text_encoder_2.config.vocab_size)
+        if pipe.vae.config.get("force_upcast", False) and pipe.vae.dtype != torch.float32:
+            components.vae = pipe.vae.to(torch.float32)  # as for folders: SDXL's VAE overflows in float16
+    return components
 
 
 def load_controlnet(model: str, dtype: str | torch.dtype = "float32") -> tuple[ControlNetModel, str]:

@@ -20,7 +20,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 from csdiff.backbone import tiny
 
 WORDS = "a photo of shapes on striped background red circle blue square green triangle".split()
-TE1, TE2, TIME_DIM = 32, 32, 8
+TE1, TE2, TIME_DIM = 32, 48, 8  # distinct widths, as in SDXL (768, 1280)
 
 
 def make_tiny_sdxl(root: Path, seed: int = 0) -> Path:
