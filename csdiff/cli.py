@@ -78,58 +78,98 @@ def run_layers(argv: list[str]) -> int:
 
 
 def run_extract(argv: list[str]) -> int:
-    """Extract features of an image or a folder of images and save one safetensors file per image."""
-    import torch
-    from tqdm import tqdm
+    """Write features of a folder of images, or of a task config's dataset, into a feature folder.
+
+    Runs Lightning's predict loop: ``--trainer.devices N --trainer.strategy ddp`` spreads the
+    images over devices (each rank writes its own). ``--config`` takes a `csdiff fit` config,
+    whose model gives the extractor (``backbone``, ``variants``, ``layers``) and whose data the
+    images (a datamodule with ``feature_images()``, e.g. DDPMSegDataModule).
+    """
+    from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 
     from csdiff.backbone import DiffusionFeatureExtractor
-    from csdiff.data.reading import output_names
+    from csdiff.data.reading import DataError, output_names
     from csdiff.data.segmentation import ImageFolderDataset
-    from csdiff.io import remove_stale_temporaries, save_tensors
 
-    parser = _parser("extract", "Extract diffusion features of images and save them (fp16 safetensors, one file per image).")
-    parser.add_class_arguments(DiffusionFeatureExtractor, "extractor")
-    parser.add_argument("--input", type=str, required=True, help="an image file or a folder of images")
-    parser.add_argument("--output", type=str, required=True, help="folder for <relative image path>.safetensors files")
+    parser = _parser("extract", "Extract diffusion features of images into a feature folder (fp16 safetensors, one file per image, manifest.json).")
+    parser.add_class_arguments(DiffusionFeatureExtractor, "extractor", instantiate=False)
+    parser.add_subclass_arguments(LightningModule, "model", required=False, instantiate=False,
+                                  help="a task whose backbone, variants and layers make the extractor (from a `csdiff fit` config)")
+    parser.add_subclass_arguments(LightningDataModule, "data", required=False,
+                                  help="a datamodule whose images to extract (from a `csdiff fit` config)")
+    parser.add_class_arguments(Trainer, "trainer", instantiate=False)
+    parser.add_argument("--seed_everything", type=bool | int | None, default=None, help="read from task configs; unused (features use the variants' seeds)")
+    parser.add_argument("--ckpt_path", type=str | None, default=None, help="read from task configs; unused")
+    parser.add_argument("--input", type=str | None, default=None, help="an image file or a folder of images")
+    parser.add_argument("--output", type=str | None, default=None, help="feature folder (default with a datamodule: its `features` folder)")
     parser.add_argument("--batch_size", type=int, default=1)
+    parser.add_argument("--num_workers", type=int, default=0)
     parser.add_argument("--overwrite", type=bool, default=False, help="recompute files that already exist")
-    parser.add_argument("--device", type=str | None, default=None, help="torch device (default: cuda when available, else cpu)")
+    parser.add_argument("--device", type=str | None, default=None, help="shorthand for one device, e.g. cpu or cuda:1")
     parser.set_defaults({"extractor.feature_dtype": "float16"})
     cfg = parser.parse_args(argv)
-    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    init = parser.instantiate(cfg)
-    extractor: DiffusionFeatureExtractor = init.extractor.to(device)
-    dataset = ImageFolderDataset(cfg.input)
-    out_dir = Path(cfg.output)
-    targets = {p: out_dir / f"{name}.safetensors" for p, name in zip(dataset.paths, output_names(dataset.paths, dataset.root))}
-    remove_stale_temporaries(out_dir)  # from an interrupted run; finished files are complete
-    meta = {"csdiff": json.dumps(extractor.describe())}
-    done = skipped = 0
-    loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch_size, collate_fn=lambda b: b)
-    for batch in tqdm(loader, desc="extract", unit="batch"):
-        todo = []
-        for item in batch:
-            target = targets[item["path"]]
-            if target.exists() and not cfg.overwrite:
-                skipped += 1
-            else:
-                todo.append((item, target))
-        if not todo:
-            continue
-        # images differ in size: bring each to img_size first, then batch
-        images = torch.cat([extractor.resize(item["image"][None].to(device)) for item, _ in todo])
-        features = extractor(images)
-        for i, (_, target) in enumerate(todo):
-            tensors = {f"{v}/{layer}": f[i] for v, layers in features.items() for layer, f in layers.items()}
-            save_tensors(target, tensors, metadata=meta)
-            done += 1
-    print(f"wrote {done} feature files to {out_dir} ({skipped} already present)")
+    if cfg.model is not None:
+        options = cfg.model.init_args
+        if not {"backbone", "variants", "layers"} <= set(options.keys()):
+            raise ValueError(f"{cfg.model.class_path} has no backbone/variants/layers options: give --extractor.* instead")
+        if not options.layers:
+            raise ValueError(f"the config's model names no layers: set model.init_args.layers")
+        backbone = options.backbone.as_dict() if hasattr(options.backbone, "as_dict") else dict(options.backbone or {})
+        variants = [v.as_dict() if hasattr(v, "as_dict") else dict(v) for v in (options.variants or [{"name": "plain"}])]
+        kwargs = dict(backbone, layers=list(options.layers), variants=variants, feature_dtype="float16")
+    else:
+        kwargs = cfg.extractor.as_dict()
+    datamodule = parser.instantiate_classes(cfg).data if cfg.data is not None and cfg.input is None else None
+    if cfg.input is not None:
+        dataset = ImageFolderDataset(cfg.input)
+        items = list(zip(output_names(dataset.paths, dataset.root), dataset.paths))
+    elif datamodule is not None:
+        if not hasattr(datamodule, "feature_images"):
+            raise DataError(f"{type(datamodule).__name__} does not list images for extraction; extract its image folder with --input")
+        items = datamodule.feature_images()
+    else:
+        raise DataError("nothing to extract: give --input FOLDER, or --config with a data section (a `csdiff fit` config)")
+    output = cfg.output or getattr(datamodule, "features", None)
+    if output is None:
+        raise DataError("give --output FOLDER for the feature files")
+    trainer_options = {k: cfg.trainer[k] for k in ("accelerator", "devices", "strategy", "num_nodes")}
+    if cfg.device is not None:
+        kind, _, index = cfg.device.partition(":")
+        trainer_options.update(accelerator="gpu" if kind == "cuda" else kind, devices=[int(index)] if index else 1, strategy="auto")
+    if not isinstance(trainer_options["strategy"], str):
+        raise ValueError("give --trainer.strategy as a name (e.g. ddp) for extraction")
+    from csdiff.tasks.extraction import extract_to_folder
+
+    extractor = DiffusionFeatureExtractor(**kwargs)
+    written, present = extract_to_folder(extractor, items, output, trainer_options, cfg.batch_size, cfg.num_workers, cfg.overwrite)
+    from lightning.pytorch.utilities import rank_zero_only
+
+    if rank_zero_only.rank == 0:
+        print(f"wrote {written} feature files to {output} ({present} already present)")
+    return 0
+
+
+def run_scarce_splits(argv: list[str]) -> int:
+    """Fit and test a label-scarce config on several random splits; print mean ± std mIoU."""
+    import argparse
+
+    from csdiff.splits import run_splits
+
+    parser = argparse.ArgumentParser(
+        prog="csdiff scarce-splits", description=run_scarce_splits.__doc__,
+        epilog="Other options (e.g. --trainer.max_epochs 10) go to every `csdiff fit`.",
+    )
+    parser.add_argument("--config", required=True, help="a label-scarce `csdiff fit` config (configs/scarce_*.yaml)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4], help="split seeds (default: the paper's 5)")
+    known, overrides = parser.parse_known_args(argv)
+    run_splits(known.config, known.seeds, overrides)
     return 0
 
 
 OWN_VERBS: dict[str, tuple[Callable[[list[str]], int], str]] = {
     "layers": (run_layers, "list activation names and shapes of a model"),
-    "extract": (run_extract, "extract and save features of images"),
+    "extract": (run_extract, "extract features of images or of a config's dataset into a feature folder"),
+    "scarce-splits": (run_scarce_splits, "fit + test a label-scarce config on 5 random splits, mean ± std"),
 }
 
 
@@ -140,12 +180,12 @@ def _overview() -> str:
         "usage: csdiff <command> [--config FILE] [options]   (csdiff <command> --help for its options)",
         "",
         "commands:",
-        "  fit        train a task (LightningCLI)",
-        "  validate   score a checkpoint on the validation split",
-        "  test       score a checkpoint on the test split",
-        "  predict    write predictions of a checkpoint",
+        "  fit           train a task (LightningCLI)",
+        "  validate      score a checkpoint on the validation split",
+        "  test          score a checkpoint on the test split",
+        "  predict       write predictions of a checkpoint",
     ]
-    lines += [f"  {name:<10} {text}" for name, (_, text) in OWN_VERBS.items()]
+    lines += [f"  {name:<13} {text}" for name, (_, text) in OWN_VERBS.items()]
     lines += ["", "options:", "  -h, --help  show this message", "  --version   print the version"]
     return "\n".join(lines)
 

@@ -16,13 +16,19 @@ CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"
 make_fake_ade20k = load_script("make_fake_ade20k").make_fake_ade20k
 make_fake_cityscapes = load_script("make_fake_cityscapes").make_fake_cityscapes
 make_fake_spair = load_script("make_fake_spair").make_fake_spair
-TASKS = {"csdiff.tasks.SegmentationTask": "val/mIoU", "csdiff.tasks.CorrespondenceTask": "val/pck_bbox_point"}
+make_fake_ddpmseg = load_script("make_fake_ddpmseg").make_fake_ddpmseg
+TASKS = {
+    "csdiff.tasks.SegmentationTask": "val/mIoU",
+    "csdiff.tasks.CorrespondenceTask": "val/pck_bbox_point",
+    "csdiff.tasks.ScarceSegmentationTask": "test/mIoU",  # no validation split: fit, then test
+}
 
 
 def test_configs_exist():
     names = {p.name for p in CONFIGS}
     assert {"quickstart.yaml", "seg_ade20k.yaml", "seg_ade20k_public.yaml", "seg_cityscapes.yaml", "seg_cityscapes_public.yaml"} <= names
     assert {"corr_spair.yaml", "corr_spair_nn.yaml", "corr_spair_public.yaml", "corr_spair_nn_public.yaml", "corr_spair_zeroshot.yaml"} <= names
+    assert {"scarce_horse21.yaml", "scarce_bedroom28.yaml", "scarce_horse21_public.yaml", "scarce_bedroom28_public.yaml"} <= names
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.name)
@@ -74,7 +80,7 @@ def _substitute_tiny(config: dict, tmp: Path, backbone: str = "tiny", controlnet
     if config["data"]["class_path"].endswith("SPairDataModule"):
         model["eval_size"] = 64
         data.update(root=str(make_fake_spair(tmp / "SPair-71k")[0]), img_size=64)
-    else:
+    elif config["model"]["class_path"].endswith("SegmentationTask") and "Scarce" not in config["model"]["class_path"]:
         model.update(slide_crop=64, slide_stride=64)
     if config["data"]["class_path"].endswith("ADE20KDataModule"):
         data["root"] = str(make_fake_ade20k(tmp / "ADEChallengeData2016", n_train=2, n_val=1, size=(64, 80)))
@@ -82,6 +88,9 @@ def _substitute_tiny(config: dict, tmp: Path, backbone: str = "tiny", controlnet
     elif config["data"]["class_path"].endswith("CityscapesDataModule"):
         data["root"] = str(make_fake_cityscapes(tmp / "cityscapes", n_per_city=1, size=(64, 128)))
         data.update(crop_size=64, scale=[128, 64])
+    elif config["data"]["class_path"].endswith("DDPMSegDataModule"):
+        root = make_fake_ddpmseg(tmp / data["dataset"], data["dataset"], num_train=2, num_test=1)
+        data.update(root=str(root), features=str(tmp / "features"))
     elif config["data"]["class_path"].endswith("QuickstartDataModule"):
         data.update(root=str(tmp / "quickstart" / "ADEChallengeData2016"), num_train=4, num_val=1, size=64)
     data["num_workers"] = 0
@@ -98,14 +107,20 @@ def _substitute_tiny(config: dict, tmp: Path, backbone: str = "tiny", controlnet
     return config
 
 
-def _run(config: dict, path: Path):
-    """Fit 2 steps and validate, or, for a zero-shot config, test; returns the CLI and the score's name."""
+def _run(config: dict, path: Path, test: bool = True):
+    """Fit 2 steps and validate, or, for a zero-shot config, test; returns the CLI and the score's name.
+    A label-scarce config (no validation split) is tested after the fit unless ``test`` is false."""
     path.write_text(yaml.safe_dump(config))
     score = TASKS[config["model"]["class_path"]]
     if not _trains(config):
         return run_lightning(["test", "--config", str(path)]), score.replace("val/", "test/")
     cli = run_lightning(["fit", "--config", str(path)])
     assert cli.trainer.global_step == 2
+    if not score.startswith("test/"):
+        return cli, score
+    if not test:
+        return cli, "train/loss"
+    cli.trainer.test(cli.model, datamodule=cli.datamodule)
     return cli, score
 
 
@@ -158,6 +173,8 @@ def test_paper_config_instantiates_at_sd15_size_in_float16_without_running_the_m
     if name == "SegmentationTask" and model["layers"] == ["up-level0-upsampler-out", "up-level1-upsampler-out", "up-level2-upsampler-out"]:
         assert task.levels == ["up-level2-upsampler-out", "up-level1-upsampler-out", "up-level0-upsampler-out"]
         assert task.gate.in_channels == (640, 1280, 1280)  # SD 1.5 at 512: 640@64², 1280@32², 1280@16²
+    elif name == "ScarceSegmentationTask":  # the paper's label-scarce features: legacy + up_cross, per variant
+        assert task.channels == 3520 + 154 and len(task.ensemble.members) == 10
     elif model.get("attention_variant"):  # the paper's correspondence features: legacy + up_cross at 64²
         assert task.grid == model["backbone"]["img_size"] // 8 and task.head.out_channels == 3520 + 154
     backbone = {id(p) for p in task.extractor.parameters()}
@@ -185,7 +202,9 @@ def test_paper_config_runs_with_random_sd15(config, tmp_path, sd15_lora_unet, tw
     trainer = config_dict["trainer"]
     trainer["callbacks"] = [c for c in trainer["callbacks"] if not c["class_path"].endswith("ModelCheckpoint")]
     trainer.update(enable_checkpointing=False, num_sanity_val_steps=0)
-    cli, score = _run(config_dict, tmp_path / config.name)
+    # label-scarce: extract -> 2 training steps; testing one 256² image at SD widths (65536 pixels ×
+    # 3674 channels × 4 variants through 10 MLPs) is the tiny run's plumbing at minutes of CPU time
+    cli, score = _run(config_dict, tmp_path / config.name, test=False)
     assert score in cli.trainer.callback_metrics
     assert not any(p.requires_grad for p in cli.model.extractor.parameters())
     if _trains(config_dict):

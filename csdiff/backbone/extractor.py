@@ -370,21 +370,22 @@ def _comparable(description: dict) -> dict:
     return out
 
 
-def describe_differences(saved: dict, current: dict) -> list[str]:
+def describe_differences(saved: dict, current: dict, saved_as: str = "checkpoint") -> list[str]:
     """What differs between two :meth:`DiffusionFeatureExtractor.describe` results, one line per
-    difference (empty: the features are the same). Keys missing from ``saved`` are not compared."""
+    difference (empty: the features are the same), ``saved`` named as ``saved_as``. Keys missing
+    from ``saved`` are not compared."""
     a, b = _comparable(saved), _comparable(current)
     lines = []
     for key in a:
         if key == "variants" or key not in b or a[key] == b[key]:
             continue
-        lines.append(f"{key}: {a[key]} (checkpoint) vs {b[key]} (now)")
+        lines.append(f"{key}: {a[key]} ({saved_as}) vs {b[key]} (now)")
     if "variants" in a and "variants" in b:
         if list(a["variants"]) != list(b["variants"]):
-            lines.append(f"variants: {list(a['variants'])} (checkpoint) vs {list(b['variants'])} (now)")
+            lines.append(f"variants: {list(a['variants'])} ({saved_as}) vs {list(b['variants'])} (now)")
         for name in a["variants"].keys() & b["variants"].keys():
             for field, value in a["variants"][name].items():
                 if b["variants"][name][field] != value:
-                    lines.append(f"variant {name!r} {field}: {value} (checkpoint) vs {b['variants'][name][field]} (now)")
+                    lines.append(f"variant {name!r} {field}: {value} ({saved_as}) vs {b['variants'][name][field]} (now)")
     return lines
 

@@ -3,10 +3,12 @@
 from csdiff.callbacks.correspondence import CorrespondenceImageLogger, CorrespondencePredictionWriter
 from csdiff.callbacks.predictions import SegmentationPredictionWriter
 from csdiff.callbacks.tensorboard import GateWeightLogger, SegmentationImageLogger
+from csdiff.callbacks.writers import FeatureWriter
 
 __all__ = [
     "CorrespondenceImageLogger",
     "CorrespondencePredictionWriter",
+    "FeatureWriter",
     "GateWeightLogger",
     "SegmentationImageLogger",
     "SegmentationPredictionWriter",

@@ -21,6 +21,7 @@ _EXPORTS = {
     "CityscapesDataModule": "csdiff.data.cityscapes",
     "QuickstartDataModule": "csdiff.data.quickstart",
     "SPairDataModule": "csdiff.data.spair",
+    "DDPMSegDataModule": "csdiff.data.scarce",
     "SPairDataset": "csdiff.data.spair",
     "collate_pairs": "csdiff.data.spair",
 }

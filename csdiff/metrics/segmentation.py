@@ -83,3 +83,36 @@ def format_iou_table(iou: Tensor, class_names: Sequence[str]) -> str:
     mean = f"{100 * finite.mean().item():.2f}" if finite.numel() else "n/a"
     lines += [f"{'-' * width}  {'-' * 6}", f"{'mean':<{width}}  {mean:>6}"]
     return "\n".join(lines)
+
+
+class ScoredClassIoU(Metric):
+    """DDPM-segmentation's label-scarce mIoU: per scored class, intersection and union of the
+    predicted and true masks summed over all test images, then averaged over those classes.
+
+    As upstream's ``compute_iou``, no pixel is masked: a pixel labelled with the ignore value
+    (Bedroom-28's background 0, Horse-21's 255) still counts against the class it is predicted
+    as; only the classes in ``scored_classes`` enter the mean. A scored class absent from both
+    predictions and labels has IoU NaN and is left out of the mean.
+    """
+
+    is_differentiable = False
+    higher_is_better = True
+    full_state_update = False
+
+    def __init__(self, scored_classes: Sequence[int], **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.register_buffer("classes", torch.as_tensor(list(scored_classes), dtype=torch.long), persistent=False)
+        self.add_state("intersection", default=torch.zeros(len(scored_classes), dtype=torch.long), dist_reduce_fx="sum")
+        self.add_state("union", default=torch.zeros(len(scored_classes), dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, preds: Tensor, target: Tensor) -> None:
+        if preds.shape != target.shape:
+            raise ValueError(f"preds {tuple(preds.shape)} and target {tuple(target.shape)} differ in shape")
+        p = preds.reshape(1, -1) == self.classes[:, None].to(preds.device)
+        t = target.reshape(1, -1) == self.classes[:, None].to(target.device)
+        self.intersection += (p & t).sum(1)
+        self.union += (p | t).sum(1)
+
+    def compute(self) -> dict[str, Tensor]:
+        iou = torch.where(self.union > 0, self.intersection.double() / self.union.clamp_min(1), torch.full_like(self.union, math.nan, dtype=torch.double))
+        return {"mIoU": iou.nanmean().float(), "IoU": iou.float()}

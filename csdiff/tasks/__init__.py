@@ -1,6 +1,7 @@
 """LightningModules composing the frozen backbone with trainable heads."""
 
 from csdiff.tasks.correspondence import CorrespondenceTask
+from csdiff.tasks.scarce import ScarceSegmentationTask
 from csdiff.tasks.segmentation import SegmentationTask
 
-__all__ = ["CorrespondenceTask", "SegmentationTask"]
+__all__ = ["CorrespondenceTask", "ScarceSegmentationTask", "SegmentationTask"]

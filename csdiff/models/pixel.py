@@ -1,0 +1,144 @@
+"""Per-pixel classifiers of the label-scarce task: a channel gate over variants, the MLP of
+DDPM-segmentation, an ensemble with majority vote, and upstream's early-stopping rule.
+
+Upstream = yandex-research/ddpm-segmentation (``src/pixel_classifier.py``,
+``train_interpreter.py``), itself adopted from nv-tlabs/datasetGAN_release.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+
+class VariantChannelGate(nn.Module):
+    """Fuses V variants of a pixel's feature: one learned logit per variant and channel, a
+    softmax over variants, a weighted sum. (P, V, C) → (P, C).
+
+    The weights are per channel, not per pixel: with a few dozen labelled images a
+    pixel-dependent gate would mostly fit noise. Zero logits start at the plain mean.
+    """
+
+    def __init__(self, num_variants: int, channels: int) -> None:
+        super().__init__()
+        self.logits = nn.Parameter(torch.zeros(num_variants, channels))
+
+    def weights(self) -> Tensor:
+        """(V, C), summing to 1 over V."""
+        return self.logits.softmax(dim=0)
+
+    def forward(self, features: Tensor) -> Tensor:
+        if features.ndim != 3 or tuple(features.shape[1:]) != tuple(self.logits.shape):
+            expected = (-1, *self.logits.shape)
+            raise ValueError(f"gate expects features shaped (P, V, C) = {expected}, got {tuple(features.shape)}")
+        return torch.einsum("pvc,vc->pc", features, self.weights())
+
+
+class PixelMLP(nn.Sequential):
+    """Upstream's pixel classifier: Linear → ReLU → BatchNorm1d, twice, then Linear.
+
+    Widths 128 and 32, or 256 and 128 when there are 30 classes or more (upstream's wider
+    variant, ``pixel_classifier`` with ``numpy_class >= 30``). BatchNorm follows the ReLU, as
+    upstream has it. Init as upstream's ``init_weights()``: Linear weights ~ N(0, 0.02), biases
+    0; its BatchNorm rule matches only ``BatchNorm2d``, so the BatchNorm1d layers keep PyTorch's
+    defaults (scale 1, shift 0), as here.
+    """
+
+    def __init__(self, in_features: int, num_classes: int) -> None:
+        hidden = (128, 32) if num_classes < 30 else (256, 128)
+        layers: list[nn.Module] = []
+        width = in_features
+        for out in hidden:
+            layers += [nn.Linear(width, out), nn.ReLU(), nn.BatchNorm1d(out)]
+            width = out
+        layers.append(nn.Linear(width, num_classes))
+        super().__init__(*layers)
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.normal_(module.weight, 0.0, 0.02)
+                nn.init.zeros_(module.bias)
+
+
+class PixelMember(nn.Module):
+    """One ensemble member: its own gate over the variants, then its own MLP on the gated
+    channels followed by the ungated extra channels."""
+
+    def __init__(self, num_variants: int, channels: int, extra_channels: int, num_classes: int) -> None:
+        super().__init__()
+        self.extra_channels = extra_channels
+        self.gate = VariantChannelGate(num_variants, channels)
+        self.mlp = PixelMLP(channels + extra_channels, num_classes)
+
+    def forward(self, features: Tensor, extra: Tensor | None = None) -> Tensor:
+        fused = self.gate(features)
+        if self.extra_channels:
+            if extra is None or extra.shape != (features.shape[0], self.extra_channels):
+                got = None if extra is None else tuple(extra.shape)
+                expected = (features.shape[0], self.extra_channels)
+                raise ValueError(f"member expects extra features shaped {expected}, got {got}")
+            fused = torch.cat([fused, extra], dim=1)
+        elif extra is not None:
+            raise ValueError(f"member was built without extra channels but got extra features {tuple(extra.shape)}")
+        return self.mlp(fused)
+
+
+class PixelEnsemble(nn.Module):
+    """``num_members`` independently initialised members (upstream: 10), fused by majority vote."""
+
+    def __init__(
+        self, num_members: int, num_variants: int, channels: int, extra_channels: int, num_classes: int
+    ) -> None:
+        super().__init__()
+        if num_members < 1:
+            raise ValueError(f"num_members must be >= 1, got {num_members}")
+        self.num_classes = num_classes
+        self.members = nn.ModuleList(
+            PixelMember(num_variants, channels, extra_channels, num_classes) for _ in range(num_members)
+        )
+
+    def forward(self, features: Tensor, extra: Tensor | None = None) -> Tensor:
+        """(P, V, C) gated and (P, E) extra features → (M, P, num_classes) logits."""
+        return torch.stack([member(features, extra) for member in self.members])
+
+    @staticmethod
+    def majority_vote(logits: Tensor) -> Tensor:
+        """(M, P, K) logits → (P,) class ids: the class most members pick (their argmax).
+
+        A tie goes to the smallest class id, so the vote is deterministic on any device
+        (upstream's ``torch.mode`` leaves ties unspecified). Every class takes part: leaving
+        ignored or unscored classes out is the metric's job.
+        """
+        votes = nn.functional.one_hot(logits.argmax(dim=-1), logits.shape[-1]).sum(dim=0)
+        return votes.argmax(dim=-1)  # argmax returns the first maximum
+
+
+class EarlyStopper:
+    """Upstream's stopping rule for one member (``train_interpreter.py``), defaults upstream's.
+
+    Per training batch, from the first epoch after ``after_epoch`` on (0-based; upstream checks
+    ``epoch > 3``): a loss strictly below the best so far becomes the best and resets the count,
+    any other loss adds one; training stops once the count exceeds ``patience`` (50), i.e. after
+    51 batches in a row without a new best. Upstream trains at most ``max_epochs`` (100) epochs,
+    Adam lr 1e-3, batches of 64 pixels; the caller owns the loop and the epoch limit.
+    """
+
+    def __init__(self, after_epoch: int = 3, patience: int = 50, max_epochs: int = 100) -> None:
+        self.after_epoch = after_epoch
+        self.patience = patience
+        self.max_epochs = max_epochs
+        self.best = math.inf
+        self.bad_batches = 0
+        self.stopped = False
+
+    def step(self, epoch: int, loss: float) -> bool:
+        """Record one batch's loss; True once training should stop (and from then on)."""
+        if self.stopped or epoch <= self.after_epoch:
+            return self.stopped
+        if loss < self.best:
+            self.best, self.bad_batches = loss, 0
+        else:
+            self.bad_batches += 1
+        self.stopped = self.bad_batches > self.patience
+        return self.stopped

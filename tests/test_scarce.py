@@ -1,0 +1,218 @@
+"""Label-scarce segmentation end to end on the tiny backbone: feature folders written by
+`csdiff extract` (one process and DDP), the pixel ensemble's fit and test through the CLI,
+and the protocol's details (scored classes, pixel streams, early stop)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from helpers import load_script
+from safetensors.torch import load_file, save_file
+
+from csdiff.cli import main, run_lightning
+from csdiff.data.ddpmseg import get_spec
+from csdiff.data.scarce import PixelStreamSampler, PixelTable
+from csdiff.metrics import ScoredClassIoU
+
+make_fake_ddpmseg = load_script("make_fake_ddpmseg").make_fake_ddpmseg
+CONFIG = Path(__file__).resolve().parents[1] / "configs" / "scarce_horse21_public.yaml"
+
+
+def write_config(tmp: Path, root: Path, features: Path, **model) -> Path:
+    """The public Horse-21 config on the tiny backbone (64², float32), 3 members, a short fit."""
+    config = yaml.safe_load(CONFIG.read_text())
+    init = config["model"]["init_args"]
+    init["backbone"].update(model="tiny", img_size=64, dtype="float32")
+    init["variants"][1]["controlnets"][0]["model"] = "tiny-controlnet-canny"
+    init.update({"num_members": 3, **model})
+    config["data"]["init_args"].update(root=str(root), features=str(features), split="upstream")
+    trainer = config["trainer"]
+    trainer.update(max_steps=20, max_epochs=-1, accelerator="cpu", enable_progress_bar=False)
+    trainer["logger"]["init_args"]["save_dir"] = str(tmp / "logs")
+    path = tmp / f"scarce_{len(list(tmp.glob('scarce_*.yaml')))}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+@pytest.fixture(scope="module")
+def horse(tmp_path_factory) -> Path:
+    return make_fake_ddpmseg(tmp_path_factory.mktemp("ddpmseg") / "horse_21", "horse21", num_train=3, num_test=2)
+
+
+@pytest.fixture(scope="module")
+def extracted(horse, tmp_path_factory) -> tuple[Path, Path]:
+    """`csdiff extract --config` once: (config path, feature folder)."""
+    tmp = tmp_path_factory.mktemp("extracted")
+    config = write_config(tmp, horse, tmp / "features")
+    assert main(["extract", "--config", str(config)]) == 0
+    return config, tmp / "features"
+
+
+def test_extract_writes_native_fp16_files_and_a_manifest(extracted):
+    from csdiff.backbone import DiffusionFeatureExtractor
+
+    config, features = extracted
+    manifest = json.loads((features / "manifest.json").read_text())
+    names = sorted(manifest["images"])
+    assert len(names) == 5 and names[0].startswith("test/") and names[-1].startswith("train/")
+    init = yaml.safe_load(config.read_text())["model"]["init_args"]
+    ex = DiffusionFeatureExtractor(layers=init["layers"], variants=init["variants"], **init["backbone"])
+    shapes = ex.feature_shapes()
+    assert manifest["shapes"] == {k: list(v) for k, v in shapes.items()} and manifest["extractor"]["img_size"] == 64
+    for name in names:
+        tensors = load_file(str(features / f"{name}.safetensors"))
+        assert tensors.keys() == {f"{v}/{layer}" for v in ("fine", "canny") for layer in ex.layers}
+        assert all(t.dtype == torch.float16 and tuple(t.shape) == shapes[k.split("/", 1)[1]] for k, t in tensors.items())
+    reference = ex(ex.resize(torch.as_tensor(_image(manifest["images"][names[0]]))[None]))  # the extractor, by hand
+    stored = load_file(str(features / f"{names[0]}.safetensors"))
+    torch.testing.assert_close(stored["canny/up_cross"].float(), reference["canny"]["up_cross"][0].half().float())
+
+
+def _image(path: str) -> np.ndarray:
+    import cv2
+
+    return np.ascontiguousarray(cv2.cvtColor(cv2.imread(path), cv2.COLOR_BGR2RGB).transpose(2, 0, 1), np.float32) / 127.5 - 1
+
+
+def test_fit_and_test_read_the_folder_without_extracting_again(extracted, tmp_path):
+    config, features = extracted
+    stamps = {p: p.stat().st_mtime_ns for p in features.rglob("*.safetensors")}
+    cli = run_lightning(["fit", "--config", str(config), "--trainer.logger.init_args.save_dir", str(tmp_path)])
+    assert cli.trainer.global_step == 20 and "train/loss" in cli.trainer.callback_metrics
+    result = cli.trainer.test(cli.model, datamodule=cli.datamodule)
+    assert 0 <= result[0]["test/mIoU"] <= 1
+    assert {p: p.stat().st_mtime_ns for p in features.rglob("*.safetensors")} == stamps
+    report = json.loads(next(tmp_path.rglob("scarce_report.json")).read_text())
+    assert report["dataset"] == "horse21" and list(report["IoU"]) == list(get_spec("horse21").class_names)
+    # the checkpoint holds the ensemble and the stoppers, never the backbone
+    ckpt = torch.load(next(tmp_path.rglob("last.ckpt")), weights_only=True)
+    assert ckpt["state_dict"] and not any(k.startswith("extractor.") for k in ckpt["state_dict"])
+    assert len(ckpt["csdiff_stoppers"]) == 3
+
+
+def test_missing_features_are_extracted_on_first_use(horse, tmp_path):
+    config = write_config(tmp_path, horse, tmp_path / "cache", num_members=1)
+    cli = run_lightning(["fit", "--config", str(config), "--trainer.max_steps", "2"])
+    assert cli.trainer.global_step == 2
+    assert len(list((tmp_path / "cache").rglob("*.safetensors"))) == 5 and (tmp_path / "cache" / "manifest.json").is_file()
+
+
+def test_a_folder_of_other_features_is_refused(extracted, tmp_path, capsys):
+    config, features = extracted
+    other = write_config(tmp_path, Path(yaml.safe_load(config.read_text())["data"]["init_args"]["root"]), features,
+                         layers=["up-level1-upsampler-out"])
+    assert main(["fit", "--config", str(other)]) == 1
+    line = capsys.readouterr().err
+    assert str(features) in line and "layers" in line and "(folder)" in line
+    assert main(["extract", "--config", str(config), "--model.init_args.backbone.timestep", "40"]) == 1
+    assert "timestep: 50 (folder) vs 40 (now)" in capsys.readouterr().err
+
+
+def test_ddp_extract_writes_each_image_once_and_equals_one_process(extracted, tmp_path):
+    """2 CPU processes (gloo): each rank writes its own images; the files equal one process's."""
+    config, single = extracted
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "csdiff", "extract", "--config", str(config), "--output", str(out),
+           "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    counts = [int(n) for n in re.findall(r"rank \d+ wrote (\d+) feature files", proc.stdout + proc.stderr)]
+    assert sorted(counts) == [2, 3]  # 5 images over 2 ranks, none twice
+    for path in sorted(single.glob("**/*.safetensors")):
+        a, b = load_file(str(path)), load_file(str(out / path.relative_to(single)))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_extra_features_line_up_with_the_labels_and_are_learnt(extracted, tmp_path):
+    """An extra source, concatenated after the gate: here an oracle (each image's one-hot label at
+    256²). Gathered for a training batch and for a whole test image it must give back the labels
+    exactly (pixel alignment of the streams, the bank and the test map); the members learn from it."""
+    config, features = extracted
+    manifest = json.loads((features / "manifest.json").read_text())
+    labels = {}
+    for name, path in manifest["images"].items():
+        labels[name] = torch.as_tensor(np.load(Path(path).with_suffix(".npy")).astype(np.int64))
+        target = tmp_path / "oracle" / f"{name}.safetensors"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        one_hot = torch.nn.functional.one_hot(labels[name].clamp(max=21), 22).permute(2, 0, 1)[:21].float()
+        save_file({"oracle/label": one_hot.contiguous()}, str(target))
+    cli = run_lightning([
+        "fit", "--config", str(config), "--trainer.logger.init_args.save_dir", str(tmp_path), "--trainer.max_steps", "300",
+        "--data.init_args.extra_features", str(tmp_path / "oracle"), "--model.init_args.extra_channels", "21",
+        "--model.init_args.lr", "0.01",
+    ])
+    dm = cli.datamodule
+    assert cli.model.ensemble.members[0].mlp[0].in_features == cli.model.channels + 21
+    batch = next(iter(dm.train_dataloader()))
+    _, extra = dm.train_bank.gather(batch["image"], batch["y"], batch["x"])
+    assert torch.equal(extra.argmax(1), batch["label"])
+    name = dm.items["test"][0][0]
+    bank = dm.bank([name])
+    rebuilt = torch.empty(256 * 256, dtype=torch.long)
+    for flat, _, extra in bank.gather_image(0, chunk=10000):
+        rebuilt[flat] = extra.argmax(1)
+    expected = torch.where(labels[name] == 255, 0, labels[name])  # ignore pixels: an all-zero oracle vector
+    assert torch.equal(rebuilt.view(256, 256), expected)
+    cli.trainer.test(cli.model, datamodule=dm)
+    iou = cli.model.test_report["IoU"]
+    classes = {split: {int(c) for n in labels if n.startswith(split) for c in labels[n].unique()} - {255} for split in ("train/", "test/")}
+    common = [get_spec("horse21").class_names[c] for c in classes["train/"] & classes["test/"]]
+    assert iou["background"] > 0.8 and np.mean([iou[c] for c in common]) > 0.4
+
+
+def test_early_stop_ends_the_fit_when_every_member_has_stopped(extracted, tmp_path):
+    config, _ = extracted
+    cli = run_lightning(["fit", "--config", str(config), "--trainer.logger.init_args.save_dir", str(tmp_path),
+                         "--trainer.max_steps", "1000", "--model.init_args.stop_after_epoch", "-1", "--model.init_args.patience", "2"])
+    assert all(s.stopped for s in cli.model.stoppers) and cli.trainer.global_step < 1000
+
+
+# --- protocol details ---------------------------------------------------------------------------
+
+
+def test_bedroom_scores_28_classes_and_counts_background_pixels_as_upstream():
+    """Hand computation: class 0 (background) is not scored; a background pixel predicted as a
+    class counts in that class's union (upstream's compute_iou masks nothing)."""
+    spec = get_spec("bedroom28")
+    metric = ScoredClassIoU(spec.scored_classes)
+    target = torch.tensor([[0, 0, 1, 1], [2, 2, 2, 0]])
+    preds = torch.tensor([[1, 0, 1, 2], [2, 2, 0, 0]])
+    metric.update(preds[0], target[0])
+    metric.update(preds[1], target[1])
+    out = metric.compute()
+    # class 1: I = 1 (pixel 2), U = {0, 2, 3} = 3; class 2: I = 2, U = {3, 4, 5, 6} = 4; others absent
+    assert out["IoU"][0].item() == pytest.approx(1 / 3) and out["IoU"][1].item() == pytest.approx(2 / 4)
+    assert torch.isnan(out["IoU"][2:]).all() and out["IoU"].numel() == 28
+    assert out["mIoU"].item() == pytest.approx((1 / 3 + 1 / 2) / 2)
+
+
+def test_pixel_table_keeps_trainable_pixels_only():
+    label = np.zeros((8, 8), np.int64)
+    label[:5, :5] = 3       # 25 pixels: kept
+    label[7, :4] = 4        # 4 pixels: fewer than min_pixels, ignored in this image
+    label[6, :2] = 255      # ignore value
+    table = PixelTable([label], ignore_index=255, min_pixels=5)
+    assert len(table) == 64 - 4 - 2 and set(table.label.tolist()) == {0, 3}
+    batch = table.__getitems__([0, 1])
+    assert set(batch) == {"image", "y", "x", "label"} and batch["label"].tolist() == [3, 3]
+
+
+def test_pixel_streams_are_independent_permutations_per_member_and_epoch():
+    sampler = PixelStreamSampler(num_pixels=20, batch_size=4, streams=3, seed=7)
+    steps = list(sampler)
+    assert len(steps) == 5 and all(len(s) == 12 for s in steps)
+    streams = [sorted(i for s in steps for i in s[4 * m : 4 * (m + 1)]) for m in range(3)]
+    assert all(stream == list(range(20)) for stream in streams)  # each member sees every pixel once
+    assert steps[0][:4] != steps[0][4:8]
+    assert list(PixelStreamSampler(20, 4, 3, seed=7)) == steps
+    sampler.set_epoch(1)
+    assert list(sampler) != steps
