@@ -194,3 +194,24 @@ def test_early_stopper():
     assert (upstream.after_epoch, upstream.patience, upstream.max_epochs) == (3, 50, 100)
     upstream.step(4, 1.0)
     assert [upstream.step(4, 1.0) for _ in range(51)] == [False] * 50 + [True]
+
+
+def test_native_size_logits_equal_per_pixel_logits():
+    """The test-time path (gate and first Linear at native size, then upsampling 128 channels)
+    gives the logits of gathering every pixel's upsampled features (float tolerance)."""
+    from csdiff.data.pixels import PixelFeatureBank
+    from csdiff.models.pixel import PixelEnsemble
+
+    g = torch.Generator().manual_seed(0)
+    shapes = {"a": (3, 4, 4), "b": (5, 8, 8), "c": (2, 16, 16)}
+    image = {f"{v}/{k}": torch.randn(*s, generator=g) for v in ("v0", "v1") for k, s in shapes.items()}
+    image["ddpm/x"] = torch.randn(4, 32, 32, generator=g)
+    bank = PixelFeatureBank([image], ["v0", "v1"], extra=["ddpm"], out_size=32, layers=list(shapes), dtype=torch.float32)
+    ensemble = PixelEnsemble(2, 2, bank.channels, bank.extra_channels, 5).eval()
+    for member in ensemble.members:
+        member.gate.logits.data.normal_(generator=g)
+        for bn in (m for m in member.mlp if isinstance(m, torch.nn.BatchNorm1d)):
+            bn.running_mean.normal_(generator=g)
+    per_pixel = torch.cat([ensemble(f, e) for _, f, e in bank.gather_image(0, chunk=300)], dim=1)
+    maps, extra = bank.native_maps(0)
+    torch.testing.assert_close(ensemble.forward_native(maps, extra, 32), per_pixel, rtol=1e-4, atol=1e-5)

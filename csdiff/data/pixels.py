@@ -251,6 +251,17 @@ class PixelFeatureBank:
         extra = [self._sample(f"{e}/{name}", image, y, x) for e, names in self.extra_layers.items() for name in names]
         return gated, torch.cat(extra, 1)
 
+    def native_maps(self, i: int) -> tuple[list[Tensor], list[Tensor]]:
+        """Image ``i`` at native size: per layer (V, C, h, w) of the gated variants, and per extra
+        layer (E, h, w) — views of the stored features, in :meth:`gather`'s channel order."""
+        def grid(key: str) -> Tensor:
+            c, h, w = self._shapes[key]
+            return self._store[key][i].t().reshape(c, h, w)
+
+        gated = [torch.stack([grid(f"{v}/{layer}") for v in self.variants]) for layer in self.layers]
+        extra = [grid(f"{e}/{name}") for e, names in self.extra_layers.items() for name in names]
+        return gated, extra
+
     def gather_image(self, i: int, chunk: int = 16384) -> Iterator[tuple[Tensor, Tensor, Tensor | None]]:
         """All ``out_size``² pixels of image ``i``, ``chunk`` at a time: (flat pixel index
         ``y * out_size + x``, gated, extra), row-major, each pixel once."""

@@ -43,7 +43,6 @@ class ScarceSegmentationTask(FrozenBackboneCheckpointMixin, LightningModule):
             + ``up_cross`` (3674 channels per variant at SD 1.5 widths).
         extra_channels: channels of the datamodule's ``extra_features`` (0 without them).
         extract_batch_size: images per backbone call when features are missing.
-        chunk: pixels per ensemble call at test time.
     """
 
     def __init__(
@@ -58,7 +57,6 @@ class ScarceSegmentationTask(FrozenBackboneCheckpointMixin, LightningModule):
         patience: int = 50,
         extra_channels: int = 0,
         extract_batch_size: int = 1,
-        chunk: int = 16384,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -120,6 +118,9 @@ class ScarceSegmentationTask(FrozenBackboneCheckpointMixin, LightningModule):
     def on_train_start(self) -> None:
         self.trainer.datamodule.train_bank.to(self.device)
 
+    def on_train_end(self) -> None:
+        self.trainer.datamodule.train_bank = None  # the training images' features (GBs at SD size) are done with
+
     def configure_optimizers(self) -> torch.optim.Optimizer:
         # One Adam over all members is N independent Adams (Adam is per parameter), and a stopped
         # member, no longer run, has no gradients (None), which Adam skips: it stays as it stopped.
@@ -158,12 +159,12 @@ class ScarceSegmentationTask(FrozenBackboneCheckpointMixin, LightningModule):
 
     @torch.no_grad()
     def predict_image(self, bank) -> torch.Tensor:
-        """(out_size, out_size) class ids of the one image in ``bank``: majority vote of the members."""
-        bank.to(self.device)
-        votes = torch.empty(bank.out_size**2, dtype=torch.long, device=self.device)
-        for flat, features, extra in bank.gather_image(0, self.hparams.chunk):
-            votes[flat] = self.ensemble.majority_vote(self.ensemble(features, extra))
-        return votes.view(bank.out_size, bank.out_size)
+        """(out_size, out_size) class ids of the one image in ``bank``: majority vote of the members,
+        computed from the native-size maps (:meth:`PixelMember.forward_native`: the same logits as
+        per-pixel gathering, without ever holding the image's upsampled features)."""
+        maps, extra = bank.to(self.device).native_maps(0)
+        logits = self.ensemble.forward_native(maps, extra, bank.out_size)
+        return self.ensemble.majority_vote(logits).view(bank.out_size, bank.out_size)
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self.metric.update(self.predict_image(batch["bank"]), batch["label"].to(self.device))
