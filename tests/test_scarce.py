@@ -216,3 +216,21 @@ def test_pixel_streams_are_independent_permutations_per_member_and_epoch():
     assert list(PixelStreamSampler(20, 4, 3, seed=7)) == steps
     sampler.set_epoch(1)
     assert list(sampler) != steps
+
+
+def test_scarce_splits_runs_each_split_and_reports_mean_and_std(extracted, tmp_path, capsys):
+    config, _ = extracted
+    text = yaml.safe_load(config.read_text())
+    text["trainer"]["logger"]["init_args"]["save_dir"] = str(tmp_path)
+    text["model"]["init_args"]["num_members"] = 2
+    path = tmp_path / "splits.yaml"
+    path.write_text(yaml.safe_dump(text))
+    assert main(["scarce-splits", "--config", str(path), "--seeds", "0", "1", "--trainer.max_steps", "5"]) == 0
+    out = capsys.readouterr().out
+    summary = json.loads((tmp_path / "splits.json").read_text())
+    values = [r["mIoU"] for r in summary["runs"]]
+    assert [r["seed"] for r in summary["runs"]] == [0, 1] and [r["split"] for r in summary["runs"]] == ["0", "1"]
+    assert summary["mIoU_mean"] == pytest.approx(np.mean(values)) and summary["mIoU_std"] == pytest.approx(np.std(values, ddof=1))
+    assert f"{100 * summary['mIoU_mean']:6.2f} ± {100 * summary['mIoU_std']:.2f}" in out
+    assert (tmp_path / "splits.csv").read_text().splitlines()[0].startswith("seed,mIoU,background")
+    assert (tmp_path / "split0").is_dir() and (tmp_path / "split1").is_dir()
