@@ -12,6 +12,7 @@ from csdiff.backbone import (
     UP_CROSS,
     ControlNet,
     DiffusionFeatureExtractor,
+    LoRA,
     UnknownLayerError,
     Variant,
     enumerate_activations,
@@ -279,7 +280,8 @@ def test_reduced_precision_close_to_float32(images, dtype):
 def test_unet_stops_after_the_last_requested_layer_with_equal_features(images, layers, ran, skipped):
     """The extraction call skips every block after the last requested activation; the features
     equal those of a full UNet call with the same hooks."""
-    ex = make(layers, variants=[Variant("plain", PROMPT), Variant("canny", PROMPT, controlnets=[ControlNet("tiny-controlnet-canny")])])
+    variants = [Variant("plain", PROMPT), Variant("canny", PROMPT, controlnets=[ControlNet("tiny-controlnet-canny")])]
+    ex = make(layers, variants=variants, batch_variants=False)  # one call per variant: compared bit for bit below
     calls = {path: 0 for path in [ran, *skipped]}
     handles = [ex.unet.get_submodule(p).register_forward_pre_hook(lambda *a, p=p: calls.__setitem__(p, calls[p] + 1)) for p in calls]
     early = ex(images)
@@ -300,3 +302,33 @@ def test_unet_stops_after_the_last_requested_layer_with_equal_features(images, l
     for v in ("plain", "canny"):
         for name in ex.layers:
             torch.testing.assert_close(early[v][name], full[v][name], atol=0, rtol=0, msg=name)
+
+
+def test_batched_variants_equal_one_call_per_variant(images, tmp_path):
+    """Variants sharing UNet weights (no UNet LoRA here: prompts, seeds, a ControlNet, a guided
+    chain, a text-encoder-free setup) go through one UNet call at t, stacked along the batch; a
+    variant with a UNet LoRA and one with a longer prompt get calls of their own. Features equal
+    the per-variant path within float tolerance."""
+    from helpers import write_kohya_lora
+
+    module = "up_blocks.2.attentions.0.transformer_blocks.0.attn1.to_q"
+    g = torch.Generator().manual_seed(0)
+    write_kohya_lora(tmp_path / "lora.safetensors", {module: (torch.randn(4, 64, generator=g) * 0.3, torch.randn(64, 4, generator=g) * 0.3, 4.0)})
+    canny = ControlNet("tiny-controlnet-canny")
+    long = ", ".join(["a red circle and a blue square on a striped background"] * 12)
+    variants = [
+        Variant("plain", PROMPT), Variant("seed1", "a photo", seed=1), Variant("canny", PROMPT, controlnets=[canny]),
+        Variant("chain", PROMPT, denoise_from=53, controlnets=[canny]), Variant("lora", PROMPT, loras=[LoRA(str(tmp_path / "lora.safetensors"))]),
+        Variant("long", long),
+    ]
+    layers = ["up-level1-upsampler-out", "up-level2-repeat1-vit-block0-cross-map", UP_CROSS]
+    at_t = []
+    batched = make(layers, variants=variants)
+    handle = batched.unet.register_forward_pre_hook(lambda m, a, k: at_t.append(a[0].shape[0]) if int(a[1] if len(a) > 1 else k["timestep"]) == 50 else None, with_kwargs=True)
+    together = batched(images)
+    handle.remove()
+    assert sorted(at_t) == [3, 3, 12]  # (plain, seed1, canny, chain) × 3 images; lora; long
+    alone = make(layers, variants=variants, batch_variants=False)(images)
+    for v in variants:
+        for name in layers:
+            torch.testing.assert_close(together[v.name][name], alone[v.name][name], atol=1e-5, rtol=1e-4, msg=f"{v.name} {name}")

@@ -26,7 +26,8 @@ TRANSFORM = "eval-resize=64"
 
 
 def make(layers=LAYERS, **kw) -> DiffusionFeatureExtractor:
-    return DiffusionFeatureExtractor("tiny", layers, img_size=64, variants=VARIANTS, **kw)
+    # one UNet call per variant, so that calls count computed variants
+    return DiffusionFeatureExtractor("tiny", layers, img_size=64, variants=VARIANTS, batch_variants=False, **kw)
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,7 @@ ControlNet models, condition maps and identical ControlNet calls are computed on
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -26,6 +27,19 @@ from csdiff.backbone.variants import Variant, as_variant
 Features = dict[str, dict[str, torch.Tensor]]
 # Prediction types the guided DDIM chain knows how to turn into (x0, eps).
 CHAIN_PREDICTION_TYPES = ("epsilon", "v_prediction")
+
+
+@dataclass
+class _FinalCall:
+    """What one variant's final UNet call (at ``timestep``) takes, prepared before any is made."""
+
+    variant: Variant
+    unet_key: tuple
+    names: list[str]
+    noisy: torch.Tensor
+    emb: torch.Tensor
+    added: dict
+    extra: dict
 # Noise streams: each variant's diffusion noise uses its seed directly; the VAE posterior
 # sample draws from a stream derived from ``vae_seed`` and this tag, so that vae_seed = 0
 # and a variant seed of 0 never give the same map.
@@ -52,6 +66,9 @@ class DiffusionFeatureExtractor(nn.Module):
         noise: false feeds the clean latent (no noise at all, e.g. at ``timestep`` 0).
         time_ids: SDXL's six size conditions (original h, w, crop top, left, target h, w);
             default: the image at ``img_size``, uncropped.
+        batch_variants: run the final UNet calls of variants that share UNet weights (same
+            UNet LoRAs), prompt length and layers as one call, stacked along the batch (equal
+            within float tolerance; false: one call per variant, less activation memory).
     """
 
     def __init__(
@@ -70,6 +87,7 @@ class DiffusionFeatureExtractor(nn.Module):
         unet: str | None = None,
         noise: bool = True,
         time_ids: Sequence[int] | None = None,
+        batch_variants: bool = True,
     ) -> None:
         super().__init__()
         if latent not in ("mean", "sample"):
@@ -113,6 +131,7 @@ class DiffusionFeatureExtractor(nn.Module):
         if time_ids is not None and len(time_ids) != 6:
             raise ValueError(f"time_ids are 6 numbers (original h, w, crop top, left, target h, w), got {list(time_ids)}")
         self.time_ids = None if time_ids is None else [int(v) for v in time_ids]
+        self.batch_variants = batch_variants
         self.dtype = parse_dtype(dtype)
         self.feature_dtype = parse_dtype(feature_dtype)
         encoders = {"text_encoder": self.text_encoder, "text_encoder_2": self.text_encoder_2}
@@ -307,6 +326,9 @@ class DiffusionFeatureExtractor(nn.Module):
         ControlNet conditions; ``variants`` restricts the call to some variants; ``layers``
         restricts some variants to some of the extractor's layers (a task that reads only
         ``up_cross`` from one variant need not capture the rest there).
+
+        With ``batch_variants``, the final UNet calls of variants that share UNet weights (the
+        same UNet LoRAs), prompt length and layers run as one call, stacked along the batch.
         """
         wanted = None if variants is None else set(variants)
         chosen = [v for v in self.variants if wanted is None or v.name in wanted]
@@ -316,34 +338,80 @@ class DiffusionFeatureExtractor(nn.Module):
             raise ValueError(f"layers names unknown variants {unknown} or layers the extractor was not built for {foreign}")
         images = self.resize(images)  # once: the VAE and the condition maps see the same pixels
         latents = self.encode_images(images)
-        batch, shape = latents.shape[0], latents.shape[1:]
         cond_cache: dict = {}
         control_cache: dict = {}
+        calls = [self._prepare(v, images, latents, conditions, layers, cond_cache, control_cache) for v in chosen]
         out: Features = {}
-        for variant in chosen:
-            text_key = self.loras.activate(list(variant.loras))
-            emb = self.prompt_embedding(variant.prompt, text_key).to(self.device, self.dtype).expand(batch, -1, -1)
-            added = self.added_conditions(variant.prompt, text_key, batch)
-            conds = self.conditions(variant, images, conditions, cond_cache)
-            noise = self._noise(variant, shape, batch)
-            if variant.denoise_from is None:
-                noisy = self.add_noise(latents, noise, self.timestep) if self.noise else latents
-                # A UNet LoRA does not reach the ControlNet: seed, prompt and text adapters fix its inputs.
-                share_key = None if self.fresh_noise else (variant.seed, variant.prompt, text_key)
-            else:
-                noisy = self.add_noise(latents, noise, variant.denoise_from)
-                for t in range(variant.denoise_from, self.timestep, -1):
-                    extra = self.control_residuals(variant, noisy, t, emb, conds, None, None, added)
-                    prediction = self.unet(noisy, t, encoder_hidden_states=emb, **extra, **added).sample
-                    noisy = self.ddim_step(noisy, prediction, t)
-                share_key = None  # the chain depends on every guidance setting: never shared
-            extra = self.control_residuals(variant, noisy, self.timestep, emb, conds, control_cache, share_key, added)
-            window = self.tokenizer.model_max_length
-            names = [n for n in self.layers if n in (layers or {}).get(variant.name, self.layers)]
-            with ActivationCapture(self.unet, names, tuple(shape[-2:]), window, stop_early=True) as capture:
-                self.unet(noisy, self.timestep, encoder_hidden_states=emb, **extra, **added)
-            out[variant.name] = {name: capture.features[name].to(self.feature_dtype) for name in names}
-        return out
+        for group in self._groups(calls):
+            self.loras.activate(list(group[0].variant.loras))
+            out.update(self._final_call(group, latents.shape))
+        return {v.name: out[v.name] for v in chosen}
+
+    def _prepare(self, variant, images, latents, provided, layers, cond_cache, control_cache) -> _FinalCall:
+        """Everything a variant's final UNet call needs: its noisy latent (after its guided chain,
+        if any), text embedding, added conditions and ControlNet residuals."""
+        batch, shape = latents.shape[0], latents.shape[1:]
+        text_key = self.loras.activate(list(variant.loras))
+        emb = self.prompt_embedding(variant.prompt, text_key).to(self.device, self.dtype).expand(batch, -1, -1)
+        added = self.added_conditions(variant.prompt, text_key, batch)
+        conds = self.conditions(variant, images, provided, cond_cache)
+        noise = self._noise(variant, shape, batch)
+        if variant.denoise_from is None:
+            noisy = self.add_noise(latents, noise, self.timestep) if self.noise else latents
+            # A UNet LoRA does not reach the ControlNet: seed, prompt and text adapters fix its inputs.
+            share_key = None if self.fresh_noise else (variant.seed, variant.prompt, text_key)
+        else:
+            noisy = self.add_noise(latents, noise, variant.denoise_from)
+            for t in range(variant.denoise_from, self.timestep, -1):
+                extra = self.control_residuals(variant, noisy, t, emb, conds, None, None, added)
+                prediction = self.unet(noisy, t, encoder_hidden_states=emb, **extra, **added).sample
+                noisy = self.ddim_step(noisy, prediction, t)
+            share_key = None  # the chain depends on every guidance setting: never shared
+        extra = self.control_residuals(variant, noisy, self.timestep, emb, conds, control_cache, share_key, added)
+        names = [n for n in self.layers if n in (layers or {}).get(variant.name, self.layers)]
+        return _FinalCall(variant, self.loras.unet_key(list(variant.loras)), names, noisy, emb, added, extra)
+
+    def _groups(self, calls: list[_FinalCall]) -> list[list[_FinalCall]]:
+        """Calls that can share one UNet call: same UNet adapters, prompt length and layers."""
+        if not self.batch_variants:
+            return [[c] for c in calls]
+        groups: dict[tuple, list[_FinalCall]] = {}
+        for c in calls:
+            groups.setdefault((c.unet_key, c.emb.shape[1], tuple(c.names)), []).append(c)
+        return list(groups.values())
+
+    def _final_call(self, group: list[_FinalCall], shape: Sequence[int]) -> Features:
+        """One UNet call at ``timestep`` for the group, its activations split back per variant.
+
+        A variant without ControlNet gets zero residuals beside one with: adding zero is exact."""
+        batch = shape[0]
+        noisy = torch.cat([c.noisy for c in group])
+        emb = torch.cat([c.emb for c in group])
+        added = _cat_along_batch([c.added for c in group])
+        extra = {}
+        if any(c.extra for c in group):
+            like = next(c.extra for c in group if c.extra)
+            zeros = {
+                "down_block_additional_residuals": [torch.zeros_like(r) for r in like["down_block_additional_residuals"]],
+                "mid_block_additional_residual": torch.zeros_like(like["mid_block_additional_residual"]),
+            }
+            parts = [c.extra or zeros for c in group]
+            extra = {
+                "down_block_additional_residuals": [torch.cat(rs) for rs in zip(*(p["down_block_additional_residuals"] for p in parts))],
+                "mid_block_additional_residual": torch.cat([p["mid_block_additional_residual"] for p in parts]),
+            }
+        names = group[0].names
+        with ActivationCapture(self.unet, names, tuple(shape[-2:]), self.tokenizer.model_max_length, stop_early=True) as capture:
+            self.unet(noisy, self.timestep, encoder_hidden_states=emb, **extra, **added)
+        return {
+            c.variant.name: {n: capture.features[n][i * batch : (i + 1) * batch].to(self.feature_dtype) for n in names}
+            for i, c in enumerate(group)
+        }
+
+
+def _cat_along_batch(parts: list[dict]) -> dict:
+    """Concatenate dicts of tensors (nested, as SDXL's ``added_cond_kwargs``) along the batch."""
+    return {k: _cat_along_batch([p[k] for p in parts]) if isinstance(v, dict) else torch.cat([p[k] for p in parts]) for k, v in parts[0].items()}
 
 
 def _comparable(description: dict) -> dict:

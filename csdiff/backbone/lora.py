@@ -184,6 +184,10 @@ class LoRARegistry:
         for model in (self.unet, *self.text_encoders.values()):
             model.requires_grad_(False)
 
+    def unet_key(self, loras: list[LoRA]) -> tuple[tuple[str, float], ...]:
+        """The UNet adapters (name, scale) these LoRAs switch on: equal keys, equal UNet weights."""
+        return tuple((name, lora.scale) for lora in loras if (name := self.load(lora.path)) in self.in_unet)
+
     def activate(self, loras: list[LoRA]) -> tuple[tuple[str, float], ...]:
         """Switch to exactly these LoRAs; returns the text-encoder adapter key (for prompt caching)."""
         names = [(self.load(l.path), l.scale) for l in loras]

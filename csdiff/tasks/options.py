@@ -45,6 +45,7 @@ class BackboneOptions(TypedDict, total=False):
     noise: bool
     time_ids: list[int] | None
     dtype: Literal["float32", "float16", "bfloat16"]
+    batch_variants: bool
 
 
 class GateOptions(TypedDict, total=False):

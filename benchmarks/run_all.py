@@ -1,0 +1,95 @@
+"""Run the benchmark suite and rewrite benchmarks/RESULTS.md with what it printed.
+
+Each script runs in its own process (so its peak memory is its own), one after another (timings
+on a shared machine mean nothing). On a GPU the extraction benchmarks run at 512² in bfloat16
+and float32; on a CPU with `random-sd15` at small sizes.
+
+    python benchmarks/run_all.py                    # the full suite; rewrites RESULTS.md
+    python benchmarks/run_all.py --quick --output /tmp/results.md   # tiny model, one repetition
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+
+
+def suite(gpu: bool, quick: bool) -> list[tuple[str, str, list[str]]]:
+    """(title, script, arguments) of each run."""
+    if quick:
+        tiny = ["--model", "tiny", "--img_size", "64", "--repeats", "1"]
+        return [
+            ("Extraction cost (a, b)", "extraction_cost.py", tiny),
+            ("Training step (c, e)", "training_step.py", ["--model", "tiny", "--img_size", "64", "--repeats", "1"]),
+            ("UNet early stop", "unet_early_stop.py", tiny),
+            ("Feature cache cold vs warm (d)", "feature_cache.py", ["--num_val", "2"]),
+            ("Label-scarce memory", "scarce_memory.py", ["--model", "tiny", "--img_size", "64", "--steps", "2", "--test_images", "1"]),
+        ]
+    sizes = [["--img_size", "512", "--dtype", "bfloat16"], ["--img_size", "512", "--dtype", "float32"]] if gpu else [["--img_size", "256"]]
+    runs = [(f"Extraction cost (a, b), {' '.join(s)}", "extraction_cost.py", s) for s in sizes]
+    runs += [
+        ("Training step (c, e)", "training_step.py", ["--img_size", "512" if gpu else "256"] + (["--dtype", "bfloat16"] if gpu else [])),
+        ("UNet early stop", "unet_early_stop.py", ["--model", "random-sd15", "--img_size", "512", "--repeats", "2"]),
+        ("Feature cache cold vs warm (d)", "feature_cache.py", []),
+        ("Label-scarce memory", "scarce_memory.py", ["--steps", "200", "--test_images", "4"]),
+        ("Start-up of the paper configs", "startup.py", []),
+    ]
+    return runs
+
+
+def machine() -> str:
+    if torch.cuda.is_available():
+        return f"GPU {torch.cuda.get_device_name(0)}"
+    name = platform.processor() or "unknown CPU"
+    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").is_file() else []:
+        if line.startswith("model name"):
+            name = line.split(":", 1)[1].strip()
+            break
+    return f"CPU {name}, {torch.get_num_threads()} threads"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="tiny model, one repetition (checks the scripts)")
+    parser.add_argument("--output", type=Path, default=HERE / "RESULTS.md")
+    args = parser.parse_args()
+    import diffusers
+
+    from csdiff.io import save_text
+
+    gpu = torch.cuda.is_available()
+    lines = [
+        "# Benchmark results",
+        "",
+        f"Written by `python benchmarks/run_all.py{' --quick' if args.quick else ''}` on {datetime.date.today()}: {machine()}; "
+        f"torch {torch.__version__}, diffusers {diffusers.__version__}, Python {platform.python_version()}. "
+        "Each section gives the command and what it printed; ratios come from one run of that command. "
+        "What each script measures is in its docstring.",
+    ]
+    for title, script, extra in suite(gpu, args.quick):
+        command = [sys.executable, str(HERE / script), *extra]
+        start = time.perf_counter()
+        done = subprocess.run(command, capture_output=True, text=True)
+        took = time.perf_counter() - start
+        output = done.stdout.strip() if done.returncode == 0 else f"FAILED (exit {done.returncode}):\n{done.stderr.strip()[-2000:]}"
+        print(f"{title}: {took:.0f} s{'' if done.returncode == 0 else ' FAILED'}", flush=True)
+        lines += ["", f"## {title}", "", f"`python benchmarks/{script} {' '.join(extra)}` ({took:.0f} s)", ""]
+        lines += [output] if output.lstrip().startswith(("#", "|")) and "FAILED" not in output[:10] else ["```", output, "```"]
+    previous = args.output.read_text() if args.output.is_file() else ""
+    if "\n## Notes" in previous:  # hand-written remarks on the figures are kept
+        lines += ["", "## Notes" + previous.split("\n## Notes", 1)[1].rstrip()]
+    save_text(args.output, "\n".join(lines) + "\n")
+    print(f"wrote {args.output}")
+
+
+if __name__ == "__main__":
+    main()
