@@ -39,7 +39,8 @@ def suite(gpu: bool, quick: bool) -> list[tuple[str, str, list[str]]]:
     runs += [
         ("Training step (c, e)", "training_step.py", ["--img_size", "512" if gpu else "256"] + (["--dtype", "bfloat16"] if gpu else [])),
         ("UNet early stop", "unet_early_stop.py", ["--model", "random-sd15", "--img_size", "512", "--repeats", "2"]),
-        ("Feature cache cold vs warm (d)", "feature_cache.py", []),
+        ("Feature cache cold vs warm (d), quickstart", "feature_cache.py", []),
+        ("Feature cache cold vs warm (d), SD 1.5 size", "feature_cache.py", ["--model", "random-sd15", "--num_val", "16"]),
         ("Label-scarce memory", "scarce_memory.py", ["--steps", "200", "--test_images", "4"]),
         ("Start-up of the paper configs", "startup.py", []),
     ]

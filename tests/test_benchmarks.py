@@ -12,12 +12,23 @@ BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
 @pytest.mark.parametrize("script,args,expect", [
-    ("unet_early_stop.py", ["--model", "tiny", "--img_size", "64", "--repeats", "1"], "segmentation"),
-    ("feature_cache.py", ["--num_val", "2"], "warm is"),
-    ("scarce_memory.py", ["--model", "tiny", "--img_size", "64", "--steps", "2", "--test_images", "1"], "peak RSS after test"),
     ("startup.py", ["--configs", str(BENCHMARKS.parent / "configs" / "seg_ade20k_public.yaml")], "seg_ade20k_public.yaml"),
 ])
 def test_benchmark_runs(script, args, expect, monkeypatch, capsys, two_threads):
     monkeypatch.setattr(sys, "argv", [script, *args])
     runpy.run_path(str(BENCHMARKS / script), run_name="__main__")
     assert expect in capsys.readouterr().out
+
+
+def test_run_all_quick_runs_every_script_and_writes_the_results(tmp_path, monkeypatch, capsys, two_threads):
+    """`run_all.py --quick`: every benchmark of the suite in its reduced mode (tiny model, one
+    repetition), each in its own process, and a results file with one section per script."""
+    out = tmp_path / "RESULTS.md"
+    out.write_text("# old\n\n## Notes\n\nkept remark\n")
+    monkeypatch.setattr(sys, "argv", ["run_all.py", "--quick", "--output", str(out)])
+    runpy.run_path(str(BENCHMARKS / "run_all.py"), run_name="__main__")
+    text = out.read_text()
+    assert "FAILED" not in text and "FAILED" not in capsys.readouterr().out
+    for table in ("(b) ADE20K's 3 variants", "**step**", "segmentation", "warm is", "peak RSS after test"):
+        assert table in text, table
+    assert text.rstrip().endswith("kept remark") and text.count("## Notes") == 1
