@@ -84,7 +84,11 @@ def main() -> None:
         output = done.stdout.strip() if done.returncode == 0 else f"FAILED (exit {done.returncode}):\n{done.stderr.strip()[-2000:]}"
         print(f"{title}: {took:.0f} s{'' if done.returncode == 0 else ' FAILED'}", flush=True)
         lines += ["", f"## {title}", "", f"`python benchmarks/{script} {' '.join(extra)}` ({took:.0f} s)", ""]
-        lines += [output] if output.lstrip().startswith(("#", "|")) and "FAILED" not in output[:10] else ["```", output, "```"]
+        if done.returncode == 0 and any(line.startswith("|") for line in output.splitlines()):
+            # markdown tables go in as they are; a script's "# setup" line becomes an italic line
+            lines += [f"*{line[2:]}*" if line.startswith("# ") else line for line in output.splitlines()]
+        else:
+            lines += ["```", output, "```"]
     previous = args.output.read_text() if args.output.is_file() else ""
     if "\n## Notes" in previous:  # hand-written remarks on the figures are kept
         lines += ["", "## Notes" + previous.split("\n## Notes", 1)[1].rstrip()]
