@@ -17,12 +17,11 @@
 from __future__ import annotations
 
 import argparse
-import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import torch
+from timing import timed  # benchmarks/timing.py (this folder is on sys.path when a script runs)
 
 from csdiff.backbone import ControlNet, DiffusionFeatureExtractor, LoRA, Variant
 from csdiff.backbone.conditions import canny_condition
@@ -31,19 +30,6 @@ from csdiff.backbone.random_models import write_random_lora
 
 SEG_LAYERS = ["up-level0-upsampler-out", "up-level1-upsampler-out", "up-level2-upsampler-out"]
 PROMPT = "a highly realistic photo of the real world. It can be an indoor scene, or an outdoor scene, or a photo of nature. high quality."
-
-
-def timed(fn, repeats: int) -> float:
-    """Median wall time of ``repeats`` calls after one warm-up call."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 @torch.no_grad()

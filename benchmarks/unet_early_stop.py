@@ -11,10 +11,9 @@ Median of ``--repeats`` calls after one warm-up; prints both and their ratio.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
+from timing import timed  # benchmarks/timing.py (this folder is on sys.path when a script runs)
 
 from csdiff.backbone import DiffusionFeatureExtractor
 from csdiff.backbone.capture import ActivationCapture
@@ -23,16 +22,6 @@ SETS = {
     "segmentation": ["up-level0-upsampler-out", "up-level1-upsampler-out", "up-level2-upsampler-out"],
     "legacy": ["legacy"],
 }
-
-
-def timed(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 @torch.no_grad()

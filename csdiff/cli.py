@@ -113,7 +113,7 @@ def run_extract(argv: list[str]) -> int:
         if not {"backbone", "variants", "layers"} <= set(options.keys()):
             raise ValueError(f"{cfg.model.class_path} has no backbone/variants/layers options: give --extractor.* instead")
         if not options.layers:
-            raise ValueError(f"the config's model names no layers: set model.init_args.layers")
+            raise ValueError("the config's model names no layers: set model.init_args.layers")
         backbone = options.backbone.as_dict() if hasattr(options.backbone, "as_dict") else dict(options.backbone or {})
         variants = [v.as_dict() if hasattr(v, "as_dict") else dict(v) for v in (options.variants or [{"name": "plain"}])]
         kwargs = dict(backbone, layers=list(options.layers), variants=variants, feature_dtype="float16")
