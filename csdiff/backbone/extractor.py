@@ -28,6 +28,11 @@ Features = dict[str, dict[str, torch.Tensor]]
 # Prediction types the guided DDIM chain knows how to turn into (x0, eps).
 CHAIN_PREDICTION_TYPES = ("epsilon", "v_prediction")
 
+# Noise streams: each variant's diffusion noise uses its seed directly; the VAE posterior
+# sample draws from a stream derived from ``vae_seed`` and this tag, so that vae_seed = 0
+# and a variant seed of 0 never give the same map.
+_VAE_STREAM = 1
+
 
 @dataclass
 class _FinalCall:
@@ -40,10 +45,6 @@ class _FinalCall:
     emb: torch.Tensor
     added: dict
     extra: dict
-# Noise streams: each variant's diffusion noise uses its seed directly; the VAE posterior
-# sample draws from a stream derived from ``vae_seed`` and this tag, so that vae_seed = 0
-# and a variant seed of 0 never give the same map.
-_VAE_STREAM = 1
 
 
 class DiffusionFeatureExtractor(nn.Module):
