@@ -234,3 +234,18 @@ def test_scarce_splits_runs_each_split_and_reports_mean_and_std(extracted, tmp_p
     assert f"{100 * summary['mIoU_mean']:6.2f} ± {100 * summary['mIoU_std']:.2f}" in out
     assert (tmp_path / "splits.csv").read_text().splitlines()[0].startswith("seed,mIoU,background")
     assert (tmp_path / "split0").is_dir() and (tmp_path / "split1").is_dir()
+
+
+def test_manifest_follows_a_moved_dataset_but_refuses_other_images(tmp_path):
+    from csdiff.backbone.store import FeatureFolder, FeatureFolderError
+
+    description = {"csdiff_version": "x", "extractor": {"layers": ["a"], "variants": [], "backbone": {"weights_id": "w"}}, "shapes": {"a": [1, 2, 2]}, "stored_dtype": "float16"}
+    folder = FeatureFolder(tmp_path / "features")
+    folder.prepare(description, {"train/img_0": "/data/old/real/train/img_0.png"})
+    moved = folder.prepare(description, {"train/img_0": "/data/new/real/train/img_0.png"})
+    assert moved["images"] == {"train/img_0": "/data/new/real/train/img_0.png"}
+    assert json.loads(folder.manifest_path.read_text())["images"] == moved["images"]
+    with pytest.raises(FeatureFolderError, match="other images under the same names"):
+        folder.prepare(description, {"train/img_0": "/data/new/real/train/other.png"})
+    with pytest.raises(FeatureFolderError, match=r"shapes: \{'a': \[1, 2, 2\]\} \(folder\) vs"):
+        folder.prepare(dict(description, shapes={"a": [1, 4, 4]}), {})

@@ -85,13 +85,14 @@ class FeatureFolder:
         exists = self.manifest_path.is_file()
         manifest = self.check(description) if exists else dict(description, images={})
         known = manifest.setdefault("images", {})
-        clashes = [f"{name}: {known[name]} vs {src}" for name, src in images.items() if known.get(name, src) != src]
+        # a moved dataset keeps its file names; another image under the same output name does not
+        clashes = [f"{name}: {known[name]} vs {src}" for name, src in images.items() if Path(known.get(name, src)).name != Path(src).name]
         if clashes:
             raise FeatureFolderError(
                 f"{self.folder} holds features of other images under the same names ({'; '.join(clashes[:3])}); "
                 f"use another folder"
             )
-        new = not images.keys() <= known.keys()
+        new = any(known.get(name) != src for name, src in images.items())
         known.update(images)
         if write and (new or not exists):
             save_text(self.manifest_path, json.dumps(manifest, indent=1, sort_keys=True) + "\n")
