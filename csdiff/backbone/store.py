@@ -109,27 +109,15 @@ class FeatureFolder:
         except (SafetensorError, OSError, FileNotFoundError):
             return False
 
-    def missing(self, names: Sequence[str], keys: Iterable[str]) -> list[str]:
+    def missing(self, items: Sequence[tuple[str, str]], keys: Iterable[str]) -> list[tuple[str, str]]:
+        """The (name, image path) pairs whose files are absent or incomplete."""
         keys = list(keys)
-        return [name for name in names if not self.is_complete(name, keys)]
+        return [(name, path) for name, path in items if not self.is_complete(name, keys)]
 
     def write(self, name: str, features: dict[str, dict[str, torch.Tensor]], metadata: dict[str, str] | None = None) -> Path:
         """One image's features ``{variant: {layer: (C, h, w)}}`` as an fp16 file, atomically."""
         tensors = {f"{v}/{layer}": x.to(STORED_DTYPE) for v, layers in features.items() for layer, x in layers.items()}
         return save_tensors(self.path(name), tensors, metadata=metadata)
-
-    def read(self, name: str, keys: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
-        """Tensors of one image file (memory-mapped; only ``keys`` when given), names the file on error."""
-        path = self.path(name)
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                wanted = list(f.keys()) if keys is None else list(keys)
-                absent = [k for k in wanted if k not in f.keys()]
-                if absent:
-                    raise FeatureFolderError(f"{path} lacks {absent[:4]}; extract it again (delete the file first)")
-                return {k: f.get_tensor(k) for k in wanted}
-        except (SafetensorError, OSError) as err:
-            raise FeatureFolderError(f"cannot read features {path} ({err}); extract it again (delete the file first)") from err
 
 
 def feature_keys(description: dict) -> list[str]:

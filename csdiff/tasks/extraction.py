@@ -68,8 +68,7 @@ def extract_to_folder(
         folder.manifest_path.unlink()
     folder.prepare(description, {name: path for name, path in items}, write=rank_zero_only.rank == 0)
     remove_stale_temporaries(folder.folder)  # from a killed run; finished files are complete
-    keys = feature_keys(description)
-    todo = list(items) if overwrite else [(n, p) for n, p in items if not folder.is_complete(n, keys)]
+    todo = list(items) if overwrite else folder.missing(items, feature_keys(description))
     if todo:
         metadata = {"csdiff": json.dumps(extractor.describe())}
         trainer = Trainer(

@@ -87,7 +87,7 @@ class ScarceSegmentationTask(FrozenBackboneCheckpointMixin, LightningModule):
             folder.prepare(description, dict(items))
         strategy.barrier()
         folder.check(description)
-        missing = [(n, p) for n, p in items if n in set(folder.missing([n for n, _ in items], feature_keys(description)))]
+        missing = folder.missing(items, feature_keys(description))
         strategy.barrier()  # every rank has listed before any rank writes
         mine = missing[rank::world]
         step = self.hparams.extract_batch_size
