@@ -8,6 +8,7 @@ fast default processor.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -81,6 +82,17 @@ def fold_prompt_windows(maps: torch.Tensor, window: int) -> torch.Tensor:
     if n_keys % window:
         raise ValueError(f"cross-attention over {n_keys} tokens is not a whole number of {window}-token prompt windows")
     return maps.view(b, n_keys // window, window, h, w).sum(1)
+
+
+def hooked_paths(unet: nn.Module, names: Sequence[str]) -> set[str]:
+    """Module paths that capturing ``names`` hooks or gives an attention-map processor."""
+    table = enumerate_activations(unet)
+    paths = {p for level in up_cross_maps(unet).values() for p in level} if UP_CROSS in names else set()
+    for name in names:
+        if name != UP_CROSS:
+            act = table[name]
+            paths.update(p for p in (act.module, act.spatial) if p is not None)
+    return paths
 
 
 class UNetStopped(Exception):

@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from csdiff.backbone.capture import ActivationCapture
+from csdiff.backbone.acceleration import channels_last_input, compile_blocks, to_channels_last
+from csdiff.backbone.capture import ActivationCapture, hooked_paths
 from csdiff.backbone.conditions import canny_condition
 from csdiff.backbone.listing import activation_shapes
 from csdiff.backbone.loading import load_controlnet, load_sd_components, parse_dtype
@@ -70,6 +71,11 @@ class DiffusionFeatureExtractor(nn.Module):
         batch_variants: run the final UNet calls of variants that share UNet weights (same
             UNet LoRAs), prompt length and layers as one call, stacked along the batch (equal
             within float tolerance; false: one call per variant, less activation memory).
+        channels_last: keep the frozen parts' weights and inputs NHWC, the layout GPU
+            convolutions prefer (equal within float tolerance; features come back contiguous).
+        compile: ``torch.compile`` the blocks of the UNet, ControlNets and VAE encoder (true:
+            inductor; or a backend name, e.g. ``aot_eager`` to debug). The first calls at each
+            batch size compile (minutes at SD size); see ``benchmarks/acceleration.py``.
     """
 
     def __init__(
@@ -89,6 +95,8 @@ class DiffusionFeatureExtractor(nn.Module):
         noise: bool = True,
         time_ids: Sequence[int] | None = None,
         batch_variants: bool = True,
+        channels_last: bool = False,
+        compile: bool | str = False,
     ) -> None:
         super().__init__()
         if latent not in ("mean", "sample"):
@@ -151,6 +159,15 @@ class DiffusionFeatureExtractor(nn.Module):
         self._prompt_cache: dict[tuple, torch.Tensor] = {}
         self.requires_grad_(False)
         self.eval()
+        self.channels_last = channels_last
+        if channels_last:
+            to_channels_last([self.unet, self.vae, *self.controlnets.values()])
+        self.compile_backend = ("inductor" if compile is True else compile) or None
+        if self.compile_backend:
+            compile_blocks(self.unet, self.compile_backend, hooked_paths(self.unet, self.layers))
+            compile_blocks(self.vae.encoder, self.compile_backend)
+            for net in self.controlnets.values():
+                compile_blocks(net, self.compile_backend)
 
     # --- frozen: stays in eval mode even when an enclosing module trains ---
     def train(self, mode: bool = True) -> "DiffusionFeatureExtractor":
@@ -224,6 +241,8 @@ class DiffusionFeatureExtractor(nn.Module):
 
         The VAE runs in its own dtype: float32 for VAEs that overflow in float16 (SDXL's)."""
         x = self.resize(images).to(self.vae.dtype)
+        if self.channels_last:
+            x = channels_last_input(x)
         posterior = self.vae.encode(x).latent_dist
         if self.latent == "mean":
             z = posterior.mean
@@ -291,7 +310,8 @@ class DiffusionFeatureExtractor(nn.Module):
                 key = ("canny", cn.low, cn.high)
                 if key not in cache:
                     cache[key] = canny_condition(images, cn.low, cn.high)
-            out.append((key, cache[key].to(self.device, self.dtype)))
+            cond = cache[key].to(self.device, self.dtype)
+            out.append((key, channels_last_input(cond) if self.channels_last else cond))
         return out
 
     def control_residuals(self, variant, noisy, t, emb, conds, cache: dict | None, share_key: tuple | None, added: dict | None = None) -> dict:
@@ -405,7 +425,7 @@ class DiffusionFeatureExtractor(nn.Module):
         with ActivationCapture(self.unet, names, tuple(shape[-2:]), self.tokenizer.model_max_length, stop_early=True) as capture:
             self.unet(noisy, self.timestep, encoder_hidden_states=emb, **extra, **added)
         return {
-            c.variant.name: {n: capture.features[n][i * batch : (i + 1) * batch].to(self.feature_dtype) for n in names}
+            c.variant.name: {n: capture.features[n][i * batch : (i + 1) * batch].to(self.feature_dtype).contiguous() for n in names}
             for i, c in enumerate(group)
         }
 

@@ -46,6 +46,8 @@ class BackboneOptions(TypedDict, total=False):
     time_ids: list[int] | None
     dtype: Literal["float32", "float16", "bfloat16"]
     batch_variants: bool
+    channels_last: bool
+    compile: bool | str
 
 
 class GateOptions(TypedDict, total=False):
