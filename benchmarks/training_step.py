@@ -20,33 +20,14 @@ import time
 from pathlib import Path
 
 import torch
-import yaml
+from paper_configs import model_init  # benchmarks/*.py (this folder is on sys.path when a script runs)
+from timing import peak_memory
 
-from csdiff.backbone.loading import load_sd_components
-from csdiff.backbone.random_models import meta_unet, write_random_lora
 from csdiff.tasks import SegmentationTask
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def peak_memory() -> str:
-    if torch.cuda.is_available():
-        return f"{torch.cuda.max_memory_allocated() / 2**30:.2f} GB (torch.cuda.max_memory_allocated)"
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return f"{int(line.split()[1]) / 2**20:.2f} GB (peak RSS, backbone included)"
-    return "n/a"
 
 
 def build(tmp: Path, model: str, img_size: int, dtype: str, proj_blocks: int) -> SegmentationTask:
-    init = yaml.safe_load((ROOT / "configs" / "seg_ade20k.yaml").read_text())["model"]["init_args"]
-    init["backbone"].update(model=model, img_size=img_size, dtype=dtype)
-    unet = meta_unet() if model == "random-sd15" else load_sd_components(model).unet  # only its widths are read
-    for i, variant in enumerate(init["variants"]):
-        for cn in variant.get("controlnets", []):
-            cn["model"] = "random-sd15-controlnet-canny" if model == "random-sd15" else "tiny-controlnet-canny"
-        for lora in variant.get("loras", []):
-            lora["path"] = str(write_random_lora(tmp / f"lora_{i}.safetensors", unet, seed=i))
+    init = model_init("seg_ade20k.yaml", tmp, model, img_size, dtype)
     init["gate"] = dict(init.get("gate") or {}, proj_blocks=proj_blocks)
     init.update(slide_crop=img_size, slide_stride=img_size)
     return SegmentationTask(**init)

@@ -29,6 +29,23 @@ def test_run_all_quick_runs_every_script_and_writes_the_results(tmp_path, monkey
     runpy.run_path(str(BENCHMARKS / "run_all.py"), run_name="__main__")
     text = out.read_text()
     assert "FAILED" not in text and "FAILED" not in capsys.readouterr().out
-    for table in ("(b) ADE20K's 3 variants", "**step**", "segmentation", "warm is", "peak RSS after test"):
+    for table in ("(b) ADE20K's 3 variants", "**step**", "segmentation", "warm is", "peak RSS after test", "compile+channels_last", "UNet calls per pair"):
         assert table in text, table
     assert text.rstrip().endswith("kept remark") and text.count("## Notes") == 1
+
+
+def test_run_all_only_reruns_one_script_and_keeps_the_other_sections(tmp_path, monkeypatch, two_threads):
+    out = tmp_path / "RESULTS.md"
+    out.write_text(
+        "# Benchmark results\n\nWritten by `python benchmarks/run_all.py --quick` on 2026-01-01: CPU.\n\n"
+        "## Extraction cost (a, b)\n\nold extraction table\n\n## UNet early stop\n\nold early-stop table\n\n## Notes\n\nkept remark\n"
+    )
+    monkeypatch.setattr(sys, "argv", ["run_all.py", "--quick", "--only", "unet_early_stop.py", "--output", str(out)])
+    runpy.run_path(str(BENCHMARKS / "run_all.py"), run_name="__main__")
+    text = out.read_text()
+    assert "old extraction table" in text and "old early-stop table" not in text and "stopped s" in text
+    assert "Written by `python benchmarks/run_all.py --quick` on 2026-01-01: CPU. Rerun with `--only` unet_early_stop.py on" in text
+    assert text.rstrip().endswith("kept remark")
+    monkeypatch.setattr(sys, "argv", ["run_all.py", "--quick", "--only", "nonexistent.py", "--output", str(out)])
+    with pytest.raises(SystemExit):
+        runpy.run_path(str(BENCHMARKS / "run_all.py"), run_name="__main__")
