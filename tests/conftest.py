@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # tests never reach the network
@@ -28,3 +29,12 @@ def two_threads():
     torch.set_num_threads(2)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture
+def free_after():
+    """SD-size runs hold ~10 GB in reference cycles (trainer, module, callbacks), which the
+    cyclic collector frees only when it next runs: collect now, so that the next test's model
+    does not join this one's in memory (two would not fit a 24 GB machine)."""
+    yield
+    gc.collect()
