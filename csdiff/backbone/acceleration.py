@@ -51,22 +51,19 @@ class CompiledForward:
         return self.compiled(*args, **kwargs)
 
 
-def compile_blocks(root: nn.Module, backend: str, keep_eager: Iterable[str] = ()) -> int:
+def compile_blocks(root: nn.Module, backend: str, keep_eager: Iterable[str] = ()) -> None:
     """Compile every block of ``root`` that no path in ``keep_eager`` lies strictly inside.
 
     ``keep_eager`` holds dotted paths below ``root`` where hooks or attention processors
-    are installed. Returns the number of blocks compiled.
+    are installed.
     """
     inner = list(keep_eager)
     config = torch._dynamo.config
     config.recompile_limit = max(config.recompile_limit, RECOMPILE_LIMIT)
     config.accumulated_recompile_limit = max(config.accumulated_recompile_limit, 4 * RECOMPILE_LIMIT)
-    count = 0
     for path, module in root.named_modules():
         if not isinstance(module, COMPILED_BLOCKS) or isinstance(module.forward, CompiledForward):
             continue
         if any(p.startswith(path + ".") for p in inner):
             continue
         module.forward = CompiledForward(module.forward, backend)
-        count += 1
-    return count

@@ -162,12 +162,12 @@ class DiffusionFeatureExtractor(nn.Module):
         self.channels_last = channels_last
         if channels_last:
             to_channels_last([self.unet, self.vae, *self.controlnets.values()])
-        self.compile_backend = ("inductor" if compile is True else compile) or None
-        if self.compile_backend:
-            compile_blocks(self.unet, self.compile_backend, hooked_paths(self.unet, self.layers))
-            compile_blocks(self.vae.encoder, self.compile_backend)
+        backend = "inductor" if compile is True else compile
+        if backend:
+            compile_blocks(self.unet, backend, hooked_paths(self.unet, self.layers))
+            compile_blocks(self.vae.encoder, backend)
             for net in self.controlnets.values():
-                compile_blocks(net, self.compile_backend)
+                compile_blocks(net, backend)
 
     # --- frozen: stays in eval mode even when an enclosing module trains ---
     def train(self, mode: bool = True) -> "DiffusionFeatureExtractor":
