@@ -13,6 +13,7 @@ CPU, ``torch.cuda.max_memory_allocated`` on a GPU (the figure peers quote: ~18 G
 from __future__ import annotations
 
 import argparse
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -69,7 +70,7 @@ def main() -> None:
     print(f"{'what':<48} {'value':>10}")
     print(f"{'first pair s (includes one-time prompt encoding)':<48} {times[0]:>10.1f}")
     if len(times) > 1:
-        print(f"{'later pairs s (median)':<48} {sorted(times[1:])[len(times[1:]) // 2]:>10.1f}")
+        print(f"{'later pairs s (median)':<48} {statistics.median(times[1:]):>10.1f}")
     print(f"{'UNet calls per pair (2 images each)':<48} {calls['UNet'] / args.pairs:>10.0f}")
     print(f"{'ControlNet calls per pair':<48} {calls['ControlNet'] / args.pairs:>10.0f}")
     print(f"{'pck_bbox_point (random weights)':<48} {float(pck['pck_bbox_point']):>10.3f}")
