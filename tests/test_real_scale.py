@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 from diffusers import DDIMScheduler
-from helpers import shapes_images
+from helpers import assert_close_up_to_rounding, shapes_images
 
 from csdiff.backbone import ControlNet, DiffusionFeatureExtractor, LoRA, Variant
 from csdiff.backbone.extractor import describe_differences
@@ -126,7 +126,7 @@ def test_provided_conditions_are_not_shared_between_variants(images):
     assert len(calls) == 2
     assert (f["a"]["up-level1-upsampler-out"] - f["b"]["up-level1-upsampler-out"]).abs().max() > 1e-4
     alone = ex(images, conditions={"a": 1 - edges, "b": 1 - edges}, variants=["a"])["a"]
-    torch.testing.assert_close(alone["up-level1-upsampler-out"], f["b"]["up-level1-upsampler-out"])
+    assert_close_up_to_rounding(alone["up-level1-upsampler-out"], f["b"]["up-level1-upsampler-out"])  # batch 2 vs 4
 
 
 def test_vae_sample_noise_is_not_the_diffusion_noise(images):

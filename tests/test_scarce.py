@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from helpers import load_script
+from helpers import FP16_RTOL, assert_close_up_to_rounding, load_script
 from safetensors.torch import load_file, save_file
 
 from csdiff.cli import main, run_lightning
@@ -74,7 +74,8 @@ def test_extract_writes_native_fp16_files_and_a_manifest(extracted):
         assert all(t.dtype == torch.float16 and tuple(t.shape) == shapes[k.split("/", 1)[1]] for k, t in tensors.items())
     reference = ex(ex.resize(torch.as_tensor(_image(manifest["images"][names[0]]))[None]))  # the extractor, by hand
     stored = load_file(str(features / f"{names[0]}.safetensors"))
-    torch.testing.assert_close(stored["canny/up_cross"].float(), reference["canny"]["up_cross"][0].half().float())
+    # float32 rounding of another batch may flip a float16 rounding: one float16 step (2^-10 relative)
+    assert_close_up_to_rounding(stored["canny/up_cross"].float(), reference["canny"]["up_cross"][0].half().float(), rel=FP16_RTOL)
 
 
 def _image(path: str) -> np.ndarray:
@@ -129,7 +130,9 @@ def test_ddp_extract_writes_each_image_once_and_equals_one_process(extracted, tm
     assert sorted(counts) == [2, 3]  # 5 images over 2 ranks, none twice
     for path in sorted(single.glob("**/*.safetensors")):
         a, b = load_file(str(path)), load_file(str(out / path.relative_to(single)))
-        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+        assert a.keys() == b.keys()
+        for k in a:  # other processes and batches: float32 rounding, then one float16 step at most
+            assert_close_up_to_rounding(a[k].float(), b[k].float(), rel=FP16_RTOL, msg=f"{path.name} {k}")
 
 
 def test_extra_features_line_up_with_the_labels_and_are_learnt(extracted, tmp_path):

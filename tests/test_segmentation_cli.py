@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from helpers import assert_close_up_to_rounding
 
 from csdiff.cli import main, run_lightning
 
@@ -138,7 +139,7 @@ def test_python_inference_from_checkpoint(fitted):
     model = SegmentationTask.load_from_checkpoint(ckpt, map_location="cpu", weights_only=True).eval()
     image = cli.datamodule.datasets["val"][0]["image"]
     expected = cli.model.eval().predict_image(image, (64, 64))
-    torch.testing.assert_close(model.predict_image(image, (64, 64)), expected)
+    assert_close_up_to_rounding(model.predict_image(image, (64, 64)), expected)  # another instance
 
 
 def test_saved_config_round_trips(fitted):
