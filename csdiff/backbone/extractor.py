@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -20,7 +21,7 @@ from csdiff.backbone.acceleration import channels_last_input, compile_blocks, to
 from csdiff.backbone.capture import ActivationCapture, hooked_paths
 from csdiff.backbone.conditions import canny_condition
 from csdiff.backbone.listing import activation_shapes
-from csdiff.backbone.loading import load_controlnet, load_sd_components, parse_dtype
+from csdiff.backbone.loading import check_controlnet_fits, load_controlnet, load_sd_components, load_variant_weights, parse_dtype
 from csdiff.backbone.lora import LoRARegistry
 from csdiff.backbone.names import resolve_layers
 from csdiff.backbone.variants import Variant, as_variant
@@ -40,6 +41,7 @@ class _FinalCall:
     """What one variant's final UNet call (at ``timestep``) takes, prepared before any is made."""
 
     variant: Variant
+    unet: nn.Module
     unet_key: tuple
     names: list[str]
     noisy: torch.Tensor
@@ -155,16 +157,34 @@ class DiffusionFeatureExtractor(nn.Module):
                 if cn.model not in self._controlnet_keys:
                     key = f"cn{len(self._controlnet_keys)}"
                     self.controlnets[key], self.controlnet_ids[cn.model] = load_controlnet(cn.model, dtype)
+                    check_controlnet_fits(self.controlnets[key], self.unet, cn.model, model)
                     self._controlnet_keys[cn.model] = key
+        # Variants with their own merged weights: one UNet (+ changed text encoders) per distinct file.
+        self.weight_unets = nn.ModuleDict()
+        self.weight_text_encoders = nn.ModuleDict()
+        self.weights_ids: dict[str, str] = {}
+        self._weight_keys: dict[str, str] = {}
+        for v in self.variants:
+            if v.weights is not None and _same_file(v.weights) not in self._weight_keys:
+                key = f"w{len(self.weight_unets)}"
+                loaded = load_variant_weights(v.weights, parts, base_model if base_model is not None else model, dtype)
+                self.weight_unets[key] = loaded.unet
+                for i, encoder in enumerate(loaded.text_encoders):
+                    if encoder is not None:
+                        self.weight_text_encoders[f"{key}_te{i}"] = encoder
+                self._weight_keys[_same_file(v.weights)] = key
+                self.weights_ids[key] = loaded.weights_id
         self._prompt_cache: dict[tuple, torch.Tensor] = {}
         self.requires_grad_(False)
         self.eval()
         self.channels_last = channels_last
+        unets = [self.unet, *self.weight_unets.values()]
         if channels_last:
-            to_channels_last([self.unet, self.vae, *self.controlnets.values()])
+            to_channels_last([*unets, self.vae, *self.controlnets.values()])
         backend = "inductor" if compile is True else compile
         if backend:
-            compile_blocks(self.unet, backend, hooked_paths(self.unet, self.layers))
+            for unet_ in unets:
+                compile_blocks(unet_, backend, hooked_paths(unet_, self.layers))
             compile_blocks(self.vae.encoder, backend)
             for net in self.controlnets.values():
                 compile_blocks(net, backend)
@@ -190,6 +210,8 @@ class DiffusionFeatureExtractor(nn.Module):
                 lora["weights_id"] = self.loras.fingerprint(lora["path"])
             for cn in d["controlnets"]:
                 cn["weights_id"] = self.controlnet_ids[cn["model"]]
+            if v.weights is not None:
+                d["weights_id"] = self.weights_ids[self._weights_key(v)]
             variants.append(d)
         return dict(
             backbone=self.spec.to_dict(),
@@ -215,6 +237,30 @@ class DiffusionFeatureExtractor(nn.Module):
         return activation_shapes(self.unet, self.layers, (size, size), self.tokenizer.model_max_length)
 
     # --- pieces ---
+    def _weights_key(self, variant: Variant) -> str | None:
+        return None if variant.weights is None else self._weight_keys[_same_file(variant.weights)]
+
+    def unet_of(self, variant: Variant) -> nn.Module:
+        """The UNet a variant runs: its own merged weights' or the backbone's."""
+        key = self._weights_key(variant)
+        return self.unet if key is None else self.weight_unets[key]
+
+    def text_key(self, variant: Variant) -> tuple:
+        """Switch on the variant's LoRAs; returns what fixes its text encoders (cache and sharing key):
+        the text-encoder LoRAs, and its merged weights when they changed a text encoder."""
+        key = self.loras.activate(list(variant.loras))
+        own = self._weights_key(variant)
+        if own is not None and any(name.startswith(f"{own}_te") for name in self.weight_text_encoders):
+            key = (("weights", own), *key)
+        return key
+
+    def _encoders(self, text_key: tuple) -> tuple[nn.Module, ...]:
+        base = tuple(e for e in (self.text_encoder, self.text_encoder_2) if e is not None)
+        if not text_key or text_key[0][0] != "weights":
+            return base
+        own = text_key[0][1]
+        return tuple(self.weight_text_encoders[f"{own}_te{i}"] if f"{own}_te{i}" in self.weight_text_encoders else e for i, e in enumerate(base))
+
     def prompt_embedding(self, prompt: str, text_key: tuple) -> torch.Tensor:
         """The UNet's text embedding (1, tokens, D) of a prompt (cached per text-encoder adapter set)."""
         return self._prompt(prompt, text_key)[0]
@@ -223,8 +269,7 @@ class DiffusionFeatureExtractor(nn.Module):
         key = (prompt, text_key)
         if key not in self._prompt_cache:
             tokenizers = tuple(t for t in (self.tokenizer, self.tokenizer_2) if t is not None)
-            encoders = tuple(e for e in (self.text_encoder, self.text_encoder_2) if e is not None)
-            self._prompt_cache[key] = self.family.encode(tokenizers, encoders, prompt)
+            self._prompt_cache[key] = self.family.encode(tokenizers, self._encoders(text_key), prompt)
         return self._prompt_cache[key]
 
     def added_conditions(self, prompt: str, text_key: tuple, batch: int) -> dict:
@@ -372,7 +417,8 @@ class DiffusionFeatureExtractor(nn.Module):
         """Everything a variant's final UNet call needs: its noisy latent (after its guided chain,
         if any), text embedding, added conditions and ControlNet residuals."""
         batch, shape = latents.shape[0], latents.shape[1:]
-        text_key = self.loras.activate(list(variant.loras))
+        text_key = self.text_key(variant)
+        unet = self.unet_of(variant)
         emb = self.prompt_embedding(variant.prompt, text_key).to(self.device, self.dtype).expand(batch, -1, -1)
         added = self.added_conditions(variant.prompt, text_key, batch)
         conds = self.conditions(variant, images, provided, cond_cache)
@@ -385,15 +431,16 @@ class DiffusionFeatureExtractor(nn.Module):
             noisy = self.add_noise(latents, noise, variant.denoise_from)
             for t in range(variant.denoise_from, self.timestep, -1):
                 extra = self.control_residuals(variant, noisy, t, emb, conds, None, None, added)
-                prediction = self.unet(noisy, t, encoder_hidden_states=emb, **extra, **added).sample
+                prediction = unet(noisy, t, encoder_hidden_states=emb, **extra, **added).sample
                 noisy = self.ddim_step(noisy, prediction, t)
             share_key = None  # the chain depends on every guidance setting: never shared
         extra = self.control_residuals(variant, noisy, self.timestep, emb, conds, control_cache, share_key, added)
         names = [n for n in self.layers if n in (layers or {}).get(variant.name, self.layers)]
-        return _FinalCall(variant, self.loras.unet_key(list(variant.loras)), names, noisy, emb, added, extra)
+        unet_key = self.loras.unet_key(list(variant.loras)) + ((("weights", self._weights_key(variant)),) if variant.weights else ())
+        return _FinalCall(variant, unet, unet_key, names, noisy, emb, added, extra)
 
     def _groups(self, calls: list[_FinalCall]) -> list[list[_FinalCall]]:
-        """Calls that can share one UNet call: same UNet adapters, prompt length and layers."""
+        """Calls that can share one UNet call: same UNet weights and adapters, prompt length and layers."""
         if not self.batch_variants:
             return [[c] for c in calls]
         groups: dict[tuple, list[_FinalCall]] = {}
@@ -421,13 +468,19 @@ class DiffusionFeatureExtractor(nn.Module):
                 "down_block_additional_residuals": [torch.cat(rs) for rs in zip(*(p["down_block_additional_residuals"] for p in parts))],
                 "mid_block_additional_residual": torch.cat([p["mid_block_additional_residual"] for p in parts]),
             }
-        names = group[0].names
-        with ActivationCapture(self.unet, names, tuple(shape[-2:]), self.tokenizer.model_max_length, stop_early=True) as capture:
-            self.unet(noisy, self.timestep, encoder_hidden_states=emb, **extra, **added)
+        names, unet = group[0].names, group[0].unet
+        with ActivationCapture(unet, names, tuple(shape[-2:]), self.tokenizer.model_max_length, stop_early=True) as capture:
+            unet(noisy, self.timestep, encoder_hidden_states=emb, **extra, **added)
         return {
             c.variant.name: {n: capture.features[n][i * batch : (i + 1) * batch].to(self.feature_dtype).contiguous() for n in names}
             for i, c in enumerate(group)
         }
+
+
+def _same_file(path: str) -> str:
+    """One key per file, however it is written (a hub id or built-in name stays as it is)."""
+    p = Path(path).expanduser()
+    return str(p.resolve()) if p.exists() else path
 
 
 def _cat_along_batch(parts: list[dict]) -> dict:
@@ -448,6 +501,7 @@ def _comparable(description: dict) -> dict:
                 prompt=v["prompt"],
                 seed=v["seed"],
                 denoise_from=v["denoise_from"],
+                weights=v.get("weights_id", v.get("weights")),
                 loras=[(lora.get("weights_id", lora["path"]), lora["scale"]) for lora in v["loras"]],
                 controlnets=[
                     (cn.get("weights_id", cn["model"]), cn["condition"], cn["low"], cn["high"], cn["scale"])

@@ -13,10 +13,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from torch import nn
 from diffusers import AutoencoderKL, ControlNetModel, PNDMScheduler, SchedulerMixin, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
@@ -128,12 +130,40 @@ def component_weight_files(folder: Path) -> list[Path]:
     return []
 
 
+def folder_kind(folder: Path) -> str:
+    """What a local folder holds, by its files: ``pipeline`` (a diffusers Stable Diffusion folder),
+    ``controlnet``, ``unet`` (a lone UNet), ``lora`` (a diffusers LoRA folder) or ``unknown``."""
+    if (folder / "model_index.json").is_file() or (folder / "unet").is_dir():
+        return "pipeline"
+    config = folder / "config.json"
+    if config.is_file():
+        try:
+            name = json.loads(config.read_text()).get("_class_name", "")
+        except (OSError, ValueError):
+            return "unknown"
+        return {"ControlNetModel": "controlnet", "UNet2DConditionModel": "unet"}.get(name, "unknown")
+    if any(p.name.startswith("pytorch_lora_weights") for p in folder.iterdir()):
+        return "lora"
+    return "unknown"
+
+
+_KIND_USE = {
+    "pipeline": "a Stable Diffusion pipeline folder: use it as the backbone's `model` (or a variant's `weights`)",
+    "controlnet": "a ControlNet folder: use it in a variant's `controlnets`",
+    "unet": "a lone UNet folder: use it as the backbone's `unet` override",
+    "lora": "a LoRA folder: use it in a variant's `loras`",
+}
+
+
 def weights_fingerprint(folder: Path, subfolders: tuple[str, ...] | None) -> str:
     """Fingerprint of what loading reads from ``folder`` (its ``subfolders``, or the folder itself)."""
     parts = [folder] if subfolders is None else [folder / s for s in subfolders]
     files = [f for part in parts for f in component_weight_files(part)]
     if not files:
-        raise BackboneNotAvailableError(f"{folder} holds no weight files (*.safetensors, *.bin)")
+        kind = folder_kind(folder)
+        wanted = "a model folder with unet/, vae/, text_encoder/" if subfolders is not None else "a single model's folder"
+        what = f"it is {_KIND_USE[kind]}" if kind != "unknown" else "it holds no weight files (*.safetensors, *.bin)"
+        raise BackboneNotAvailableError(f"{folder} is not {wanted}: {what}")
     return fingerprint_files(files, folder)
 
 
@@ -390,7 +420,91 @@ def load_controlnet(model: str, dtype: str | torch.dtype = "float32") -> tuple[C
         controlnet, weights_id = random_models.random_controlnet(model, parse_dtype(dtype)), random_models.random_weights_id(model)
     else:
         folder, weights_id = resolve_model_folder(model, subfolders=None)
-        if not (folder / "config.json").is_file():
-            raise BackboneNotAvailableError(f"{folder} is not a ControlNet folder: no config.json")
+        kind = folder_kind(folder)
+        if kind != "controlnet":
+            what = _KIND_USE[kind] if kind != "unknown" else "no ControlNet configuration (config.json of a ControlNetModel)"
+            raise BackboneNotAvailableError(f"ControlNet {model}: {folder} is not a ControlNet folder: {what}")
         controlnet = ControlNetModel.from_pretrained(folder, torch_dtype=parse_dtype(dtype))
     return controlnet.requires_grad_(False).eval(), weights_id
+
+
+# ControlNet settings that must equal the UNet's: its residuals are added to the UNet's blocks.
+_CONTROLNET_KEYS = (
+    "in_channels", "block_out_channels", "down_block_types", "layers_per_block", "cross_attention_dim",
+    "addition_embed_type", "projection_class_embeddings_input_dim",
+)
+
+
+def check_controlnet_fits(controlnet: ControlNetModel, unet: UNet2DConditionModel, model: str, backbone: str) -> None:
+    """Refuse, at load time, a ControlNet built for another family or width (it would fail
+    mid-run with a bare shape error)."""
+    differ = [k for k in _CONTROLNET_KEYS if _plain(controlnet.config.get(k)) != _plain(unet.config.get(k))]
+    if differ:
+        details = "; ".join(f"{k}: {controlnet.config.get(k)} vs {unet.config.get(k)}" for k in differ)
+        raise BackboneNotAvailableError(
+            f"ControlNet {model} does not fit the backbone {backbone} ({details}; ControlNet vs UNet): use a ControlNet "
+            f"trained for this model's family and size"
+        )
+
+
+@dataclass
+class VariantWeights:
+    """A variant's own whole-model weights (e.g. a LoRA merged into SD 1.5, as the paper
+    released its LoRAs): its UNet, and its text encoders where they differ from the base's
+    (``None`` where the base's are used); ``weights_id`` fingerprints the file or folder."""
+
+    unet: UNet2DConditionModel
+    text_encoders: tuple[nn.Module | None, ...]
+    weights_id: str
+
+
+def load_variant_weights(weights: str, base: SDComponents, config_folder: str, dtype: str | torch.dtype) -> VariantWeights:
+    """Load a merged checkpoint (single file or diffusers folder) of the base model's family and
+    architecture; single files take their configuration from ``config_folder``.
+
+    Its VAE is not used (each image is encoded once, with the base model's VAE): a VAE that
+    differs is reported in a warning. Text encoders equal to the base's are dropped, so a
+    merged checkpoint costs one extra UNet, plus a text encoder only when it was changed."""
+    try:
+        other = load_sd_components(weights, base_model=config_folder, dtype=dtype)
+    except BackboneNotAvailableError as err:
+        raise BackboneNotAvailableError(f"variant weights {weights}: {err}") from None
+    if (other.text_encoder_2 is None) != (base.text_encoder_2 is None):
+        raise BackboneNotAvailableError(
+            f"variant weights {weights} are a {other.family.name} model but the backbone {base.spec.model} is "
+            f"{base.family.name}: a variant's weights must be a checkpoint of the backbone's own family and architecture"
+        )
+    differ = [k for k in _ARCHITECTURE_KEYS if _plain(other.unet.config.get(k)) != _plain(base.unet.config.get(k))]
+    encoders = [(other.text_encoder, base.text_encoder), (other.text_encoder_2, base.text_encoder_2)]
+    shapes = [
+        f"{part} {name}: {tuple(p.shape)} vs {tuple(q.shape)}"
+        for part, (a, b) in (("unet", (other.unet, base.unet)), *(("text encoder", e) for e in encoders if e[0] is not None))
+        for name, p, q in _shared_parameters(a, b) if p.shape != q.shape
+    ]
+    if differ or shapes:
+        details = "; ".join([f"{k}: {other.unet.config.get(k)} vs {base.unet.config.get(k)}" for k in differ] or shapes[:3])
+        raise BackboneNotAvailableError(
+            f"variant weights {weights} do not fit the backbone {base.spec.model} ({details}; file vs backbone): a "
+            f"variant's weights must be a checkpoint of the backbone's own family and architecture"
+        )
+    vae_differs = base.vae is not None and any(not torch.equal(p, q.to(p.dtype)) for _, p, q in _shared_parameters(other.vae.encoder, base.vae.encoder))
+    if vae_differs:
+        warnings.warn(
+            f"variant weights {weights}: their VAE differs from the backbone's; csdiff encodes each image once, "
+            f"with the backbone's VAE ({base.spec.model}), for every variant", stacklevel=2,
+        )
+    kept = tuple(None if a is None or _same_parameters(a, b) else a for a, b in encoders)
+    return VariantWeights(other.unet, kept, other.spec.weights_id)
+
+
+def _shared_parameters(a: nn.Module, b: nn.Module):
+    """(name, parameter of a, parameter of b) for the names both modules have; a missing or extra
+    name is an architecture difference and is reported as a shape mismatch of ``()``."""
+    pa, pb = dict(a.named_parameters()), dict(b.named_parameters())
+    empty = torch.empty(0)
+    for name in sorted(pa.keys() | pb.keys()):
+        yield name, pa.get(name, empty), pb.get(name, empty)
+
+
+def _same_parameters(a: nn.Module, b: nn.Module) -> bool:
+    return all(p.shape == q.shape and torch.equal(p, q.to(p.dtype)) for _, p, q in _shared_parameters(a, b))

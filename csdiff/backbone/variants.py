@@ -29,7 +29,14 @@ class ControlNet:
 
 @dataclass(frozen=True)
 class Variant:
-    """Name, prompt, LoRAs, ControlNets, optional multi-step denoising, noise seed."""
+    """Name, prompt, LoRAs, ControlNets, optional multi-step denoising, noise seed.
+
+    ``weights``: the variant's own whole-model weights instead of the backbone's: a merged
+    checkpoint of the same family and architecture (a single ``.ckpt``/``.safetensors`` file,
+    configured by the backbone's folder, or a diffusers folder), e.g. the paper's LoRAs, which
+    were released merged into SD 1.5. Its UNet (chain and final call) and text encoder are used
+    for this variant only.
+    """
 
     name: str
     prompt: str = ""
@@ -37,6 +44,7 @@ class Variant:
     loras: tuple[LoRA, ...] = field(default_factory=tuple)
     controlnets: tuple[ControlNet, ...] = field(default_factory=tuple)
     denoise_from: int | None = None
+    weights: str | None = None
 
     def __post_init__(self) -> None:
         # Accept lists and plain dicts (YAML, hyperparameters) as well as the dataclasses.
@@ -44,6 +52,11 @@ class Variant:
         object.__setattr__(
             self, "controlnets", tuple(c if isinstance(c, ControlNet) else ControlNet(**c) for c in self.controlnets)
         )
+        if self.weights is not None and self.loras:
+            raise ValueError(
+                f"variant {self.name!r}: give either `weights` (a merged checkpoint) or `loras`, not both; to add a "
+                f"LoRA on top of merged weights, merge it into them too or use the merged file as the backbone"
+            )
 
     def to_dict(self) -> dict:
         d = asdict(self)

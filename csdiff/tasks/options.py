@@ -30,6 +30,7 @@ class VariantOptions(TypedDict, total=False):
     loras: list[LoRAOptions]
     controlnets: list[ControlNetOptions]
     denoise_from: int | None
+    weights: str | None
 
 
 class BackboneOptions(TypedDict, total=False):
