@@ -16,7 +16,7 @@ import pytest
 import torch
 import yaml
 from diffusers import DDIMScheduler, UNet2DConditionModel
-from helpers import load_script, shapes_images
+from helpers import assert_close_up_to_rounding, load_script, shapes_images
 from test_backbone import assert_every_name_equals_an_independent_hook
 
 from csdiff.backbone import ControlNet, DiffusionFeatureExtractor, LoRA, Variant, enumerate_activations
