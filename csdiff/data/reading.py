@@ -21,16 +21,38 @@ class DataError(ValueError):
     """A dataset file or folder is missing, unreadable or inconsistent; the message names it."""
 
 
+def _read_complete(path: str, what: str) -> np.ndarray:
+    """The file's bytes, after checking that a JPEG or PNG is whole.
+
+    libjpeg decodes a truncated JPEG with only a warning on stderr (OpenCV returns the image,
+    its missing part grey), so a cut-off download would train silently: a JPEG must hold an
+    end-of-image marker after its last scan, a PNG its IEND chunk.
+    """
+    if not Path(path).is_file():
+        raise DataError(f"{what} file not found: {path}")
+    data = np.fromfile(path, dtype=np.uint8)
+    raw = data.tobytes()
+    truncated = False
+    if raw[:2] == b"\xff\xd8":  # JPEG: FF D9 (end of image) after the last FF DA (start of scan)
+        truncated = raw.find(b"\xff\xd9", max(raw.rfind(b"\xff\xda"), 0)) < 0
+    elif raw[:8] == b"\x89PNG\r\n\x1a\n":
+        truncated = raw.rfind(b"IEND") < 0
+    if truncated:
+        raise DataError(f"{what} file {path} is truncated (its data ends early: an interrupted copy or download?); replace or remove it")
+    if data.size == 0:
+        raise DataError(f"cannot decode {what} file {path} (it is empty); replace or remove it")
+    return data
+
+
 def read_image(path: str, exif_orientation: bool = False) -> np.ndarray:
     """Decode an image file as (H, W, 3) uint8 RGB (grey images are expanded).
 
     EXIF rotation is ignored by default: labels are drawn on the stored pixels, so a
     rotated image would no longer line up with its label. Unlabelled photos may honour it.
     """
-    if not Path(path).is_file():
-        raise DataError(f"image file not found: {path}")
+    data = _read_complete(path, "image")
     flags = cv2.IMREAD_COLOR if exif_orientation else cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION
-    img = cv2.imread(path, flags)
+    img = cv2.imdecode(data, flags)
     if img is None:
         raise DataError(f"cannot decode image file {path} (corrupt or not an image); replace or remove it")
     return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
@@ -38,9 +60,7 @@ def read_image(path: str, exif_orientation: bool = False) -> np.ndarray:
 
 def read_label(path: str) -> np.ndarray:
     """Decode a label file as a single-channel integer array, values as stored."""
-    if not Path(path).is_file():
-        raise DataError(f"label file not found: {path}")
-    label = cv2.imread(path, cv2.IMREAD_UNCHANGED)
+    label = cv2.imdecode(_read_complete(path, "label"), cv2.IMREAD_UNCHANGED)
     if label is None:
         raise DataError(f"cannot decode label file {path} (corrupt or not an image); replace or remove it")
     if label.ndim != 2:
