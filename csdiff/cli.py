@@ -10,6 +10,7 @@ import json
 import os
 import re
 import sys
+import tempfile
 import warnings
 from argparse import ArgumentError
 from collections.abc import Callable
@@ -200,9 +201,12 @@ def run_lightning(argv: list[str] | None):
     from lightning.pytorch import LightningDataModule, LightningModule
     from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 
-    from csdiff.resume import DEFAULT_LOGGER, KEYWORDS, SaveLastOnStop, check_checkpoint_file, locate_last
+    from csdiff.resume import DEFAULT_LOGGER, KEYWORDS, CheckpointError, SaveLastOnStop, check_checkpoint_file, locate_last
+    from csdiff.tasks.export import is_exported_head, write_checkpoint
 
     class CSDiffCLI(LightningCLI):
+        _head_dir: tempfile.TemporaryDirectory | None = None
+
         def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
             """Resolve and check ``--ckpt_path`` before Lightning reads hyperparameters from it."""
             super().parse_arguments(parser, args)
@@ -213,8 +217,28 @@ def run_lightning(argv: list[str] | None):
                 config.ckpt_path = str(ckpt)
                 if self.config.subcommand == "fit" and version is not None:
                     self._continue_run(config, version)
+            if is_exported_head(ckpt):
+                ckpt = config.ckpt_path = str(self._head_checkpoint(ckpt))
             if ckpt is not None and ckpt not in KEYWORDS:
                 check_checkpoint_file(ckpt)
+
+        def _head_checkpoint(self, folder: str) -> Path:
+            """An exported head as a checkpoint file for this run: Lightning reads the model's
+            hyperparameters and its weights from a file, so it gets one (removed after the run)."""
+            if self.config.subcommand == "fit":
+                raise CheckpointError(
+                    f"{folder} is an exported head: it holds no optimizer or loop state, so no fit can resume from it; "
+                    f"use it with test, validate or predict"
+                )
+            self._head_dir = tempfile.TemporaryDirectory(prefix="csdiff-head-")
+            return write_checkpoint(folder, Path(self._head_dir.name) / f"{Path(folder).resolve().name}.ckpt")
+
+        def _run_subcommand(self, subcommand: str) -> None:
+            try:
+                super()._run_subcommand(subcommand)
+            finally:
+                if self._head_dir is not None:
+                    self._head_dir.cleanup()
 
         def _continue_run(self, config: Namespace, version: str) -> None:
             """Log the resumed fit into its run's own folder (Lightning would open a new version)."""

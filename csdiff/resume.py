@@ -22,6 +22,7 @@ LAST = "last.ckpt"
 # Lightning's other ckpt_path keywords, left to Lightning.
 KEYWORDS = ("best", "hpc", "registry")
 DEFAULT_LOGGER = "lightning.pytorch.loggers.TensorBoardLogger"
+CKPT_PATH_HINT = "pass a .ckpt file written by `csdiff fit` (e.g. <run>/checkpoints/last.ckpt), `last`, or a folder written by export_head.py"
 
 
 class CheckpointError(ValueError):
@@ -42,19 +43,20 @@ def find_last_checkpoint(root: str | Path) -> Path | None:
     return max(found, key=lambda p: p.stat().st_mtime, default=None)
 
 
-def check_checkpoint_file(path: str | Path) -> None:
-    """Raise a one-line CheckpointError unless ``path`` is a file saved by Lightning.
+def check_checkpoint_file(path: str | Path, hint: str = CKPT_PATH_HINT) -> None:
+    """Raise a one-line CheckpointError unless ``path`` is a file saved by Lightning; the
+    message ends with ``hint`` (what to pass instead).
 
     The file is memory-mapped, so a multi-GB checkpoint costs only its small pickle here.
     A file refused by ``weights_only`` loading passes unchanged: Lightning reports that itself.
     """
     path = Path(path)
-    hint = "pass a .ckpt file written by `csdiff fit` (e.g. <run>/checkpoints/last.ckpt) or `last`"
     if not path.exists():
         raise CheckpointError(f"checkpoint file {path} not found; {hint}")
     if path.is_dir():
         newest = find_last_checkpoint(path)
-        raise CheckpointError(f"{path} is a folder, not a Lightning checkpoint; {f'e.g. pass {newest}' if newest else hint}")
+        what = "not a Lightning checkpoint nor an exported head (no task.yaml)"
+        raise CheckpointError(f"{path} is a folder, {what}; {f'e.g. pass {newest}' if newest else hint}")
     if not zipfile.is_zipfile(path):
         raise CheckpointError(f"{path} is not a Lightning checkpoint (not a file saved by torch.save); {hint}")
     try:

@@ -5,6 +5,7 @@ of the backbone (fingerprints of its weights, ControlNets and LoRAs; layers; var
 no Stable Diffusion weights are copied into it; its size is that of the heads (a few MB on
 the tiny backbone, GBs for the paper's gate at SD 1.5 widths: see the README). Loading it
 beside other weights or another feature configuration fails with a message saying what differs.
+An exported head (csdiff/tasks/export.py: weights and config, no optimizer state) loads the same way.
 """
 
 from __future__ import annotations
@@ -23,6 +24,18 @@ class CheckpointMismatchError(ValueError):
 
 class FrozenBackboneCheckpointMixin:
     """For LightningModules holding a frozen ``self.extractor`` (a DiffusionFeatureExtractor)."""
+
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path: Any, *args: Any, **kwargs: Any) -> Any:
+        """Lightning's ``load_from_checkpoint``, which also takes a folder written by
+        checkpoints_scripts/export_head.py: it is rebuilt as a checkpoint file first, so the
+        hyperparameters, the checks below and the weights go through Lightning's own path."""
+        from csdiff.tasks.export import is_exported_head, temporary_checkpoint
+
+        if not is_exported_head(checkpoint_path):
+            return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
+        with temporary_checkpoint(checkpoint_path) as path:
+            return super().load_from_checkpoint(path, *args, **kwargs)
 
     def task_parameters(self) -> list:
         """The task's own trainable parameters: the frozen backbone never enters an optimizer."""
