@@ -159,8 +159,8 @@ def test_controlnet_changes_up_blocks_not_down_blocks(images):
     canny = ControlNet("tiny-controlnet-canny")
     ex = make(layers, variants=[Variant("plain", PROMPT), Variant("canny", PROMPT, controlnets=[canny])])
     f = ex(images)
-    for name in layers[:2]:
-        torch.testing.assert_close(f["plain"][name], f["canny"][name], atol=0, rtol=0)
+    for name in layers[:2]:  # rows of one batched call; MKL_CBWR=COMPATIBLE's kernels round rows differently
+        assert_close_up_to_rounding(f["plain"][name], f["canny"][name], msg=name)
     for name in layers[2:]:
         assert (f["plain"][name] - f["canny"][name]).abs().max() > 1e-4
 
@@ -279,9 +279,9 @@ def test_reduced_precision_close_to_float32(images, dtype):
 ])
 def test_unet_stops_after_the_last_requested_layer_with_equal_features(images, layers, ran, skipped):
     """The extraction call skips every block after the last requested activation; the features
-    equal those of a full UNet call with the same hooks."""
+    equal those of a full UNet call with the same hooks (up to float32 rounding)."""
     variants = [Variant("plain", PROMPT), Variant("canny", PROMPT, controlnets=[ControlNet("tiny-controlnet-canny")])]
-    ex = make(layers, variants=variants, batch_variants=False)  # one call per variant: compared bit for bit below
+    ex = make(layers, variants=variants, batch_variants=False)  # one call per variant, as by hand below
     calls = {path: 0 for path in [ran, *skipped]}
     handles = [ex.unet.get_submodule(p).register_forward_pre_hook(lambda *a, p=p: calls.__setitem__(p, calls[p] + 1)) for p in calls]
     early = ex(images)
@@ -301,7 +301,8 @@ def test_unet_stops_after_the_last_requested_layer_with_equal_features(images, l
         full[variant.name] = capture.features
     for v in ("plain", "canny"):
         for name in ex.layers:
-            torch.testing.assert_close(early[v][name], full[v][name], atol=0, rtol=0, msg=name)
+            # the same ops in another extractor instance: kernels may still differ by memory alignment
+            assert_close_up_to_rounding(early[v][name], full[v][name], msg=name)
 
 
 def test_batched_variants_equal_one_call_per_variant(images, tmp_path):
