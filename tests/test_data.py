@@ -228,7 +228,7 @@ def test_missing_label_file(ade_root: Path) -> None:
 def test_corrupt_image_names_the_file(ade_root: Path) -> None:
     bad = ade_root / "images" / "validation" / "ADE_val_00000001.jpg"
     bad.write_bytes(b"not a jpeg at all")
-    dm = _ade(ade_root)
+    dm = _ade(ade_root, check=False)  # the load-time check (the up-front one: test_data_checks.py)
     dm.setup("validate")
     with pytest.raises(DataError, match=f"{bad}.*corrupt"):
         dm.datasets["val"][0]
@@ -239,7 +239,7 @@ def test_out_of_range_label_names_file_and_values(ade_root: Path) -> None:
     label = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
     label[5, 5] = 200
     cv2.imwrite(str(path), label)
-    dm = _ade(ade_root)
+    dm = _ade(ade_root, check=False)  # the load-time check (the up-front one: test_data_checks.py)
     dm.setup("validate")
     with pytest.raises(DataError, match=rf"{path} holds values \[200\].*\[0, 150\)"):
         dm.datasets["val"][1]
@@ -248,7 +248,7 @@ def test_out_of_range_label_names_file_and_values(ade_root: Path) -> None:
 def test_size_mismatch_names_both_files(ade_root: Path) -> None:
     path = ade_root / "annotations" / "validation" / "ADE_val_00000001.png"
     cv2.imwrite(str(path), np.ones((50, 60), dtype=np.uint8))
-    dm = _ade(ade_root)
+    dm = _ade(ade_root, check=False)  # the load-time check (the up-front one: test_data_checks.py)
     dm.setup("validate")
     with pytest.raises(DataError, match=r"ADE_val_00000001\.jpg is 128x96.*ADE_val_00000001\.png is 60x50"):
         dm.datasets["val"][0]

@@ -87,6 +87,7 @@ def test_corrupt_image_in_dataloader_worker_is_one_line(setup, capsys):
     bad = first(root / "images" / "training", "*.jpg")
     bad.write_bytes(b"\xff\xd8 truncated")
     config["data"]["init_args"]["num_workers"] = 1
+    config["data"]["init_args"]["check"] = False  # else setup's check finds it, before any worker
     code, line = run(config, work, capsys)
     assert code == 1 and bad.name in line and "Traceback" not in line and line.startswith("csdiff: error:")
 

@@ -191,7 +191,7 @@ def test_unreadable_image(spair_copy):
     _, ann = _first_val(spair_copy)
     image = spair_copy / "JPEGImages" / ann["category"] / ann["trg_imname"]
     image.write_bytes(b"not a jpeg")
-    dm = _dm(spair_copy)
+    dm = _dm(spair_copy, check=False)  # the load-time check
     dm.setup("validate")
     with pytest.raises(DataError, match=f"cannot decode image file {image}"):
         dm.datasets["val"][0]
@@ -221,7 +221,7 @@ def test_keypoint_on_the_far_edge_is_accepted(spair_copy):
 
 def test_image_size_differing_from_annotation(spair_copy):
     path = _edit(spair_copy, lambda a: a.update(src_imsize=[a["src_imsize"][0] + 40, a["src_imsize"][1], 3]))
-    dm = _dm(spair_copy)
+    dm = _dm(spair_copy, check=False)  # the load-time check
     dm.setup("validate")
     with pytest.raises(DataError, match=f"but {path} says .*src_imsize"):
         dm.datasets["val"][0]
@@ -233,7 +233,7 @@ def test_dhf_list_errors_name_the_file(spair, tmp_path):
     entries[1]["target_points"] = [[10_000, 5]] + entries[1]["target_points"][1:]
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps(entries))
-    dm = _dm(root, pair_lists={"val": str(bad)})
+    dm = _dm(root, pair_lists={"val": str(bad)}, check=False)  # the load-time check
     dm.setup("validate")
     dm.datasets["val"][0]
     with pytest.raises(DataError, match=f"{bad} entry 1: trg keypoints .* lie outside"):

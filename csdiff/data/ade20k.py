@@ -72,8 +72,8 @@ class ADE20KDataModule(SegmentationDataModule):
     @property
     def layout_hint(self) -> str:
         return (
-            f"ADEChallengeData2016/images/{{training,validation}}/*.jpg (or {', '.join(IMAGE_EXTENSIONS[1:])}) and "
-            "ADEChallengeData2016/annotations/{training,validation}/*.png"
+            f"images/{{training,validation}}/*.jpg (or {', '.join(IMAGE_EXTENSIONS[1:])}) and "
+            "annotations/{training,validation}/*.png (the ADEChallengeData2016 folder is the root, not its parent)"
         )
 
     def find_samples(self, split: str) -> list[Sample]:
@@ -89,6 +89,17 @@ class ADE20KDataModule(SegmentationDataModule):
                 raise DataError(f"images {samples[image.stem][0]} and {image} share the label file {label}; keep one of them")
             samples[image.stem] = (str(image), str(label))
         return list(samples.values())
+
+    def orphan_labels(self, split: str) -> list[tuple[str, str]]:
+        root = Path(self.root)
+        image_dir = self.check_folder(root / "images" / SPLIT_DIRS[split])
+        label_dir = self.check_folder(root / "annotations" / SPLIT_DIRS[split])
+        stems = {Path(image).stem for image in list_images(image_dir, recursive=False)}
+        return [
+            (str(label), f"{image_dir / label.stem}.jpg (or {', '.join(IMAGE_EXTENSIONS[1:])})")
+            for label in sorted(label_dir.glob("*.png"))
+            if label.stem not in stems
+        ]
 
     def label_fn(self, raw: np.ndarray, path: str) -> np.ndarray:
         return reduce_zero_label(raw, path)

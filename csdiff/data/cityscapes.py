@@ -106,5 +106,16 @@ class CityscapesDataModule(SegmentationDataModule):
                 raise DataError(f"no label for image {image}: expected {train_ids} or {label_ids}")
         return samples
 
+    def orphan_labels(self, split: str) -> list[tuple[str, str]]:
+        image_dir = self.check_folder(Path(self.root) / "leftImg8bit" / split)
+        label_dir = self.check_folder(Path(self.root) / "gtFine" / split)
+        orphans = []
+        for suffix in (TRAIN_IDS_SUFFIX, LABEL_IDS_SUFFIX):
+            for label in label_dir.glob(f"*/*{suffix}"):
+                image = image_dir / label.parent.name / f"{label.name[: -len(suffix)]}{IMAGE_SUFFIX}"
+                if not image.is_file():
+                    orphans.append((str(label), str(image)))
+        return sorted(orphans)
+
     def label_fn(self, raw: np.ndarray, path: str) -> np.ndarray:
         return label_ids_to_train_ids(raw, path) if path.endswith(LABEL_IDS_SUFFIX) else raw

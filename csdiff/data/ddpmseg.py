@@ -173,7 +173,12 @@ def read_ddpmseg_label(path: str | Path, spec: DDPMSegSpec) -> np.ndarray:
 def check_image_size(image: np.ndarray, path: str | Path, spec: DDPMSegSpec) -> None:
     """Raise unless ``image`` (H, W[, 3]) is ``spec.size``²: labels live at that size, so a resized
     image would no longer line up with its label."""
-    height, width = image.shape[:2]
+    check_image_hw(image.shape[:2], path, spec)
+
+
+def check_image_hw(size: Sequence[int], path: str | Path, spec: DDPMSegSpec) -> None:
+    """:func:`check_image_size` from the (H, W) alone, e.g. read from the file's header."""
+    height, width = size
     if (height, width) != (spec.size, spec.size):
         raise DataError(
             f"image {path} is {width}x{height} (WxH); {spec.name} images are {spec.size}x{spec.size}; "

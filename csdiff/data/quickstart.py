@@ -74,6 +74,7 @@ class QuickstartDataModule(ADE20KDataModule):
     Crop = ``size``, random resize around ``size`` by ``ratio_range`` (the paper recipe's
     0.5–2 by default), evaluation at native size.
     ``generation_seed`` draws the images; ``seed`` keys the augmentations, as elsewhere.
+    ``check`` checks the generated files in ``setup`` as for ADE20K (labels: class + 1).
     """
 
     def __init__(
@@ -93,6 +94,7 @@ class QuickstartDataModule(ADE20KDataModule):
         seed: int = 0,
         predict_root: str | None = None,
         limit: int | None = None,
+        check: bool = True,
     ) -> None:
         super().__init__(
             root=root,
@@ -109,6 +111,7 @@ class QuickstartDataModule(ADE20KDataModule):
             seed=seed,
             predict_root=predict_root,
             limit=limit,
+            check=check,
             class_names=list(SHAPE_CLASSES),
             palette=list(SHAPE_PALETTE),
         )

@@ -18,8 +18,10 @@ import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from csdiff.data.checks import check_items
 from csdiff.data.ddpmseg import (
     DDPMSegSpec,
+    check_image_hw,
     check_image_size,
     drop_rare_classes,
     get_spec,
@@ -28,7 +30,7 @@ from csdiff.data.ddpmseg import (
     read_ddpmseg_label,
 )
 from csdiff.data.pixels import PixelFeatureBank, LazyFeatureFile
-from csdiff.data.reading import DataError, read_image
+from csdiff.data.reading import DataError, image_size, read_image
 from csdiff.data.samplers import ShardedEvalSampler
 
 
@@ -119,6 +121,12 @@ class DDPMSegDataModule(LightningDataModule):
         batch_size: pixels per batch and ensemble member (upstream: 64).
         min_pixels: in a training image, a class with fewer pixels is ignored there (upstream: 20).
         seed: shuffling of the pixel streams.
+        num_workers: loader processes; also the threads of the check (all CPUs when 0).
+        check: check the images and labels of the stage in ``setup`` (``fit``: train; ``test``:
+            test), before features are extracted or a step runs: each image whole and 256²
+            (from its header, not decoded), each ``.npy`` label loaded and checked as training
+            and testing load it. Stray images or labels are refused when listing, check or not.
+            ``false`` skips it (labels are then checked when loaded).
     """
 
     def __init__(
@@ -132,6 +140,7 @@ class DDPMSegDataModule(LightningDataModule):
         min_pixels: int = 20,
         seed: int = 0,
         num_workers: int = 0,
+        check: bool = True,
     ) -> None:
         super().__init__()
         self.root = Path(root)
@@ -143,6 +152,7 @@ class DDPMSegDataModule(LightningDataModule):
         self.min_pixels = min_pixels
         self.seed = seed
         self.num_workers = num_workers
+        self.check = check
         self.num_classes = self.spec.num_classes
         self.gated: dict[str, Any] = {}  # set by the task: variants and layers to read
 
@@ -199,6 +209,21 @@ class DDPMSegDataModule(LightningDataModule):
     def setup(self, stage: str) -> None:
         self.items = self.split_items()
         self.extra = self.extra_sources()
+        if self.check:
+            used = {"fit": ["train"], "test": ["test"]}.get(stage, ["train", "test"] if stage is None else [])
+            for split in used:
+                self.check_split(split)
+
+    def check_item(self, item: tuple[str, Path, Path]) -> None:
+        """One (name, image, label), as :meth:`feature_images` and the loaders check them."""
+        _, image, label = item
+        check_image_hw(image_size(str(image)), image, self.spec)
+        read_ddpmseg_label(label, self.spec)
+
+    def check_split(self, split: str) -> None:
+        """The up-front check of ``split``'s items (see ``check``), in threads."""
+        items = self.items[split]
+        check_items(items, self.check_item, [str(label) for _, _, label in items], f"{split} samples", self.num_workers)
 
     def train_dataloader(self) -> DataLoader:
         train = self.items["train"]

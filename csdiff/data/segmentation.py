@@ -13,12 +13,14 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import cv2
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
 from csdiff.data.base import ShardedDataModule
-from csdiff.data.reading import IMAGE_EXTENSIONS, DataError, list_images, read_image, read_label
+from csdiff.data.checks import check_items, orphan_error
+from csdiff.data.reading import IMAGE_EXTENSIONS, DataError, image_size, list_images, read_image, read_label
 from csdiff.data.samplers import EpochSampler, trained_in_epoch
 from csdiff.data.transforms import IGNORE_INDEX, EvalResize, EvalTransform, SampleTransform, TrainTransform
 
@@ -44,11 +46,21 @@ def check_label(label: np.ndarray, raw: np.ndarray, path: str, num_classes: int,
         )
 
 
+def check_same_size(image_hw: tuple[int, int], label_hw: tuple[int, int], image_path: str, label_path: str) -> None:
+    """Raise unless image and label have the same (H, W): labels are per pixel, so a label of
+    another size would silently mislabel every pixel after resizing."""
+    if tuple(label_hw) != tuple(image_hw):
+        raise DataError(
+            f"size mismatch: image {image_path} is {image_hw[1]}x{image_hw[0]} (WxH) but label "
+            f"{label_path} is {label_hw[1]}x{label_hw[0]}; they must be pixel-aligned"
+        )
+
+
 def apply_lut(raw: np.ndarray, lut: np.ndarray, path: str) -> np.ndarray:
     """Map 8-bit label values through a 256-entry table (entries < 0 mark invalid values)."""
     if raw.dtype != np.uint8:
         raise DataError(f"label file {path} is {raw.dtype}; expected an 8-bit single-channel PNG")
-    return lut[raw]
+    return cv2.LUT(raw, lut)  # = lut[raw], 4x faster (every label is mapped in setup's check, then per load)
 
 
 class SegmentationDataset(Dataset):
@@ -89,21 +101,34 @@ class SegmentationDataset(Dataset):
         """The image files, in index order."""
         return [image for image, _ in self.samples]
 
+    def load_label(self, label_path: str) -> np.ndarray:
+        """The label file as train ids, checked against the class range (not yet uint8)."""
+        raw = read_label(label_path)
+        label = raw if self.label_fn is None else self.label_fn(raw, label_path)
+        check_label(label, raw, label_path, self.num_classes, self.ignore_index)
+        return label
+
     def load(self, index: int) -> tuple[np.ndarray, np.ndarray | None]:
         """Decoded RGB image and checked uint8 train-id label (None when unlabelled)."""
         image_path, label_path = self.samples[index]
         img = read_image(image_path)
         if label_path is None:
             return img, None
-        raw = read_label(label_path)
-        label = raw if self.label_fn is None else self.label_fn(raw, label_path)
-        check_label(label, raw, label_path, self.num_classes, self.ignore_index)
-        if label.shape != img.shape[:2]:
-            raise DataError(
-                f"size mismatch: image {image_path} is {img.shape[1]}x{img.shape[0]} (WxH) but label "
-                f"{label_path} is {label.shape[1]}x{label.shape[0]}; they must be pixel-aligned"
-            )
+        label = self.load_label(label_path)
+        check_same_size(img.shape[:2], label.shape, image_path, label_path)
         return img, label.astype(np.uint8)
+
+    def check(self, index: int) -> None:
+        """What :meth:`load` checks, in the same order and with the same messages, without
+        decoding the image: its size comes from its header (see ``reading.image_size``)."""
+        image_path, label_path = self.samples[index]
+        size = image_size(image_path)
+        if label_path is not None:
+            check_same_size(size, self.load_label(label_path).shape, image_path, label_path)
+
+    def check_names(self) -> list[str]:
+        """The file each item is named by in the check's message: its label, else its image."""
+        return [label or image for image, label in self.samples]
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         """image: float (3, H, W) in [-1, 1]; label: long (H, W), absent when unlabelled;
@@ -137,6 +162,13 @@ class ImageFolderDataset(Dataset):
     def __len__(self) -> int:
         return len(self.paths)
 
+    def check(self, index: int) -> None:
+        """The up-front check of one image: whole and sizeable (see ``reading.image_size``)."""
+        image_size(self.paths[index])
+
+    def check_names(self) -> list[str]:
+        return list(self.paths)
+
     def __getitem__(self, index: int) -> dict[str, Any]:
         """image, path and orig_size as in ``SegmentationDataset``; no label."""
         img = read_image(self.paths[index], exif_orientation=True)
@@ -163,6 +195,16 @@ class SegmentationDataModule(ShardedDataModule, ABC):
     Splits are "train" and "val"; ``test`` scores ``test_split`` (the val split for datasets
     without public test labels); ``predict`` runs on ``predict_root`` when given, otherwise
     on the val images. ``limit`` keeps the first N files of each split (smoke runs).
+
+    ``check`` (default on) checks the data of the stage in ``setup``, before the first step:
+    ``fit`` its train and val splits, ``validate`` val, ``test`` the test split, ``predict``
+    its images. Label files without an image are reported; every label is decoded, mapped
+    and range-checked exactly as loading does (~2 ms a PNG); an image is read whole and
+    checked for truncation, and its size (compared with its label's) is taken from its
+    header instead of decoding it (a JPEG decode costs ~10 ms: 20k of them, minutes). A file
+    damaged inside its data but with a whole header and end marker is found when loaded, as
+    before. The check runs in ``num_workers`` threads (all CPUs when 0), with a progress bar
+    on a terminal; ``check: false`` skips it (files are still checked as they are loaded).
     """
 
     ignore_index: int = IGNORE_INDEX
@@ -185,9 +227,11 @@ class SegmentationDataModule(ShardedDataModule, ABC):
         seed: int = 0,
         predict_root: str | None = None,
         limit: int | None = None,
+        check: bool = True,
     ) -> None:
         super().__init__(batch_size, eval_batch_size, num_workers)
         self.root = root
+        self.check = check
         self.train_transform = TrainTransform(crop_size, scale, ratio_range, cat_max_ratio, flip_prob, photometric)
         self.eval_transform = EvalTransform(eval_resize)
         self.seed = seed
@@ -219,6 +263,11 @@ class SegmentationDataModule(ShardedDataModule, ABC):
     def label_fn(self, raw: np.ndarray, path: str) -> np.ndarray:
         """Raw label file values → train ids (identity unless the dataset encodes otherwise)."""
         return raw
+
+    def orphan_labels(self, split: str) -> list[tuple[str, str]]:
+        """(label file, the image it lacks) for each label file of ``split`` without its image,
+        sorted; a dataset whose layout pairs files by name lists them (none by default)."""
+        return []
 
     # -- shared behaviour -------------------------------------------------------------------
     @property
@@ -253,6 +302,12 @@ class SegmentationDataModule(ShardedDataModule, ABC):
         )
 
     def setup(self, stage: str | None = None) -> None:
+        """Prepare the splits of ``stage`` and, with ``check``, check their files (see the class)."""
+        self._prepare(stage)
+        if self.check:
+            self.check_data(stage)
+
+    def _prepare(self, stage: str | None) -> None:
         if stage in ("fit", None):
             self.datasets["train"] = self._dataset(self.split_samples("train"), train=True)
             self.datasets["train"].set_epoch(self.epoch)
@@ -266,6 +321,22 @@ class SegmentationDataModule(ShardedDataModule, ABC):
             else:
                 unlabelled = [(image, None) for image, _ in self.split_samples("val")]
                 self.datasets["predict"] = self._dataset(unlabelled, train=False)
+
+    def check_data(self, stage: str | None) -> None:
+        """The up-front check of the splits ``stage`` uses (prepared by ``setup``): label files
+        without images first (a listing), then every item, the smallest split first, so that
+        a bad file there is reported soonest."""
+        used = {"fit": ["train", "val"], "validate": ["val"], "test": ["test"], "predict": ["predict"]}
+        splits = used.get(stage, list(self.datasets)) if stage is not None else list(self.datasets)
+        folders = {"train": "train", "val": "val", "test": self.test_split}  # predict reads no labels
+        orphans = sorted({o for split in splits if split in folders for o in self.orphan_labels(folders[split])})
+        if orphans:
+            raise orphan_error(orphans)
+        for split in sorted(splits, key=lambda s: len(self.datasets[s])):
+            dataset = self.datasets[split]
+            labelled = isinstance(dataset, SegmentationDataset) and any(label for _, label in dataset.samples)
+            what = f"{split} {'samples' if labelled else 'images'}"
+            check_items(range(len(dataset)), dataset.check, dataset.check_names(), what, self.num_workers)
 
     def set_epoch(self, epoch: int) -> None:
         """Select the shuffle order and augmentations of ``epoch`` (call at each epoch start)."""

@@ -24,6 +24,7 @@ one pixel beyond the last pixel centre W-1; anything further is an annotation fa
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +35,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from csdiff.data.base import ShardedDataModule
-from csdiff.data.reading import DataError, list_images, read_image
+from csdiff.data.checks import check_items
+from csdiff.data.reading import DataError, image_size, list_images, read_image
 from csdiff.data.samplers import EpochSampler, trained_in_epoch
 from csdiff.data.transforms import resize_exact, to_tensor
 
@@ -249,9 +251,13 @@ def folder_pairs(source: str | Path, target: str | Path, grid: int = 8) -> list[
         if not folder.is_dir():
             raise DataError(f"predict folder {folder} does not exist; pass two folders of images with the same file names")
     targets = {Path(p).relative_to(trg_root): p for p in list_images(trg_root)}
+    sources = {Path(p).relative_to(src_root): p for p in list_images(src_root)}
+    unpaired = [sources[rel] for rel in sorted(sources.keys() - targets.keys())]
+    unpaired += [targets[rel] for rel in sorted(targets.keys() - sources.keys())]
+    if unpaired and targets.keys() & sources.keys():
+        warnings.warn(_unpaired_message(unpaired, src_root, trg_root), stacklevel=2)
     pairs = []
-    for src in list_images(src_root):
-        rel = Path(src).relative_to(src_root)
+    for rel, src in sources.items():
         if rel not in targets:
             continue
         (sh, sw), (th, tw) = (read_image(p).shape[:2] for p in (src, targets[rel]))
@@ -268,6 +274,15 @@ def folder_pairs(source: str | Path, target: str | Path, grid: int = 8) -> list[
     return pairs
 
 
+def _unpaired_message(unpaired: Sequence[str], src_root: Path, trg_root: Path, shown: int = 5) -> str:
+    """One line naming the images without a namesake in the other folder (the first few)."""
+    names = ", ".join(unpaired[:shown]) + (f", ... ({len(unpaired)} in all)" if len(unpaired) > shown else "")
+    return (
+        f"{len(unpaired)} images of the predict folders {src_root} and {trg_root} have no namesake (same relative "
+        f"path) in the other folder and get no prediction: {names}"
+    )
+
+
 class SPairDataset(Dataset):
     """Pairs → dicts of both images squashed to ``img_size``² plus annotations in original pixels.
 
@@ -281,18 +296,35 @@ class SPairDataset(Dataset):
     def __len__(self) -> int:
         return len(self.pairs)
 
-    def _image(self, pair: Pair, side: str) -> tuple[torch.Tensor, tuple[int, int]]:
+    @staticmethod
+    def check_side(pair: Pair, side: str, actual: tuple[int, int]) -> None:
+        """Raise unless the image of ``side`` ("src"/"trg"), (H, W) = ``actual``, fits the pair:
+        the annotated size (official files) or, where the list has none, the keypoints and box."""
         path, size = getattr(pair, f"{side}_path"), getattr(pair, f"{side}_size")
-        img = read_image(path)
-        actual = (int(img.shape[0]), int(img.shape[1]))
         if size is not None and actual != size:
             raise DataError(
                 f"image {path} is {actual[1]}x{actual[0]} (WxH) but {pair.source} says {size[1]}x{size[0]} "
                 f"({side}_imsize); image and annotations come from different SPair-71k copies"
             )
-        if size is None:  # pair lists carry no sizes: check against the decoded image
+        if size is None:  # pair lists carry no sizes: check against the image's
             check_points(pair, side, actual)
+
+    def _image(self, pair: Pair, side: str) -> tuple[torch.Tensor, tuple[int, int]]:
+        img = read_image(getattr(pair, f"{side}_path"))
+        actual = (int(img.shape[0]), int(img.shape[1]))
+        self.check_side(pair, side, actual)
         return to_tensor(resize_exact(img, (self.img_size, self.img_size))), actual
+
+    def check_all(self, what: str, num_workers: int = 0) -> None:
+        """The up-front check of every pair: each image (read once however many pairs share it)
+        whole and sized from its header (``reading.image_size``), then each pair's sides as
+        :meth:`_image` checks them when loading, with the same messages. The annotations
+        themselves were checked when read."""
+        paths = sorted({getattr(pair, f"{side}_path") for pair in self.pairs for side in ("src", "trg")})
+        sizes = dict(zip(paths, check_items(paths, image_size, paths, f"{what} images", num_workers)))
+        for pair in self.pairs:
+            for side in ("src", "trg"):
+                self.check_side(pair, side, sizes[getattr(pair, f"{side}_path")])
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         """src_image/trg_image: float (3, img_size, img_size) in [-1, 1]; src_kps/trg_kps: float
@@ -380,7 +412,16 @@ class SPairDataModule(ShardedDataModule):
     "val", "test"). ``categories`` keeps those categories, then ``limit`` the first N pairs.
     Training draws ``pairs_per_epoch`` random pairs per epoch (the paper: 5000), one pair
     per step by default. ``predict_folders`` ([source, target]) predicts on pairs of
-    same-named images in two folders instead, from a ``predict_grid``² lattice of source points.
+    same-named images in two folders instead, from a ``predict_grid``² lattice of source points;
+    images without a namesake in the other folder are named in a warning and skipped.
+
+    ``check`` (default on) checks the pairs of the stage in ``setup``, before the first step
+    (``fit``: train and val; ``validate``: val; ``test``: test; ``predict``: ``predict_split``):
+    the annotations are read and checked anyway (keypoints and boxes within the annotated
+    image size); the check adds every image, read whole (truncation) and sized from its
+    header, not decoded, against its annotations, in ``num_workers`` threads (all CPUs when
+    0) with a progress bar on a terminal. ``check: false`` skips it (images are then checked
+    when loaded). ``predict_folders`` pairs are read whole when listed and need no check.
     """
 
     collate = staticmethod(collate_pairs)
@@ -401,6 +442,7 @@ class SPairDataModule(ShardedDataModule):
         predict_split: str = "test",
         predict_folders: list[str] | None = None,
         predict_grid: int = 8,
+        check: bool = True,
     ) -> None:
         super().__init__(batch_size, eval_batch_size, num_workers)
         unknown = set(pair_lists or {}) - set(SPLIT_DIRS)
@@ -422,6 +464,7 @@ class SPairDataModule(ShardedDataModule):
             raise ValueError(f"predict_folders takes [source folder, target folder], got {predict_folders!r}")
         self.predict_folders = predict_folders
         self.predict_grid = predict_grid
+        self.check = check
         self.epoch = 0
         self._train_sampler: PairDrawSampler | None = None
 
@@ -463,6 +506,9 @@ class SPairDataModule(ShardedDataModule):
             else:
                 pairs = self.split_pairs(split)
             self.datasets[split] = SPairDataset(pairs, self.img_size)
+        if self.check and not (stage == "predict" and self.predict_folders):
+            for split in sorted(wanted, key=lambda s: len(self.datasets[s])):  # the smallest first: fails soonest
+                self.datasets[split].check_all(split, self.num_workers)
 
     def set_epoch(self, epoch: int) -> None:
         """Select the training draw and order of ``epoch`` (call at each epoch start)."""
