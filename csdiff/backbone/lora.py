@@ -1,11 +1,21 @@
 """LoRA adapters shared by all variants: each file is loaded once as a named adapter.
 
 Files may be diffusers LoRA folders/files, kohya files (``lora_unet_…``/``lora_te_…``), or
-A1111/LDM-named files (``lora_unet_input_blocks_…``; mapped with the UNet's configuration).
-Loading goes through diffusers' converters and peft; switching a variant's adapters is a
-cheap flag change, not a reload. peft makes the active adapters trainable whenever it
-switches them; the registry freezes them again at once, so a backbone parameter never
-requires a gradient (nor lands in an optimizer or DDP's reducer).
+A1111/LDM-named files (``lora_unet_input_blocks_…``), LoRA or LoCon (LoRA on convolutions, 3×3
+included: down (r, in, k, k), up (out, r, 1, 1)). Loading goes through diffusers' converters and
+peft; switching a variant's adapters is a cheap flag change, not a reload. peft makes the active
+adapters trainable whenever it switches them; the registry freezes them again at once, so a
+backbone parameter never requires a gradient (nor lands in an optimizer or DDP's reducer).
+
+A file is applied whole or not at all. diffusers drops keys it cannot place with a log line
+(a module name that matches nothing, DoRA's ``dora_scale``) and its LDM-name remap mis-places
+LoCon modules of SD 1.x (``input_blocks_1`` also matches ``input_blocks_10``/``_11``; an
+attention-free up block's upsampler lands in ``attentions``). So csdiff reads each file itself
+first: LyCORIS kinds (LoHa, LoKr, …) and unknown suffixes are refused by name; every kohya module
+name is looked up in tables built from the models themselves (diffusers and LDM names) and
+handed to diffusers under names its converter maps right; after loading, every adapted layer is
+compared with the file (kohya) or counted (diffusers formats), and a mismatch unloads the
+adapter and raises.
 """
 
 from __future__ import annotations
@@ -14,6 +24,7 @@ import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 from diffusers.loaders.lora_base import (
     disable_lora_for_text_encoder,
@@ -22,9 +33,20 @@ from diffusers.loaders.lora_base import (
 )
 from diffusers.utils.state_dict_utils import DIFFUSERS_OLD_TO_DIFFUSERS, convert_state_dict
 from peft.tuners.tuners_utils import BaseTunerLayer
+from safetensors.torch import load_file
 from torch import nn
 
 from csdiff.backbone.loading import component_weight_files, fingerprint_files
+from csdiff.backbone.lora_files import (
+    KOHYA_PREFIXES,
+    KOHYA_SUFFIXES,
+    LoRAPair,
+    kohya_name,
+    kohya_names,
+    ldm_unet_blocks,
+    ldm_unet_path,
+    other_adapter_kind,
+)
 
 LORA_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".bin")
 
@@ -93,6 +115,183 @@ def _adapted_modules(model: nn.Module, adapter: str) -> int:
     return sum(1 for m in model.modules() if isinstance(m, BaseTunerLayer) and adapter in getattr(m, "lora_A", {}))
 
 
+# --- reading a file as written, before diffusers renames or drops anything ---
+
+# kohya files: every key starts with one of these (diffusers' own test for the format).
+_KOHYA_FILE_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
+# diffusers / peft formats: suffixes of the tensors diffusers applies, and those that open a module.
+# (No ``.alpha``: diffusers ignores alpha tensors outside kohya files; peft metadata holds the alphas.)
+_DIFFUSERS_SUFFIXES = (
+    ".lora_A.weight", ".lora_B.weight", ".lora.down.weight", ".lora.up.weight", ".lora_linear_layer.down.weight",
+    ".lora_linear_layer.up.weight", "_lora.down.weight", "_lora.up.weight",
+)
+_DIFFUSERS_DOWN = (".lora_A.weight", ".lora.down.weight", ".lora_linear_layer.down.weight", "_lora.down.weight")
+LoRAModules = dict[str, dict[str, LoRAPair]]  # component -> module path -> (down, up, alpha)
+
+
+def _some(items, n: int = 4, noun: str = "key") -> str:
+    """The first few of ``items`` and how many there are, for one-line messages."""
+    items = sorted(items)
+    more = ", …" if len(items) > n else ""
+    return f"{', '.join(items[:n])}{more} ({len(items)} {noun}{'s' if len(items) != 1 else ''})"
+
+
+def _read_lora_file(file: Path, given: str) -> dict[str, torch.Tensor]:
+    """The tensors of a LoRA file under their stored names (pickles refused: weights only)."""
+    try:
+        tensors = load_file(str(file)) if file.suffix == ".safetensors" else torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise LoRAError(f"cannot read LoRA {given}: {type(err).__name__}: {err}") from None
+    if not isinstance(tensors, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in tensors.items()):
+        raise LoRAError(f"cannot read LoRA {given}: it is not a flat mapping of names to tensors")
+    return tensors
+
+
+def _refuse_other_adapters(raw: dict[str, torch.Tensor], given: str) -> None:
+    """LoHa, LoKr, DoRA, …: their update is not up∘down; diffusers fails on some, drops parts of others."""
+    kinds: dict[str, list[str]] = {}
+    for key in raw:
+        if (kind := other_adapter_kind(key)) is not None:
+            kinds.setdefault(kind, []).append(key)
+    if kinds:
+        raise LoRAError(
+            f"LoRA {given} is a {' and '.join(sorted(kinds))} file ({_some([k for ks in kinds.values() for k in ks])}); "
+            f"csdiff applies LoRA/LoCon weights only (kohya lora_down/lora_up/alpha, diffusers lora_A/lora_B), never "
+            f"part of a file: merge it into the model with the tool that made it, then use that checkpoint as the model "
+            f"or factor it into a LoRA with checkpoints_scripts/lora_from_merged.py"
+        )
+
+
+def _is_kohya(raw: dict[str, torch.Tensor]) -> bool:
+    return bool(raw) and all(k.startswith(_KOHYA_FILE_PREFIXES) for k in raw)
+
+
+def _diffusers_modules_named(raw: dict[str, torch.Tensor], given: str, components: tuple[str, ...]) -> dict[str, int]:
+    """How many modules a diffusers-format file names per component; keys diffusers would not apply are refused."""
+    unknown = [k for k in raw if not k.endswith(_DIFFUSERS_SUFFIXES) or k.split(".", 1)[0] not in components]
+    if unknown:
+        raise LoRAError(
+            f"LoRA {given} has keys csdiff does not apply ({_some(unknown)}): a diffusers LoRA key starts with "
+            f"{' / '.join(c + '.' for c in components)} and ends with a LoRA weight (lora_A/lora_B, lora.down/lora.up)"
+        )
+    return {c: sum(1 for k in raw if k.startswith(f"{c}.") and k.endswith(_DIFFUSERS_DOWN)) for c in components}
+
+
+def _adaptable_shapes(model: nn.Module, prefix: str = "") -> dict[str, torch.Size]:
+    """Weight shape of every Linear / Conv2d by its own path, also where peft has wrapped it."""
+    out: dict[str, torch.Size] = {}
+    for name, child in model.named_children():
+        path = f"{prefix}{name}"
+        layer = child.get_base_layer() if isinstance(child, BaseTunerLayer) else child
+        if isinstance(layer, (nn.Linear, nn.Conv2d)):
+            out[path] = layer.weight.shape
+        elif not isinstance(child, BaseTunerLayer):
+            out.update(_adaptable_shapes(child, f"{path}."))
+    return out
+
+
+def _kohya_modules(raw: dict[str, torch.Tensor], given: str, models: dict[str, nn.Module]) -> LoRAModules:
+    """A kohya file's modules by component and path; a key that names no layer, an unknown suffix,
+    a missing half or a shape that does not fit is refused (all of them named, first few shown)."""
+    shapes = {component: _adaptable_shapes(model) for component, model in models.items()}
+    table = kohya_names({c: list(s) for c, s in shapes.items()}, models["unet"])
+    groups: dict[str, dict[str, torch.Tensor]] = {}
+    odd = []
+    for key, value in raw.items():
+        name, _, suffix = key.partition(".")
+        if suffix in KOHYA_SUFFIXES:
+            groups.setdefault(name, {})[suffix] = value
+        else:
+            odd.append(key)
+    if odd:
+        raise LoRAError(
+            f"LoRA {given} has keys csdiff does not apply ({_some(odd)}): a kohya LoRA/LoCon module has only "
+            f"{', '.join('.' + s for s in KOHYA_SUFFIXES)}"
+        )
+    unknown = [k for k in raw if k.partition(".")[0] not in table]
+    if unknown:
+        what = "adapts zero modules of this backbone" if len(unknown) == len(raw) else "names modules this backbone does not have"
+        raise LoRAError(
+            f"LoRA {given} {what} (keys matching no UNet or text-encoder layer: {_some(unknown)}): "
+            f"is it a LoRA for another model family?"
+        )
+    out: LoRAModules = {}
+    problems = []
+    for name, parts in groups.items():
+        component, path = table[name]
+        if "lora_down.weight" not in parts or "lora_up.weight" not in parts:
+            problems.append(f"{name} has no {'lora_up' if 'lora_down.weight' in parts else 'lora_down'}.weight")
+            continue
+        down, up, shape = parts["lora_down.weight"], parts["lora_up.weight"], tuple(shapes[component][path])
+        r = down.shape[0]
+        if tuple(down.shape[1:]) != shape[1:] or tuple(up.shape) not in ((shape[0], r), (shape[0], r, *(1,) * (len(shape) - 2))):
+            problems.append(f"{name}: down {tuple(down.shape)} and up {tuple(up.shape)} do not fit its weight {shape}")
+        elif path in out.get(component, {}):
+            problems.append(f"{name}: {component} module {path} is named twice")
+        else:
+            alpha = float(parts["alpha"]) if "alpha" in parts else float(r)  # kohya's default: alpha = rank
+            out.setdefault(component, {})[path] = (down, up, alpha)
+    if problems:
+        more = f" … ({len(problems)} modules)" if len(problems) > 3 else ""
+        raise LoRAError(f"LoRA {given} does not fit this backbone: {'; '.join(problems[:3])}{more}")
+    return out
+
+
+def _diffusers_readable(modules: LoRAModules, unet: nn.Module, sdxl: bool) -> dict[str, torch.Tensor]:
+    """The modules as a kohya state dict under the names diffusers' converter maps right: kohya's own
+    naming per family (SD 1.x/2.x: diffusers paths, which dodge its LDM remap; SDXL UNet: LDM paths,
+    as its string rules mis-read some diffusers ones, e.g. ``add_embedding``)."""
+    blocks = ldm_unet_blocks(unet) if sdxl else {}
+    out: dict[str, torch.Tensor] = {}
+    for component, pairs in modules.items():
+        for path, (down, up, alpha) in pairs.items():
+            ldm = ldm_unet_path(path, blocks) if component == "unet" and sdxl else None
+            name = f"{KOHYA_PREFIXES['unet']}_{ldm.replace('.', '_')}" if ldm else kohya_name(component, path, sdxl)
+            out[f"{name}.lora_down.weight"] = down
+            out[f"{name}.lora_up.weight"] = up[:, :, None, None] if down.ndim == 4 and up.ndim == 2 else up
+            out[f"{name}.alpha"] = torch.tensor(alpha)
+    return out
+
+
+def _adapted_layers(model: nn.Module, adapter: str, prefix: str = "") -> dict[str, BaseTunerLayer]:
+    """The layers ``adapter`` adapts, by the path of the layer it wraps."""
+    out: dict[str, BaseTunerLayer] = {}
+    for name, child in model.named_children():
+        path = f"{prefix}{name}"
+        if isinstance(child, BaseTunerLayer):
+            if adapter in getattr(child, "lora_A", {}):
+                out[path] = child
+        else:
+            out.update(_adapted_layers(child, adapter, f"{path}."))
+    return out
+
+
+def _close(got: torch.Tensor, want: torch.Tensor, *dtypes: torch.dtype) -> bool:
+    """Equal up to a few roundings in the coarsest of ``dtypes`` (relative to the tensor's largest entry)."""
+    eps = max(torch.finfo(d).eps for d in dtypes)
+    return got.shape == want.shape and bool((got - want).abs().max() <= 4 * eps * want.abs().max() + 1e-30)
+
+
+def _misloaded(adapter: str, modules: LoRAModules, models: dict[str, nn.Module]) -> list[str]:
+    """Layers whose adapter is not the file's (alpha/r)·up∘down, or adapted but not in the file: the
+    check that nothing was dropped, misplaced or half-loaded between the file and peft."""
+    problems = []
+    for component, model in models.items():
+        pairs, adapted = modules.get(component, {}), _adapted_layers(model, adapter)
+        problems += [f"{component}.{p} not adapted" for p in sorted(set(pairs) - set(adapted))]
+        problems += [f"{component}.{p} adapted but not in the file" for p in sorted(set(adapted) - set(pairs))]
+        for path in sorted(set(pairs) & set(adapted)):
+            down, up, alpha = pairs[path]
+            layer = adapted[path]
+            a, b = layer.lora_A[adapter].weight.detach(), layer.lora_B[adapter].weight.detach()
+            got_a = a.double() * layer.scaling[adapter]
+            want_a = down.double() * (alpha / down.shape[0])
+            want_b = up.double().reshape(b.shape) if up.numel() == b.numel() else up.double()
+            if not (_close(got_a, want_a, a.dtype, down.dtype) and _close(b.double(), want_b, b.dtype, up.dtype)):
+                problems.append(f"{component}.{path} holds other weights than the file's")
+    return problems
+
+
 class LoRARegistry:
     """Loads LoRA files into a shared UNet and text encoder(s) and activates them per variant.
 
@@ -134,9 +333,18 @@ class LoRARegistry:
         if len(weights) != 1:  # a folder: its one weight file (diffusers would guess, or ask when offline)
             found = ", ".join(p.name for p in weights) or "none"
             raise LoRAError(f"LoRA folder {path} must hold exactly one weight file (*.safetensors or *.bin); found {found}")
+        models = {"unet": self.unet, **self.text_encoders}
+        raw = _read_lora_file(weights[0], path)
+        _refuse_other_adapters(raw, path)
+        kohya = _kohya_modules(raw, path, models) if _is_kohya(raw) else None
+        named = None if kohya is not None else _diffusers_modules_named(raw, path, tuple(models))
+        # kohya: the checked modules under names diffusers maps right; other formats: the file itself
+        # (diffusers reads their adapter metadata from it). diffusers ignores weight_name for a dict;
+        # it is passed all the same, so that each call names its file.
+        source = str(weights[0].parent) if kohya is None else _diffusers_readable(kohya, self.unet, len(self.text_encoders) > 1)
         try:
             state_dict, alphas, metadata = self.pipeline.lora_state_dict(
-                str(weights[0].parent), weight_name=weights[0].name, unet_config=self.unet.config,
+                source, weight_name=weights[0].name, unet_config=self.unet.config,
                 return_lora_metadata=True, local_files_only=True,
                 use_safetensors=None if weights[0].suffix != ".safetensors" else True,
             )
@@ -153,6 +361,7 @@ class LoRARegistry:
                         state_dict, alphas, encoder, prefix=prefix, adapter_name=name, metadata=metadata
                     )
         except Exception as err:
+            self._remove(name)
             if "not found in the base model" in str(err):  # peft: no key names a module of this model
                 raise LoRAError(f"LoRA {path} adapts zero modules of this backbone ({err}): is it a LoRA for another model family?") from None
             raise LoRAError(f"LoRA {path} does not fit this backbone: {err}") from None
@@ -161,10 +370,18 @@ class LoRARegistry:
         n_unet = _adapted_modules(self.unet, name)
         n_text = {prefix: _adapted_modules(encoder, name) for prefix, encoder in self.text_encoders.items()}
         if n_unet + sum(n_text.values()) == 0:
+            self._remove(name)
             raise LoRAError(
                 f"LoRA {path} adapts zero modules of this backbone (its keys match no UNet or text-encoder layer): "
                 f"is it a LoRA for another model family?"
             )
+        n_adapted = {"unet": n_unet, **n_text}
+        problems = _misloaded(name, kohya, models) if kohya is not None else [
+            f"{c}: {n} modules named, {n_adapted[c]} adapted" for c, n in named.items() if n != n_adapted[c]
+        ]
+        if problems:
+            self._remove(name)
+            raise LoRAError(f"LoRA {path} did not load as written, so none of it is applied: {_some(problems, 3, 'module')}")
         if n_unet:
             self.in_unet.add(name)
         for prefix, n in n_text.items():
@@ -183,6 +400,16 @@ class LoRARegistry:
     def _freeze(self) -> None:
         for model in (self.unet, *self.text_encoders.values()):
             model.requires_grad_(False)
+
+    def _remove(self, adapter: str) -> None:
+        """Unload a half-loaded adapter from every model, so that a refused file leaves no trace."""
+        for model in (self.unet, *self.text_encoders.values()):
+            for layer in _adapted_layers(model, adapter).values():
+                layer.delete_adapter(adapter)
+            config = getattr(model, "peft_config", None)
+            if isinstance(config, dict):
+                config.pop(adapter, None)
+        self._freeze()
 
     def unet_key(self, loras: list[LoRA]) -> tuple[tuple[str, float], ...]:
         """The UNet adapters (name, scale) these LoRAs switch on: equal keys, equal UNet weights."""
