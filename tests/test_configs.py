@@ -21,6 +21,7 @@ TASKS = {
     "csdiff.tasks.SegmentationTask": "val/mIoU",
     "csdiff.tasks.CorrespondenceTask": "val/pck_bbox_point",
     "csdiff.tasks.ScarceSegmentationTask": "test/mIoU",  # no validation split: fit, then test
+    "csdiff.tasks.LoRATrainingTask": "train/loss",  # nothing to validate: the fit's own loss
 }
 
 
@@ -48,10 +49,13 @@ def _tiny_lora(path: Path) -> str:
     return str(path)
 
 
-PAPER_CONFIGS = [c for c in CONFIGS if c.name != "quickstart.yaml"]
+PAPER_CONFIGS = [c for c in CONFIGS if c.name not in ("quickstart.yaml", "lora_quickstart.yaml")]  # the quickstarts: tiny, CPU
 # random-sd15 stands in for SD 1.5: the configs of other families (SD 2.1, SDXL) are instantiated
 # with it (no model call) but run on the tiny models of their own family (tests/test_families.py).
 SD15_CONFIGS = [c for c in PAPER_CONFIGS if "stable-diffusion-v1-5" in yaml.safe_load(c.read_text())["model"]["init_args"]["backbone"]["model"]]
+# The LoRA-training configs differ only in their images (each runs on tiny and is instantiated at
+# SD size): one of them runs at SD 1.5 size, the same task and model code for all five.
+SD15_RUNS = [c for c in SD15_CONFIGS if not c.name.startswith("lora_") or c.name == "lora_ade20k.yaml"]
 
 
 def _trains(config: dict) -> bool:
@@ -63,7 +67,7 @@ def _trains(config: dict) -> bool:
 def _substitute_models(model: dict, tmp: Path, backbone: str, controlnet: str, lora) -> None:
     """Point a config's backbone, ControlNets and LoRA placeholders at models that exist here."""
     model["backbone"]["model"] = backbone
-    for i, variant in enumerate([*model["variants"], *([model["attention_variant"]] if model.get("attention_variant") else [])]):
+    for i, variant in enumerate([*model.get("variants", []), *([model["attention_variant"]] if model.get("attention_variant") else [])]):
         for cn in variant.get("controlnets", []):
             cn["model"] = controlnet
         for j, entry in enumerate(variant.get("loras", [])):
@@ -76,25 +80,29 @@ def _substitute_tiny(config: dict, tmp: Path, backbone: str = "tiny", controlnet
     model = config["model"]["init_args"]
     _substitute_models(model, tmp, backbone, controlnet, lora or (lambda path, seed: _tiny_lora(path)))
     model["backbone"].update(img_size=64, dtype="float32")
-    data = config["data"]["init_args"]
-    if config["data"]["class_path"].endswith("SPairDataModule"):
-        model["eval_size"] = 64
+    lora = config["data"]["class_path"].endswith("LoRAImagesDataModule")  # LoRA training: a dataset's datamodule inside
+    section = config["data"]["init_args"]["source"] if lora else config["data"]
+    data = section["init_args"]
+    if section["class_path"].endswith("SPairDataModule"):
+        if not lora:
+            model["eval_size"] = 64
         data.update(root=str(make_fake_spair(tmp / "SPair-71k")[0]), img_size=64)
     elif config["model"]["class_path"].endswith("SegmentationTask") and "Scarce" not in config["model"]["class_path"]:
         model.update(slide_crop=64, slide_stride=64)
-    if config["data"]["class_path"].endswith("ADE20KDataModule"):
+    if section["class_path"].endswith("ADE20KDataModule"):
         data["root"] = str(make_fake_ade20k(tmp / "ADEChallengeData2016", n_train=2, n_val=1, size=(64, 80)))
         data.update(crop_size=64, scale=[128, 64], eval_resize=["short", 64])
-    elif config["data"]["class_path"].endswith("CityscapesDataModule"):
+    elif section["class_path"].endswith("CityscapesDataModule"):
         data["root"] = str(make_fake_cityscapes(tmp / "cityscapes", n_per_city=1, size=(64, 128)))
         data.update(crop_size=64, scale=[128, 64])
-    elif config["data"]["class_path"].endswith("DDPMSegDataModule"):
+    elif section["class_path"].endswith("DDPMSegDataModule"):
         root = make_fake_ddpmseg(tmp / data["dataset"], data["dataset"], num_train=2, num_test=1)
         data.update(root=str(root), features=str(tmp / "features"))
-    elif config["data"]["class_path"].endswith("QuickstartDataModule"):
+    elif section["class_path"].endswith("QuickstartDataModule"):
         data.update(root=str(tmp / "quickstart" / "ADEChallengeData2016"), num_train=4, num_val=1, size=64)
-    data["num_workers"] = 0
+    config["data"]["init_args"]["num_workers"] = 0
     trainer = config["trainer"]
+    trainer["precision"] = "32-true"  # the LoRA configs' 16-mixed is for GPUs
     trainer.update(max_steps=2, max_epochs=-1, limit_val_batches=1, limit_test_batches=1, enable_progress_bar=False, accelerator="cpu", devices=1)
     trainer.update(val_check_interval=2, check_val_every_n_epoch=None)  # validate after the 2 steps
     trainer["logger"]["init_args"]["save_dir"] = str(tmp / "logs")
@@ -169,6 +177,10 @@ def test_paper_config_instantiates_at_sd15_size_in_float16_without_running_the_m
     finally:
         handle.remove()
     assert real_calls == []
+    if name == "LoRATrainingTask":  # float16 frozen model, float32 adapters (mixed precision, as kohya)
+        assert {p.dtype for p in _frozen_parameters(task)} == {torch.float16}
+        assert {p.dtype for p in task.adapter_parameters().values()} == {torch.float32} and task.img_size == 512
+        return
     assert {p.dtype for p in task.extractor.unet.parameters()} == {torch.float16}
     if name == "SegmentationTask" and model["layers"] == ["up-level0-upsampler-out", "up-level1-upsampler-out", "up-level2-upsampler-out"]:
         assert task.levels == ["up-level2-upsampler-out", "up-level1-upsampler-out", "up-level0-upsampler-out"]
@@ -182,6 +194,13 @@ def test_paper_config_instantiates_at_sd15_size_in_float16_without_running_the_m
     assert bool(trainable) == _trains(text) and not any(id(p) in backbone for p in trainable)
 
 
+def _frozen_parameters(task) -> list:
+    """The frozen backbone's parameters: the extractor's, or a LoRA task's model less its adapters."""
+    if hasattr(task, "extractor"):
+        return list(task.extractor.parameters())
+    return [p for name, p in task.named_parameters() if ".lora_A." not in name and ".lora_B." not in name]
+
+
 def _release(cli) -> None:
     """Free an SD-size run's ~10 GB now. After the test the CLI object stays alive (its
     reference cycle is not collected, held from outside Python's collector), and the next run
@@ -191,7 +210,7 @@ def _release(cli) -> None:
     cli.model.to("meta")
 
 
-@pytest.mark.parametrize("config", SD15_CONFIGS, ids=lambda p: p.name)
+@pytest.mark.parametrize("config", SD15_RUNS, ids=lambda p: p.name)
 def test_paper_config_runs_with_random_sd15(config, tmp_path, sd15_lora_unet, two_threads, free_after):
     """2 steps + validation (or, zero-shot, a test batch) through the CLI with SD 1.5's real
     widths (small images, float32).
@@ -205,7 +224,7 @@ def test_paper_config_runs_with_random_sd15(config, tmp_path, sd15_lora_unet, tw
     lora = lambda path, seed: str(write_random_lora(path, sd15_lora_unet, seed=seed))  # noqa: E731
     config_dict = _substitute_tiny(text, tmp_path, "random-sd15", "random-sd15-controlnet-canny", lora)
     model = config_dict["model"]["init_args"]
-    for variant in [*model["variants"], *([model["attention_variant"]] if model.get("attention_variant") else [])]:
+    for variant in [*model.get("variants", []), *([model["attention_variant"]] if model.get("attention_variant") else [])]:
         if variant.get("denoise_from") is not None:
             variant["denoise_from"] = model["backbone"]["timestep"] + 1
     trainer = config_dict["trainer"]
@@ -215,8 +234,9 @@ def test_paper_config_runs_with_random_sd15(config, tmp_path, sd15_lora_unet, tw
     # 3674 channels × 4 variants through 10 MLPs) is the tiny run's plumbing at minutes of CPU time
     cli, score = _run(config_dict, tmp_path / config.name, test=False)
     assert score in cli.trainer.callback_metrics
-    assert not any(p.requires_grad for p in cli.model.extractor.parameters())
+    frozen = _frozen_parameters(cli.model)
+    assert not any(p.requires_grad for p in frozen)
     if _trains(config_dict):
         in_optimizer = {id(p) for group in cli.trainer.optimizers[0].param_groups for p in group["params"]}
-        assert not in_optimizer & {id(p) for p in cli.model.extractor.parameters()}
+        assert not in_optimizer & {id(p) for p in frozen}
     _release(cli)

@@ -1,6 +1,7 @@
-"""Lightning callbacks: TensorBoard pictures of predictions, matches and gate weights; prediction files."""
+"""Lightning callbacks: TensorBoard pictures of predictions, matches and gate weights; prediction and LoRA files."""
 
 from csdiff.callbacks.correspondence import CorrespondenceImageLogger, CorrespondencePredictionWriter
+from csdiff.callbacks.lora_writer import LoRAFileWriter
 from csdiff.callbacks.predictions import SegmentationPredictionWriter
 from csdiff.callbacks.tensorboard import GateWeightLogger, SegmentationImageLogger
 from csdiff.callbacks.writers import FeatureWriter
@@ -10,6 +11,7 @@ __all__ = [
     "CorrespondencePredictionWriter",
     "FeatureWriter",
     "GateWeightLogger",
+    "LoRAFileWriter",
     "SegmentationImageLogger",
     "SegmentationPredictionWriter",
 ]

@@ -20,6 +20,7 @@ _EXPORTS = {
     "ADE20KDataModule": "csdiff.data.ade20k",
     "CityscapesDataModule": "csdiff.data.cityscapes",
     "QuickstartDataModule": "csdiff.data.quickstart",
+    "LoRAImagesDataModule": "csdiff.data.lora_images",
     "SPairDataModule": "csdiff.data.spair",
     "DDPMSegDataModule": "csdiff.data.scarce",
     "SPairDataset": "csdiff.data.spair",
