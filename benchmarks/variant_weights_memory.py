@@ -5,7 +5,8 @@ Writes the model (``random-sd15``: SD 1.5's architecture) to a diffusers folder,
 copy whose UNet and (with ``--text_encoder``) text encoder differ, as a LoRA merged into both
 would. Then builds the extractor on the folder with one plain variant, and again with a
 second variant naming the merged copy as its `weights`, and prints the bytes of frozen weights
-each holds and the process's resident memory after each build.
+each holds (resident memory is no measure here: safetensors weights are memory-mapped and
+count only once touched).
 
     python benchmarks/variant_weights_memory.py [--model random-sd15] [--dtype float16] [--text_encoder]
 """
@@ -19,13 +20,6 @@ import tempfile
 from pathlib import Path
 
 import torch
-
-
-def _rss() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    return 0
 
 
 def _bytes(module: torch.nn.Module) -> int:
@@ -80,17 +74,17 @@ def main() -> None:
         gc.collect()
         rows = []
         for variants in ([Variant("plain")], [Variant("plain"), Variant("merged", weights=str(merged))]):
-            before = _rss()
             ex = DiffusionFeatureExtractor(str(base), ["up-level1-upsampler-out"], variants=variants, dtype=args.dtype)
             extra = sum(_bytes(m) for m in (*ex.weight_unets.values(), *ex.weight_text_encoders.values()))
-            rows.append((len(variants), _bytes(ex), extra, len(ex.weight_text_encoders), _rss() - before))
+            unet = sum(_bytes(m) for m in ex.weight_unets.values())
+            rows.append((len(variants), _bytes(ex), extra, unet, len(ex.weight_text_encoders)))
             del ex
             gc.collect()
     print(f"# {args.model}, {args.dtype}; the merged copy changes the UNet{' and the text encoder' if args.text_encoder else ''}")
-    print("| variants | frozen weights | of which merged copies | text encoders kept | RSS growth |")
+    print("| variants | frozen weights | of which the merged copy | its UNet | its text encoders kept |")
     print("|---|---|---|---|---|")
-    for n, total, extra, tes, rss in rows:
-        print(f"| {n} | {total / 2**20:,.0f} MiB | {extra / 2**20:,.0f} MiB | {tes} | {rss / 2**20:,.0f} MiB |")
+    for n, total, extra, unet, tes in rows:
+        print(f"| {n} | {total / 2**20:,.0f} MiB | {extra / 2**20:,.0f} MiB | {unet / 2**20:,.0f} MiB | {tes} |")
     print(f"\none merged checkpoint costs {rows[1][2] / 2**20:,.0f} MiB of weights ({rows[1][2] / rows[0][1]:.2f}× the backbone's frozen weights)")
 
 
