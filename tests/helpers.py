@@ -48,9 +48,10 @@ def write_kohya_lora(
     return path
 
 
-def load_script(name: str):
-    """Import a generator script from tests/data (a folder of scripts, not a package)."""
-    spec = importlib.util.spec_from_file_location(name, Path(__file__).parent / "data" / f"{name}.py")
+def load_script(name: str, folder: str = "tests/data"):
+    """Import a script from a folder of scripts, not a package: tests/data (generators) or
+    checkpoints_scripts (weight tools)."""
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / folder / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

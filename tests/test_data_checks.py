@@ -17,6 +17,7 @@ import pytest
 import yaml
 from helpers import load_script
 from lightning.pytorch import Callback
+from test_errors import base_config
 
 from csdiff.cli import main
 from csdiff.data import (
@@ -68,25 +69,10 @@ def _truncate(path: Path) -> Path:
 def _fit_config(root: Path, work: Path) -> dict:
     """tests/test_errors.py's one-step fit on the tiny backbone, validating every val image,
     with a callback that records whether a training step started."""
-    return {
-        "seed_everything": 0,
-        "trainer": {
-            "accelerator": "cpu", "devices": 1, "max_steps": 1, "max_epochs": -1, "enable_progress_bar": False,
-            "logger": False, "default_root_dir": str(work),
-            "callbacks": [{"class_path": f"{__name__}.StepRecorder", "init_args": {"path": str(work / "stepped")}}],
-        },
-        "model": {
-            "class_path": "csdiff.tasks.SegmentationTask",
-            "init_args": {
-                "num_classes": 150, "backbone": {"model": "tiny", "img_size": 64}, "variants": [{"name": "plain"}],
-                "head_channels": 16, "aux_channels": 8, "slide_crop": 64, "slide_stride": 64,
-            },
-        },
-        "data": {
-            "class_path": "csdiff.data.ADE20KDataModule",
-            "init_args": {"root": str(root), "crop_size": 64, "scale": [128, 64], "eval_resize": ["short", 64], "batch_size": 2},
-        },
-    }
+    config = base_config(root, work)
+    del config["trainer"]["limit_val_batches"]
+    config["trainer"]["callbacks"] = [{"class_path": f"{__name__}.StepRecorder", "init_args": {"path": str(work / "stepped")}}]
+    return config
 
 
 def _run(config: dict, work: Path, capsys, extra: list[str] | None = None) -> tuple[int, str]:

@@ -4,28 +4,20 @@ one-line failure offline. The hub calls themselves are never made here."""
 
 from __future__ import annotations
 
-import importlib.util
 import shlex
 import socket
 import time
 from pathlib import Path
 
 import pytest
+from helpers import load_script
 import yaml
 
 from csdiff.backbone.loading import SNAPSHOT_SUBFOLDERS, WEIGHT_SUBFOLDERS, weights_fingerprint
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
-def _script():
-    spec = importlib.util.spec_from_file_location("download_weights", ROOT / "checkpoints_scripts" / "download_weights.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-dw = _script()
+dw = load_script("download_weights", "checkpoints_scripts")
 
 SD15 = [  # stable-diffusion-v1-5/stable-diffusion-v1-5
     ".gitattributes", "README.md", "model_index.json", "v1-5-pruned.safetensors", "v1-5-pruned-emaonly.safetensors",

@@ -4,11 +4,11 @@ with the same results bit for bit, and the same refusals."""
 
 from __future__ import annotations
 
-import importlib.util
 import shutil
 from pathlib import Path
 
 import pytest
+from helpers import load_script
 import torch
 import yaml
 from safetensors.torch import load_file
@@ -20,17 +20,9 @@ from csdiff.tasks import SegmentationTask
 from csdiff.tasks.checkpoints import CheckpointMismatchError
 from csdiff.tasks.export import TASK_FILE, WEIGHTS_FILE, read_exported_head
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
-def _script():
-    spec = importlib.util.spec_from_file_location("export_head", ROOT / "checkpoints_scripts" / "export_head.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-export_script = _script()
+export_script = load_script("export_head", "checkpoints_scripts")
 
 
 @pytest.fixture(scope="module")
@@ -143,7 +135,8 @@ def test_head_with_another_backbone_config_is_refused(trained, exported, tmp_pat
     task = yaml.safe_load(text)
     task["model"]["init_args"]["backbone"]["timestep"] = 100
     (edited / TASK_FILE).write_text(yaml.safe_dump(task, sort_keys=False))
-    assert main(["test", *quick_args(work), "--ckpt_path", str(edited)]) == 1
+    # the config says 100 too (a config differing from the task's arguments is refused before)
+    assert main(["test", *quick_args(work), "--ckpt_path", str(edited), "--model.init_args.backbone.timestep", "100"]) == 1
     line = capsys.readouterr().err.strip().splitlines()[-1]
     assert "the checkpoint was trained with other features: timestep: 50 (checkpoint) vs 100 (now)" in line
     backbone = dict(task["model"]["init_args"]["backbone"])

@@ -7,7 +7,6 @@ The script runs in-process through its ``main(argv)`` (seconds instead of a fres
 
 from __future__ import annotations
 
-import importlib.util
 import re
 import shutil
 from pathlib import Path
@@ -15,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from diffusers import UNet2DConditionModel
-from helpers import assert_close_up_to_rounding, random_locon, shapes_images, write_merged_copy
+from helpers import assert_close_up_to_rounding, load_script, random_locon, shapes_images, write_merged_copy
 from ldm_format import diffusers_to_ldm_state_dict
 from peft.tuners.tuners_utils import BaseTunerLayer
 from safetensors.torch import load_file, save_file
@@ -25,20 +24,12 @@ from csdiff.backbone.loading import load_sd_components
 from csdiff.backbone.lora_factor import factor_delta
 from csdiff.backbone.tiny import TINY_SD_DIR, UNET_CONFIG
 
-ROOT = Path(__file__).resolve().parents[1]
 PROMPT = "a red circle and a blue square on a striped background"
 LAYERS = ["down-level0-repeat1-res-out", "up-level1-upsampler-out", "unet-out"]
 pytestmark = pytest.mark.filterwarnings("ignore:Already found a `peft_config` attribute:UserWarning")
 
 
-def _script():
-    spec = importlib.util.spec_from_file_location("lora_from_merged", ROOT / "checkpoints_scripts" / "lora_from_merged.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-lora_from_merged = _script()
+lora_from_merged = load_script("lora_from_merged", "checkpoints_scripts")
 
 
 def run(capsys, *argv: str) -> tuple[int, str, str]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
 from helpers import assert_close_up_to_rounding, load_script, random_locon, shapes_images, write_merged_copy
 
 from csdiff.backbone import DiffusionFeatureExtractor, LoRA, Variant
