@@ -30,3 +30,17 @@ def test_a_folder_in_the_wrong_place_says_what_it_is():
         DiffusionFeatureExtractor("tiny", LAYERS, img_size=64, variants=[Variant("c", controlnets=[ControlNet(str(TINY_SD_DIR))])])
     with pytest.raises(BackboneNotAvailableError, match="it is a ControlNet folder: use it in a variant's `controlnets`"):
         DiffusionFeatureExtractor(str(TINY_ALIASES["tiny-controlnet-canny"]), LAYERS, img_size=64)
+
+
+def test_lora_for_sd15_widths_on_tiny_is_refused_in_one_line(tmp_path, capsys):
+    """Before: 34 lines of diffusers warnings and a 7,309-character message."""
+    from csdiff.backbone import LoRA
+    from csdiff.backbone.lora import LoRAError
+    from csdiff.backbone.random_models import meta_unet, write_random_lora
+
+    path = write_random_lora(tmp_path / "sd15.safetensors", meta_unet())
+    with pytest.raises(LoRAError, match="does not fit this backbone") as err:
+        DiffusionFeatureExtractor("tiny", LAYERS, img_size=64, variants=[Variant("l", loras=[LoRA(str(path))])])
+    message = str(err.value)
+    assert str(path) in message and "\n" not in message and len(message) < 600
+    assert "do not fit its weight (64, 64)" in message
