@@ -47,7 +47,8 @@ def error_line(err: BaseException) -> str:
 
 
 def _parser(prog: str, description: str) -> ArgumentParser:
-    parser = ArgumentParser(prog=f"csdiff {prog}", description=description, exit_on_error=True)
+    # errors raise (main reports them in one line) instead of printing the usage and a union dump
+    parser = ArgumentParser(prog=f"csdiff {prog}", description=description, exit_on_error=False)
     parser.add_argument("--config", action=ActionConfigFile, help="a YAML file with any of these options")
     return parser
 
@@ -65,7 +66,7 @@ def run_layers(argv: list[str]) -> int:
     cfg = parser.parse_args(argv)
     parts = load_sd_components(cfg.model, base_model=cfg.base_model)
     factor = 2 ** (len(parts.vae.config.block_out_channels) - 1)
-    img_size = cfg.img_size or parts.unet.config.sample_size * factor
+    img_size = parts.unet.config.sample_size * factor if cfg.img_size is None else cfg.img_size
     rows = list_layers(parts, img_size)
     if cfg.format == "json":
         print(json.dumps([dict(name=r.name, shape=list(r.shape), module=r.module) for r in rows], indent=1))
@@ -74,7 +75,8 @@ def run_layers(argv: list[str]) -> int:
     print(f"{'name':<{width}}  {'C x H x W':>18}  module")
     for r in rows:
         print(f"{r.name:<{width}}  {' x '.join(map(str, r.shape)):>18}  {r.module}")
-    print(f"{len(rows) - 1} activation names (+ up_cross) for {cfg.model} at img_size {img_size}; named sets: legacy, practical")
+    count = f"{len(rows) - 1} activation names (+ up_cross)" if rows[-1].name == "up_cross" else f"{len(rows)} activation names"
+    print(f"{count} for {cfg.model} at img_size {img_size}; named sets: legacy, practical")
     return 0
 
 
@@ -91,9 +93,14 @@ def run_extract(argv: list[str]) -> int:
     from csdiff.backbone import DiffusionFeatureExtractor
     from csdiff.data.reading import DataError, output_names
     from csdiff.data.segmentation import ImageFolderDataset
+    from csdiff.tasks.options import VariantOptions
 
     parser = _parser("extract", "Extract diffusion features of images into a feature folder (fp16 safetensors, one file per image, manifest.json).")
-    parser.add_class_arguments(DiffusionFeatureExtractor, "extractor", instantiate=False)
+    # variants as the tasks type them (plain dicts, every key checked): the extractor's
+    # dataclass types would make jsonargparse turn nested LoRAs/ControlNets into class specs
+    parser.add_class_arguments(DiffusionFeatureExtractor, "extractor", instantiate=False, skip={"variants"})
+    parser.add_argument("--extractor.variants", type=list[VariantOptions] | None, default=None,
+                        help="one dict per variant (name, prompt, seed, loras, controlnets, denoise_from, weights)")
     parser.add_subclass_arguments(LightningModule, "model", required=False, instantiate=False,
                                   help="a task whose backbone, variants and layers make the extractor (from a `csdiff fit` config)")
     parser.add_subclass_arguments(LightningDataModule, "data", required=False,
@@ -133,14 +140,15 @@ def run_extract(argv: list[str]) -> int:
     output = cfg.output or getattr(datamodule, "features", None)
     if output is None:
         raise DataError("give --output FOLDER for the feature files")
+    from csdiff.tasks.extraction import check_output_folder, extract_to_folder
+
+    check_output_folder(output)  # before loading any weights
     trainer_options = {k: cfg.trainer[k] for k in ("accelerator", "devices", "strategy", "num_nodes")}
     if cfg.device is not None:
         kind, _, index = cfg.device.partition(":")
         trainer_options.update(accelerator="gpu" if kind == "cuda" else kind, devices=[int(index)] if index else 1, strategy="auto")
     if not isinstance(trainer_options["strategy"], str):
         raise ValueError("give --trainer.strategy as a name (e.g. ddp) for extraction")
-    from csdiff.tasks.extraction import extract_to_folder
-
     extractor = DiffusionFeatureExtractor(**kwargs)
     written, present = extract_to_folder(extractor, items, output, trainer_options, cfg.batch_size, cfg.num_workers, cfg.overwrite)
     from lightning.pytorch.utilities import rank_zero_only
@@ -200,27 +208,82 @@ def run_lightning(argv: list[str] | None):
     from jsonargparse import Namespace
     from lightning.pytorch import LightningDataModule, LightningModule
     from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-    from csdiff.resume import DEFAULT_LOGGER, KEYWORDS, CheckpointError, SaveLastOnStop, check_checkpoint_file, locate_last
+    from csdiff.resume import (
+        DEFAULT_LOGGER, KEYWORDS, CheckpointError, SaveLastOnStop, StopPredicting, check_checkpoint_file, locate_last,
+        logger_root, read_checkpoint, sigterm_interruption,
+    )
     from csdiff.tasks.export import is_exported_head, write_checkpoint
 
     class CSDiffCLI(LightningCLI):
         _head_dir: tempfile.TemporaryDirectory | None = None
+        _stop: SaveLastOnStop | None = None
+        _given_model: dict | None = None  # the task options the config gives explicitly
+        _ckpt_given: str | None = None  # --ckpt_path as given (an exported head's folder, not its temporary file)
 
         def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
             """Resolve and check ``--ckpt_path`` before Lightning reads hyperparameters from it."""
             super().parse_arguments(parser, args)
-            config = self.config[self.config.subcommand]
+            subcommand = self.config.subcommand
+            # what the command line and config files give, without defaults: compared with a checkpoint's hyperparameters
+            given = parser.parse_args(args, defaults=False)[subcommand].get("model")
+            self._given_model = given.init_args.as_dict() if isinstance(given, Namespace) and given.get("init_args") else {}
+            config = self.config[subcommand]
             ckpt = config.get("ckpt_path")
             if ckpt == "last":
                 ckpt, version = locate_last(config.trainer)
                 config.ckpt_path = str(ckpt)
-                if self.config.subcommand == "fit" and version is not None:
+                if subcommand == "fit" and version is not None:
                     self._continue_run(config, version)
+            run = Path(ckpt).parent.parent if ckpt is not None and Path(ckpt).parent.name == "checkpoints" else None
+            self._ckpt_given = ckpt
             if is_exported_head(ckpt):
                 ckpt = config.ckpt_path = str(self._head_checkpoint(ckpt))
             if ckpt is not None and ckpt not in KEYWORDS:
                 check_checkpoint_file(ckpt)
+                if subcommand != "fit":
+                    self._log_beside_checkpoint(run)
+
+        def _parse_ckpt_path(self) -> None:
+            """Lightning builds the task from the checkpoint's hyperparameters, dropping the
+            config's options: refuse a checkpoint of another task and options given otherwise,
+            and keep the config's values of options that cannot change the results."""
+            from csdiff.tasks.checkpoints import options_over_checkpoint
+
+            subcommand = self.config.subcommand
+            config = self.config[subcommand]
+            ckpt = config.get("ckpt_path")
+            if not (ckpt and Path(ckpt).is_file()):
+                return super()._parse_ckpt_path()
+            model = config.get("model")
+            class_path = model.get("class_path") if isinstance(model, Namespace) else None
+            shown = self._ckpt_given or ckpt
+            use = options_over_checkpoint(read_checkpoint(ckpt), self._given_model or {}, class_path, subcommand, shown)
+            super()._parse_ckpt_path()
+            for key, value in use.items():
+                self.config[subcommand].model.init_args[key] = value
+
+        def _log_beside_checkpoint(self, run: Path | None) -> None:
+            """validate/test/predict log into one folder per checkpoint and verb, not into a
+            new ``version_N`` at every call: ``<run>/test`` when the checkpoint's run lies
+            under the logger's folder, else ``<logger folder>/test``. A logger whose version
+            the config sets, or another kind of logger, is left alone."""
+            subcommand = self.config.subcommand
+            trainer = self.config[subcommand].trainer
+            logger = trainer.get("logger")
+            if logger is None or logger is True:
+                init = {"save_dir": trainer.get("default_root_dir") or ".", "name": "lightning_logs", "version": None}
+                update = {subcommand: {"trainer": {"logger": {"class_path": DEFAULT_LOGGER, "init_args": init}}}}
+                self.config = self.parser.parse_object(update, self.config)
+                trainer = self.config[subcommand].trainer
+                logger = trainer.logger
+            if not (isinstance(logger, Namespace) and str(logger.get("class_path")).endswith("TensorBoardLogger")):
+                return
+            if logger.init_args.get("version") is None and logger.init_args.get("save_dir") is not None:
+                root = logger_root(trainer)[0].resolve()
+                inside = run is not None and run.resolve().is_relative_to(root)
+                logger.init_args.version = str(run.resolve().relative_to(root) / subcommand) if inside else subcommand
 
         def _head_checkpoint(self, folder: str) -> Path:
             """An exported head as a checkpoint file for this run: Lightning reads the model's
@@ -236,6 +299,9 @@ def run_lightning(argv: list[str] | None):
         def _run_subcommand(self, subcommand: str) -> None:
             try:
                 super()._run_subcommand(subcommand)
+            except SIGTERMException:  # Lightning's stop on SIGTERM, a SystemExit that would exit with 0
+                stopped = self._stop.stopped if self._stop is not None else None
+                raise (stopped or sigterm_interruption(subcommand)) from None
             finally:
                 if self._head_dir is not None:
                     self._head_dir.cleanup()
@@ -283,7 +349,8 @@ def run_lightning(argv: list[str] | None):
             for callback in self.trainer.checkpoint_callbacks:
                 if callback.save_last is None:
                     callback.save_last = True
-            self.trainer.callbacks.append(SaveLastOnStop())
+            self._stop = SaveLastOnStop()
+            self.trainer.callbacks.append(self._stop)
 
         def before_validate(self) -> None:
             self._before_run()
@@ -295,6 +362,7 @@ def run_lightning(argv: list[str] | None):
         def before_predict(self) -> None:
             self._require_checkpoint()
             self._before_run()
+            self.trainer.callbacks.append(StopPredicting("the files written are complete; run the same command again to write them all"))
 
     with warnings.catch_warnings():
         # the frozen backbone stays in eval mode on purpose; Lightning would warn at every fit
@@ -341,7 +409,10 @@ def main(args: list[str] | None = None) -> int:
     """Entry point of `csdiff` and `python -m csdiff`; ``args`` replaces ``sys.argv[1:]`` (tests)."""
     argv = list(sys.argv[1:] if args is None else args)
     _quiet_libraries()
-    if not argv or argv[0] in ("-h", "--help"):
+    if not argv:  # a usage error, like any missing argument
+        print(_overview(), file=sys.stderr)
+        return 2
+    if argv[0] in ("-h", "--help"):
         print(_overview())
         return 0
     if argv[0] == "--version":
@@ -360,11 +431,11 @@ def main(args: list[str] | None = None) -> int:
         print(f"csdiff {argv[0]}: {line}.", file=sys.stderr)
         return 2
     except Exception as err:
-        from csdiff.resume import FitInterrupted
+        from csdiff.resume import Interrupted
 
-        if isinstance(err, FitInterrupted):
-            print(f"csdiff fit: {err}; continue with the same command and --ckpt_path last", file=sys.stderr)
-            return 130
+        if isinstance(err, Interrupted):  # Ctrl-C or SIGTERM, stopped at a batch boundary
+            print(f"csdiff {argv[0]}: {err}; {err.hint}", file=sys.stderr)
+            return err.exit_code
         if os.environ.get(DEBUG_ENV, "") not in ("", "0"):
             raise
         print(f"csdiff: error: {error_line(err)}  (set {DEBUG_ENV}=1 for the full traceback)", file=sys.stderr)

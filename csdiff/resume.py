@@ -1,4 +1,5 @@
-"""Resuming fits: find a run's ``last.ckpt``, check checkpoint files, stop cleanly on Ctrl-C.
+"""Resuming fits: find a run's ``last.ckpt``, check checkpoint files, stop cleanly on Ctrl-C
+and SIGTERM (what ``kill``, ``timeout``, SLURM and Kubernetes send).
 
 Lightning's own ``--ckpt_path last`` looks in the folder of the *new* logger version, finds
 nothing there and trains from scratch after a warning. csdiff instead finds the newest
@@ -17,6 +18,7 @@ from typing import Any
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 LAST = "last.ckpt"
 # Lightning's other ckpt_path keywords, left to Lightning.
@@ -29,18 +31,46 @@ class CheckpointError(ValueError):
     """A checkpoint path that cannot be used; the message names it and what to pass instead."""
 
 
-class FitInterrupted(Exception):
-    """Raised at a step boundary after Ctrl-C, once ``last.ckpt`` holds that step."""
+class Interrupted(Exception):
+    """A run stopped by a signal at a batch boundary, leaving only complete files.
 
-    def __init__(self, epoch: int, step: int, saved: list[str]) -> None:
+    ``exit_code`` is the shell's code for a death by that signal (130 for Ctrl-C, 143 for
+    SIGTERM), so schedulers and scripts see a killed job, not a successful one; ``hint``
+    says how to finish the work.
+    """
+
+    def __init__(self, signum: int, message: str, hint: str) -> None:
+        super().__init__(message)
+        self.signum = int(signum)
+        self.hint = hint
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
+
+
+class FitInterrupted(Interrupted):
+    """Raised at a step boundary after Ctrl-C or SIGTERM, once ``last.ckpt`` holds that step."""
+
+    def __init__(self, epoch: int, step: int, saved: list[str], signum: int = signal.SIGINT) -> None:
         where = ", ".join(saved) if saved else "nothing (no checkpoint callback with save_last)"
-        super().__init__(f"interrupted at epoch {epoch}, step {step}; saved {where}")
+        super().__init__(
+            signum,
+            f"interrupted at epoch {epoch}, step {step} by {signal.Signals(signum).name}; saved {where}",
+            "continue with the same command and --ckpt_path last",
+        )
 
 
 def find_last_checkpoint(root: str | Path) -> Path | None:
     """The most recently written ``last.ckpt`` under ``root``, or None."""
     found = [p for p in Path(root).rglob(LAST) if p.is_file()] if Path(root).is_dir() else []
     return max(found, key=lambda p: p.stat().st_mtime, default=None)
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """A checkpoint's tensors and plain values, memory-mapped: a multi-GB file costs only its
+    small pickle until a tensor is read."""
+    return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
 
 
 def check_checkpoint_file(path: str | Path, hint: str = CKPT_PATH_HINT) -> None:
@@ -60,7 +90,7 @@ def check_checkpoint_file(path: str | Path, hint: str = CKPT_PATH_HINT) -> None:
     if not zipfile.is_zipfile(path):
         raise CheckpointError(f"{path} is not a Lightning checkpoint (not a file saved by torch.save); {hint}")
     try:
-        content = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        content = read_checkpoint(path)
     except pickle.UnpicklingError:
         return
     except Exception as err:
@@ -106,16 +136,18 @@ def locate_last(trainer_config: Any) -> tuple[Path, str | None]:
     return last, version
 
 
-class SaveLastOnStop(Callback):
-    """Writes ``last.ckpt`` whenever a fit stops: at its end, and on Ctrl-C at the end of the
-    step in progress (a second Ctrl-C stops at once; pressed during validation, the stop
-    comes after the next training step).
+class StopRequests(Callback):
+    """Notes a stop request of the stage ``stage`` for the loop's next batch boundary.
 
-    Checkpoint callbacks write ``last.ckpt`` on their own schedule (epochs, N steps), so
-    the end of a fit between two of their saves would be lost. DataLoader workers ignore
-    SIGINT (see the datamodule), so the step in progress still gets its data. Under DDP the
-    ranks agree on the stop at each step, so all of them save the same step.
+    Ctrl-C is caught by a handler of its own (a second Ctrl-C stops at once, through
+    Lightning's KeyboardInterrupt shutdown). SIGTERM is Lightning's: its signal connector
+    sets ``trainer.received_sigterm`` (and forwards the signal to the DDP processes it
+    launched); its fit and evaluation loops then raise ``SIGTERMException`` at their own
+    boundaries, its predict loop never does. Subclasses read both in their batch-end hooks.
     """
+
+    stage = "fit"
+    notice = "stopping at the end of this batch"
 
     def __init__(self) -> None:
         self.requested = False
@@ -126,16 +158,46 @@ class SaveLastOnStop(Callback):
             signal.signal(signal.SIGINT, signal.default_int_handler)
             raise KeyboardInterrupt
         self.requested = True
-        print("\ncsdiff: Ctrl-C: saving last.ckpt at the end of this step (Ctrl-C again to stop at once)", flush=True)
+        print(f"\ncsdiff: Ctrl-C: {self.notice} (Ctrl-C again to stop at once)", flush=True)
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        if stage == "fit" and threading.current_thread() is threading.main_thread():
+        if stage == self.stage and threading.current_thread() is threading.main_thread():
             self._previous = signal.signal(signal.SIGINT, self._handler)
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if self._previous is not None:
             signal.signal(signal.SIGINT, self._previous)
             self._previous = None
+
+    def received(self, trainer: Trainer) -> int | None:
+        """The signal this process was asked to stop by (SIGTERM before Ctrl-C), or None."""
+        if trainer.received_sigterm:
+            return signal.SIGTERM
+        return signal.SIGINT if self.requested else None
+
+
+class SaveLastOnStop(StopRequests):
+    """Writes ``last.ckpt`` whenever a fit stops: at its end, and on Ctrl-C or SIGTERM at the
+    end of the step in progress (a second Ctrl-C stops at once; pressed during validation,
+    the stop comes after the next training step).
+
+    Checkpoint callbacks write ``last.ckpt`` on their own schedule (epochs, N steps), so
+    the end of a fit between two of their saves would be lost. DataLoader workers ignore
+    SIGINT (see the datamodule), so the step in progress still gets its data. Under DDP the
+    ranks agree on the stop at each step, so all of them save the same step.
+
+    A SIGTERM that arrives after a step's end (during validation, at an epoch's end) meets
+    Lightning's own stop first: its ``SIGTERMException`` comes here through ``on_exception``,
+    where ``last.ckpt`` is saved as Lightning's ``OnExceptionCheckpoint`` would (Lightning
+    resumes such checkpoints: it restarts the interrupted validation) and ``stopped`` keeps
+    what to report.
+    """
+
+    notice = "saving last.ckpt at the end of this step"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stopped: FitInterrupted | None = None
 
     @staticmethod
     def save_last(trainer: Trainer) -> list[str]:
@@ -153,9 +215,53 @@ class SaveLastOnStop(Callback):
         return paths
 
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
-        stop = self.requested if trainer.world_size == 1 else trainer.strategy.reduce_boolean_decision(self.requested, all=False)
-        if stop:
-            raise FitInterrupted(trainer.current_epoch, trainer.global_step, self.save_last(trainer))
+        signum = agreed_signal(trainer, self.received(trainer))
+        if signum is not None:
+            raise FitInterrupted(trainer.current_epoch, trainer.global_step, self.save_last(trainer), signum)
+
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        if isinstance(exception, SIGTERMException) and trainer.state.fn == "fit":
+            self.stopped = FitInterrupted(trainer.current_epoch, trainer.global_step, self.save_last(trainer), signal.SIGTERM)
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.save_last(trainer)
+
+
+class StopPredicting(StopRequests):
+    """Ends a predict loop (``csdiff extract``, ``csdiff predict``) after the batch in progress
+    on Ctrl-C or SIGTERM, once the writers (callbacks before this one) have written it.
+
+    No collective under DDP: ranks may hold one batch more than others, so each stops on its
+    own signal (Lightning forwards SIGTERM to the processes it launched; Ctrl-C in a terminal
+    reaches them all).
+    """
+
+    stage = "predict"
+    notice = "stopping after the batch in progress (its files are written first)"
+
+    def __init__(self, hint: str = "run the same command again") -> None:
+        super().__init__()
+        self.hint = hint
+        self.batches = 0
+
+    def on_predict_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self.batches += 1
+        signum = self.received(trainer)
+        if signum is not None:
+            name = signal.Signals(signum).name
+            raise Interrupted(signum, f"interrupted by {name} after {self.batches} batch(es)", self.hint)
+
+
+def agreed_signal(trainer: Trainer, signum: int | None) -> int | None:
+    """The stop signal any rank received (SIGTERM over Ctrl-C), the same on every rank."""
+    if trainer.world_size == 1:
+        return signum
+    code = torch.tensor(float(signum or 0), device=trainer.strategy.root_device)
+    code = trainer.strategy.reduce(code, reduce_op="max")
+    return int(code.item()) or None
+
+
+def sigterm_interruption(verb: str) -> Interrupted:
+    """What a ``SIGTERMException`` of Lightning's loops means for ``csdiff VERB`` without a
+    checkpoint to report: the run was killed, its results are incomplete."""
+    return Interrupted(signal.SIGTERM, f"interrupted by SIGTERM; {verb} did not finish", "run the same command again")

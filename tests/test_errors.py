@@ -195,14 +195,14 @@ def test_checkpoint_with_other_trainable_shapes(trained, capsys):
 
 
 def test_checkpoint_for_another_dataset(trained, capsys, tmp_path):
-    """A checkpoint's hyperparameters win over the config (which says 150 here): the message
-    blames the checkpoint, not the config."""
+    """A checkpoint's hyperparameters never silently win over the config (which says 150
+    here): the message names the checkpoint and both class counts."""
     config, work, _, ckpt = trained
     state = torch.load(ckpt, weights_only=True)
     state["hyper_parameters"]["num_classes"] = 4
     torch.save(state, ckpt)
     code, line = run(config, work, capsys, "test", ["--ckpt_path", str(ckpt)])
-    assert code == 1 and f"checkpoint {ckpt} was trained for 4 classes" in line and "ADE20KDataModule has 150" in line
+    assert code == 1 and f"checkpoint {ckpt} was trained with other options" in line and "num_classes: 4 (checkpoint) vs 150 (config)" in line
 
 
 def test_debug_env_gives_the_traceback(setup, capsys, monkeypatch):

@@ -89,14 +89,16 @@ def fit_command(work: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "csdiff", "fit", *(x for kv in args.items() for x in kv), *extra]
 
 
-def start(cmd: list[str], cwd: Path, name: str, **env: str) -> tuple[subprocess.Popen, Path]:
+def start(cmd: list[str], cwd: Path, name: str, session: bool = False, **env: str) -> tuple[subprocess.Popen, Path]:
+    """Start ``cmd`` in ``cwd`` with its output in ``name``.log; ``session``: in a process group
+    of its own, which a signal can reach whole (as `timeout` and SLURM send them)."""
     base = {k: v for k, v in os.environ.items() if k not in (HANG_ENV, TRACE_ENV)}
     pythonpath = os.pathsep.join(p for p in (str(Path(__file__).parent), base.get("PYTHONPATH")) if p)
     base.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONPATH=pythonpath, **env)
     cwd.mkdir(parents=True, exist_ok=True)
     log = cwd / f"{name}.log"
     with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, cwd=cwd, env=base, stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(cmd, cwd=cwd, env=base, stdout=out, stderr=subprocess.STDOUT, start_new_session=session)
     return proc, log
 
 
@@ -118,16 +120,19 @@ def assert_same_weights(final: dict, reference: dict) -> None:
     assert not differ, f"{len(differ)} of {len(reference['state_dict'])} tensors differ after resuming, e.g. {differ[:3]}"
 
 
-def interrupt_and_resume(work: Path, name: str, sig: signal.Signals) -> tuple[dict, dict, str, str]:
+def interrupt_and_resume(
+    work: Path, name: str, sig: signal.Signals, *extra: str, group: bool = False
+) -> tuple[dict, dict, str, str]:
     """Run an uninterrupted fit beside one stopped by ``sig`` at KILL_STEP, then resume the
     latter with `--ckpt_path last`; returns (reference last.ckpt, resumed last.ckpt,
-    the interrupted run's log, the resume trace)."""
+    the interrupted run's log, the resume trace). ``extra`` options go to every fit; ``group``
+    sends the signal to the fit's whole process group (its DataLoader workers too)."""
     whole_dir, cut_dir = work / name / "whole", work / name / "cut"
     marker, trace = work / name / "hang.marker", work / name / "trace.txt"
     procs: list[subprocess.Popen] = []
     try:
-        whole = start(fit_command(work), whole_dir, "whole")
-        cut, cut_log = start(fit_command(work), cut_dir, "cut", **{HANG_ENV: f"{KILL_STEP}:{marker}"})
+        whole = start(fit_command(work, *extra), whole_dir, "whole")
+        cut, cut_log = start(fit_command(work, *extra), cut_dir, "cut", session=group, **{HANG_ENV: f"{KILL_STEP}:{marker}"})
         procs += [whole[0], cut]
         deadline = time.monotonic() + TIMEOUT_S
         while not marker.exists():
@@ -135,14 +140,17 @@ def interrupt_and_resume(work: Path, name: str, sig: signal.Signals) -> tuple[di
             assert time.monotonic() < deadline, "the run to interrupt never reached the kill step"
             time.sleep(0.2)
         assert marker.read_text() == str(KILL_STEP - STEPS_PER_EPOCH)  # mid-epoch, not at its start
-        cut.send_signal(sig)
+        if group:
+            os.killpg(cut.pid, sig)
+        else:
+            cut.send_signal(sig)
         if sig == signal.SIGKILL:
             assert cut.wait(timeout=60) == -signal.SIGKILL
             cut_text = ""
         else:
             Path(f"{marker}.go").touch()
-            cut_text = finish(cut, cut_log, code=130)
-        resumed = start(fit_command(work, "--ckpt_path", "last"), cut_dir, "resumed", **{TRACE_ENV: str(trace)})
+            cut_text = finish(cut, cut_log, code=128 + sig)  # the shell's code for a death by sig: 130, 143
+        resumed = start(fit_command(work, *extra, "--ckpt_path", "last"), cut_dir, "resumed", **{TRACE_ENV: str(trace)})
         procs.append(resumed[0])
         finish(*resumed)
         finish(*whole)

@@ -20,7 +20,7 @@ from torch import nn
 from csdiff.backbone.acceleration import channels_last_input, compile_blocks, to_channels_last
 from csdiff.backbone.capture import ActivationCapture, hooked_paths
 from csdiff.backbone.conditions import canny_condition
-from csdiff.backbone.listing import activation_shapes
+from csdiff.backbone.listing import activation_shapes, check_img_size
 from csdiff.backbone.loading import check_controlnet_fits, load_controlnet, load_sd_components, load_variant_weights, parse_dtype
 from csdiff.backbone.lora import LoRARegistry
 from csdiff.backbone.names import resolve_layers
@@ -115,13 +115,8 @@ class DiffusionFeatureExtractor(nn.Module):
         self.text_encoder_2, self.tokenizer_2, self.family = parts.text_encoder_2, parts.tokenizer_2, parts.family
         self.layers = resolve_layers(self.unet, layers)
         self.latent_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
-        self.size_multiple = self.latent_factor * 2 ** (len(self.unet.config.block_out_channels) - 1)
         img_size = self.unet.config.sample_size * self.latent_factor if img_size is None else img_size
-        if img_size <= 0 or img_size % self.size_multiple:
-            raise ValueError(
-                f"img_size={img_size} does not suit this model: it must be a positive multiple of {self.size_multiple} "
-                f"(VAE ×{self.latent_factor}, then {len(self.unet.config.block_out_channels) - 1} UNet downsamplings)"
-            )
+        check_img_size(img_size, self.vae, self.unet)
         n_steps = self.scheduler.config.num_train_timesteps
         for t in [timestep] + [v.denoise_from for v in self.variants if v.denoise_from is not None]:
             if not 0 <= t < n_steps:

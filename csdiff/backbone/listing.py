@@ -18,7 +18,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from csdiff.backbone.capture import ActivationCapture
 from csdiff.backbone.loading import SDComponents
 from csdiff.backbone.families import family_of
-from csdiff.backbone.names import UP_CROSS, enumerate_activations, up_cross_maps
+from csdiff.backbone.names import UP_CROSS, enumerate_activations, up_cross_maps, up_cross_problem
 
 
 @dataclass(frozen=True)
@@ -46,13 +46,30 @@ def activation_shapes(
         return {name: tuple(int(d) for d in capture.features[name].shape[1:]) for name in names}
 
 
+def check_img_size(img_size: int, vae: nn.Module, unet: nn.Module) -> None:
+    """The extractor's rule: an image side must survive the VAE's and the UNet's downsamplings
+    exactly (a positive multiple of their product), or skip connections do not line up."""
+    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    downsamplings = len(unet.config.block_out_channels) - 1
+    multiple = factor * 2**downsamplings
+    if img_size <= 0 or img_size % multiple:
+        raise ValueError(
+            f"img_size={img_size} does not suit this model: it must be a positive multiple of {multiple} "
+            f"(VAE ×{factor}, then {downsamplings} UNet downsamplings)"
+        )
+
+
 def list_layers(parts: SDComponents, img_size: int) -> list[LayerInfo]:
-    """Every activation name of a model with its shape at ``img_size`` and its module path."""
+    """Every activation name of a model with its shape at ``img_size`` and its module path
+    (``up_cross`` last, when the model has it)."""
+    check_img_size(img_size, parts.vae, parts.unet)
     table = enumerate_activations(parts.unet)
     factor = 2 ** (len(parts.vae.config.block_out_channels) - 1)
     latent = (img_size // factor, img_size // factor)
-    shapes = activation_shapes(parts.unet, [*table, UP_CROSS], latent, parts.tokenizer.model_max_length)
+    up_cross = [UP_CROSS] if up_cross_problem(parts.unet) is None else []
+    shapes = activation_shapes(parts.unet, [*table, *up_cross], latent, parts.tokenizer.model_max_length)
     rows = [LayerInfo(name, shapes[name], act.module) for name, act in table.items()]
-    levels = " and ".join(f"up-level{level}" for level in up_cross_maps(parts.unet))
-    rows.append(LayerInfo(UP_CROSS, shapes[UP_CROSS], f"cross-attention maps of {levels}"))
+    if up_cross:
+        levels = " and ".join(f"up-level{level}" for level in up_cross_maps(parts.unet))
+        rows.append(LayerInfo(UP_CROSS, shapes[UP_CROSS], f"cross-attention maps of {levels}"))
     return rows

@@ -91,8 +91,24 @@ def enumerate_activations(unet: nn.Module) -> dict[str, Activation]:
     return {a.name: a for a in acts}
 
 
+def up_cross_problem(unet: nn.Module) -> str | None:
+    """Why this UNet has no ``up_cross`` (an up-level it averages over is missing or has no
+    cross-attention, e.g. a UNet built with plain ``UpBlock2D`` there), or None."""
+    levels = family_of(unet).up_cross_levels
+    for level in levels:
+        block = unet.up_blocks[level] if level < len(unet.up_blocks) else None
+        if block is None or not getattr(block, "attentions", None):
+            what = f"has no up-level{level}" if block is None else f"has no attention in up-level{level} ({type(block).__name__})"
+            return (
+                f"up_cross averages the cross-attention maps of up-levels {', '.join(map(str, levels))}, but this UNet {what}; "
+                f"choose other layers (`csdiff layers --model <model>` lists them)"
+            )
+    return None
+
+
 def up_cross_maps(unet: nn.Module) -> dict[int, list[str]]:
-    """Module paths of the cross-attention layers that make up ``up_cross``, per up-level."""
+    """Module paths of the cross-attention layers that make up ``up_cross``, per up-level
+    (call only when :func:`up_cross_problem` finds none)."""
     out: dict[int, list[str]] = {}
     for level in family_of(unet).up_cross_levels:
         block = unet.up_blocks[level]
@@ -122,6 +138,9 @@ def resolve_layers(unet: nn.Module, layers: str | Iterable[str]) -> list[str]:
     if not names:
         raise UnknownLayerError("no layers given: name at least one activation (see `csdiff layers`)")
     valid = enumerate_activations(unet)
+    problem = up_cross_problem(unet) if UP_CROSS in names else None
+    if problem is not None:  # checked here: capturing would fail deep inside, on an empty stack of maps
+        raise UnknownLayerError(problem)
     for name in names:
         if name != UP_CROSS and name not in valid:
             close = difflib.get_close_matches(name, list(valid) + [UP_CROSS, *LAYER_SETS], n=3, cutoff=0.6)

@@ -82,7 +82,8 @@ class FeatureFolder:
 
         Only one process should pass ``write=True`` (rank 0); the others only check.
         """
-        exists = self.manifest_path.is_file()
+        # a run that stopped before its first feature file (a bad option, a bad image) binds nothing
+        exists = self.manifest_path.is_file() and any(self.folder.rglob("*.safetensors"))
         manifest = self.check(description) if exists else dict(description, images={})
         known = manifest.setdefault("images", {})
         # a moved dataset keeps its file names; another image under the same output name does not
