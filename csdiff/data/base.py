@@ -11,7 +11,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from csdiff.data.reading import DataError
-from csdiff.data.samplers import ShardedEvalSampler, ignore_sigint, process_group
+from csdiff.data.samplers import ShardedEvalSampler, leave_signals_to_main, process_group
 
 
 class ShardedDataModule(LightningDataModule):
@@ -46,7 +46,7 @@ class ShardedDataModule(LightningDataModule):
             num_workers=self.num_workers,
             collate_fn=type(self).collate,
             pin_memory=torch.cuda.is_available(),
-            worker_init_fn=ignore_sigint,
+            worker_init_fn=leave_signals_to_main,
         )
 
     def _eval_loader(self, split: str) -> DataLoader:

@@ -22,7 +22,7 @@ from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset
 
 from csdiff.data.reading import DataError, list_images, read_image
-from csdiff.data.samplers import EpochSampler, ignore_sigint, trained_in_epoch
+from csdiff.data.samplers import EpochSampler, fit_epoch, leave_signals_to_main, trained_in_epoch
 from csdiff.data.segmentation import collate_segmentation
 from csdiff.data.transforms import to_tensor
 
@@ -206,11 +206,15 @@ class LoRAImagesDataModule(LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         if self.dataset is None:
             raise RuntimeError("LoRAImagesDataModule.setup('fit') has not run")
-        # Lightning builds this loader before it restores a resumed fit's progress: the sampler
-        # asks what is done when iterating. Workers are re-forked each epoch to see its flips.
+        # The fit's (restored) epoch before the first iterator forks any worker (see fit_epoch); the
+        # sampler asks what is done when iterating. Workers are re-forked each epoch to see its flips.
+        if (epoch := fit_epoch(self.trainer)) is not None:
+            self.set_epoch(epoch)
         self._train_sampler = EpochSampler(
-            self.dataset, self.seed, done_in_epoch=lambda epoch: trained_in_epoch(self.trainer, self.batch_size, epoch)
+            self.dataset, self.seed,
+            done_in_epoch=lambda epoch: trained_in_epoch(self.trainer, self.batch_size, epoch, len(self._train_sampler)),
         )
+        self._train_sampler.set_epoch(self.epoch)
         return DataLoader(
             self.dataset,
             batch_size=self.batch_size,
@@ -218,5 +222,5 @@ class LoRAImagesDataModule(LightningDataModule):
             num_workers=self.num_workers,
             collate_fn=collate_segmentation,
             pin_memory=torch.cuda.is_available(),
-            worker_init_fn=ignore_sigint,
+            worker_init_fn=leave_signals_to_main,
         )

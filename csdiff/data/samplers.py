@@ -19,10 +19,13 @@ from torch.utils.data import Dataset, DistributedSampler
 _SHUFFLE_STREAM = 1
 
 
-def ignore_sigint(worker_id: int) -> None:
-    """DataLoader workers leave Ctrl-C to the main process, which stops a fit at the end of
-    a step; a worker killed by it would fail that step instead."""
+def leave_signals_to_main(worker_id: int) -> None:
+    """DataLoader workers leave Ctrl-C and SIGTERM to the main process, which stops after the
+    step or batch in progress: ``timeout``, SLURM and a terminal signal the whole process group,
+    and a worker killed by it would fail that step instead (no last.ckpt). Workers still exit
+    with their parent."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def process_group() -> tuple[int, int]:
@@ -119,11 +122,32 @@ class ShardedEvalSampler(DistributedSampler):
         return iter(range(self.rank, self.total_size, self.num_replicas))
 
 
-def trained_in_epoch(trainer: Any, batch_size: int, epoch: int) -> int:
+def fit_epoch(trainer: Any) -> int | None:
+    """The epoch a fit is in (restored on resume), as Lightning passes it to ``set_epoch``;
+    None without a trainer.
+
+    A train loader must see it when it is built: Lightning creates the loader's first iterator
+    before it calls ``set_epoch``, and with workers that iterator forks the dataset and draws
+    its first indices at once (with none, indices are drawn lazily, after ``set_epoch``)."""
+    progress = getattr(getattr(trainer, "fit_loop", None), "epoch_progress", None)
+    return None if progress is None else int(progress.current.processed)
+
+
+def trained_in_epoch(trainer: Any, batch_size: int, epoch: int, num_samples: int | None = None) -> int:
     """Training samples of ``epoch`` this rank went through already, from the fit's step count:
-    nonzero only in the first epoch of a fit resumed from a mid-epoch checkpoint."""
-    if trainer is None or trainer.num_training_batches == float("inf"):
+    nonzero only in the first epoch of a fit resumed from a mid-epoch checkpoint.
+
+    ``num_samples`` (this rank's samples per epoch) gives the batches per epoch while
+    Lightning has not counted them yet: it asks a loader with workers for its first indices
+    before it sets ``trainer.num_training_batches``."""
+    if trainer is None:
         return 0
+    batches = trainer.num_training_batches
+    if batches == float("inf"):
+        if num_samples is None:
+            return 0
+        batches, limit = -(-num_samples // batch_size), trainer.limit_train_batches
+        batches = min(batches, limit) if isinstance(limit, int) else int(batches * limit)
     accumulate = trainer.accumulate_grad_batches
-    steps_per_epoch = -(-int(trainer.num_training_batches) // accumulate)
+    steps_per_epoch = -(-int(batches) // accumulate)
     return max(0, (trainer.global_step - epoch * steps_per_epoch) * accumulate * batch_size)

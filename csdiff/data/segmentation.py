@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 from csdiff.data.base import ShardedDataModule
 from csdiff.data.checks import check_items, orphan_error
 from csdiff.data.reading import IMAGE_EXTENSIONS, DataError, image_size, list_images, read_image, read_label
-from csdiff.data.samplers import EpochSampler, trained_in_epoch
+from csdiff.data.samplers import EpochSampler, fit_epoch, trained_in_epoch
 from csdiff.data.transforms import IGNORE_INDEX, EvalResize, EvalTransform, SampleTransform, TrainTransform
 
 # A (image path, label path or None) pair; None means unlabelled.
@@ -347,13 +347,16 @@ class SegmentationDataModule(ShardedDataModule, ABC):
             self._train_sampler.set_epoch(epoch)
 
     def _done_in_epoch(self, epoch: int) -> int:
-        return trained_in_epoch(self.trainer, self.batch_size, epoch)
+        return trained_in_epoch(self.trainer, self.batch_size, epoch, len(self._train_sampler))
 
     def train_dataloader(self) -> DataLoader:
         dataset = self._get("train")
-        # Lightning builds this loader before it restores a resumed fit's progress; it sets
-        # the sampler's epoch before each epoch, and the sampler asks what is done when iterating
+        # The fit's (restored) epoch before the first iterator forks any worker; the sampler
+        # asks what is done when iterating, and Lightning sets the epoch before each later one.
+        if (epoch := fit_epoch(self.trainer)) is not None:
+            self.set_epoch(epoch)
         self._train_sampler = EpochSampler(dataset, self.seed, done_in_epoch=self._done_in_epoch)
+        self._train_sampler.set_epoch(self.epoch)
         return self._loader(dataset, self.batch_size, self._train_sampler)
 
     def predict_dataloader(self) -> DataLoader:

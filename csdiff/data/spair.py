@@ -37,7 +37,7 @@ from torch.utils.data import DataLoader, Dataset
 from csdiff.data.base import ShardedDataModule
 from csdiff.data.checks import check_items
 from csdiff.data.reading import DataError, image_size, list_images, read_image
-from csdiff.data.samplers import EpochSampler, trained_in_epoch
+from csdiff.data.samplers import EpochSampler, fit_epoch, trained_in_epoch
 from csdiff.data.transforms import resize_exact, to_tensor
 
 SPLIT_DIRS = {"train": "trn", "val": "val", "test": "test"}
@@ -518,11 +518,13 @@ class SPairDataModule(ShardedDataModule):
 
     def train_dataloader(self) -> DataLoader:
         dataset = self._get("train")
+        if (epoch := fit_epoch(self.trainer)) is not None:  # the fit's (restored) epoch: see fit_epoch
+            self.epoch = epoch
         self._train_sampler = PairDrawSampler(
             len(dataset),
             self.seed,
             self.pairs_per_epoch,
-            done_in_epoch=lambda epoch: trained_in_epoch(self.trainer, self.batch_size, epoch),
+            done_in_epoch=lambda epoch: trained_in_epoch(self.trainer, self.batch_size, epoch, len(self._train_sampler)),
         )
         self._train_sampler.set_epoch(self.epoch)
         return self._loader(dataset, self.batch_size, self._train_sampler)

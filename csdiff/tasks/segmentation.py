@@ -155,11 +155,17 @@ class SegmentationTask(StepSeededMixin, FrozenBackboneCheckpointMixin, Lightning
 
     def configure_optimizers(self) -> dict:
         opt = torch.optim.AdamW(self.task_parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
-        total = max(1, int(self.trainer.estimated_stepping_batches))
         lr, min_lr, power = self.hparams.lr, self.hparams.min_lr, self.hparams.poly_power
+        total: list[int] = []  # asked at the first step, not here: see poly
 
         def poly(step: int) -> float:
-            return ((lr - min_lr) * (1 - min(step, total) / total) ** power + min_lr) / lr
+            # Counting the steps here would make Lightning build the train loader's first iterator
+            # before it restores a resumed fit (with workers: the wrong epoch, from its start).
+            if step == 0:
+                return 1.0
+            if not total:
+                total.append(max(1, int(self.trainer.estimated_stepping_batches)))
+            return ((lr - min_lr) * (1 - min(step, total[0]) / total[0]) ** power + min_lr) / lr
 
         sched = torch.optim.lr_scheduler.LambdaLR(opt, poly)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
