@@ -241,10 +241,12 @@ def test_scarce_splits_runs_each_split_and_reports_mean_and_std(extracted, tmp_p
 
 def test_manifest_follows_a_moved_dataset_but_refuses_other_images(tmp_path):
     from csdiff.backbone.store import FeatureFolder, FeatureFolderError
+    from csdiff.io import save_tensors
 
     description = {"csdiff_version": "x", "extractor": {"layers": ["a"], "variants": [], "backbone": {"weights_id": "w"}}, "shapes": {"a": [1, 2, 2]}, "stored_dtype": "float16"}
     folder = FeatureFolder(tmp_path / "features")
     folder.prepare(description, {"train/img_0": "/data/old/real/train/img_0.png"})
+    save_tensors(tmp_path / "features" / "train" / "img_0.safetensors", {"a": torch.zeros(1, 2, 2)})  # a folder with features
     moved = folder.prepare(description, {"train/img_0": "/data/new/real/train/img_0.png"})
     assert moved["images"] == {"train/img_0": "/data/new/real/train/img_0.png"}
     assert json.loads(folder.manifest_path.read_text())["images"] == moved["images"]
