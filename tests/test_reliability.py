@@ -103,6 +103,40 @@ def test_sigterm_during_fit_saves_last_exits_143_and_resumes_bit_identical(work)
     assert_same_weights(final, reference)
 
 
+WORKER_SCRIPT = """
+import os, signal, sys
+from torch.utils.data import DataLoader
+from csdiff.data.samplers import leave_signals_to_main
+loader = DataLoader(list(range(8)), batch_size=2, num_workers=1, worker_init_fn=leave_signals_to_main, persistent_workers=True)
+batches = iter(loader)
+next(batches)
+print(batches._workers[0].pid, flush=True)
+sys.stdin.readline()  # the test has sent the worker a SIGTERM of its own
+print(next(batches).tolist(), flush=True)
+leaked = [batches]
+leaked.append(leaked)  # a cycle, as a trainer holds its loaders: still alive at interpreter exit
+"""
+
+
+def test_workers_ignore_a_strangers_sigterm_but_end_with_their_parent():
+    """A worker outlives a SIGTERM from another process (the group signal the main process
+    handles), yet still ends on its parent's: multiprocessing terminates leftover workers at
+    interpreter exit and would wait forever for one deaf to it (a CI run once hung so)."""
+    proc = subprocess.Popen([sys.executable, "-c", WORKER_SCRIPT], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        worker = int(proc.stdout.readline())
+        os.kill(worker, signal.SIGTERM)
+        time.sleep(0.5)
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+        assert proc.stdout.readline().strip() == "[2, 3]"
+        assert proc.wait(timeout=60) == 0
+    finally:
+        proc.kill()
+    with pytest.raises(ProcessLookupError):
+        os.kill(worker, 0)
+
+
 def test_sigterm_during_validation_is_lightnings_stop_and_still_resumes(trained, capsys):
     """SIGTERM in the middle of a fit's validation: Lightning's loop stops there
     (SIGTERMException, a SystemExit that used to exit 0); last.ckpt is written at that point,

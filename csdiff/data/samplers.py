@@ -7,7 +7,9 @@ ranks equal the single-process ones.
 
 from __future__ import annotations
 
+import os
 import signal
+import threading
 from collections.abc import Callable, Sized
 from typing import Any
 
@@ -22,10 +24,25 @@ _SHUFFLE_STREAM = 1
 def leave_signals_to_main(worker_id: int) -> None:
     """DataLoader workers leave Ctrl-C and SIGTERM to the main process, which stops after the
     step or batch in progress: ``timeout``, SLURM and a terminal signal the whole process group,
-    and a worker killed by it would fail that step instead (no last.ckpt). Workers still exit
-    with their parent."""
+    and a worker killed by it would fail that step instead (no last.ckpt).
+
+    A SIGTERM from the worker's own parent still ends it: that is how the main process (and
+    multiprocessing at interpreter exit) stops workers, and a worker deaf to it would leave the
+    parent waiting forever. The sender is known only to ``sigwaitinfo``, so SIGTERM is blocked
+    here, in the worker's only thread (workers are forked from one thread; threads started later
+    inherit the mask), and a watcher thread takes it."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the parent's Python handler
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    threading.Thread(target=_end_on_sigterm_from, args=(os.getppid(),), name="csdiff-sigterm", daemon=True).start()
+
+
+def _end_on_sigterm_from(parent: int) -> None:
+    """Ignore SIGTERMs from anyone but ``parent``; on the parent's, die by it as before."""
+    while signal.sigwaitinfo({signal.SIGTERM}).si_pid != parent:
+        pass
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+    signal.pthread_kill(threading.get_ident(), signal.SIGTERM)
 
 
 def process_group() -> tuple[int, int]:
