@@ -38,6 +38,7 @@ def suite(gpu: bool, quick: bool) -> list[tuple[str, str, list[str]]]:
             ("channels_last and compile", "acceleration.py", tiny + ["--backend", "eager", "--settings", "plain", "compile+channels_last"]),
             ("SPair evaluation memory (e)", "spair_memory.py", ["--model", "tiny", "--img_size", "64", "--pairs", "1"]),
             ("Merged weights per variant", "variant_weights_memory.py", ["--model", "tiny", "--dtype", "float32", "--text_encoder"]),
+            ("CLI start-up", "cli_startup.py", ["--repeats", "1", "--only", "csdiff --help", "layers --help"]),
         ]
     sizes = [["--img_size", "512", "--dtype", "bfloat16"], ["--img_size", "512", "--dtype", "float32"]] if gpu else [["--img_size", "256"]]
     runs = [(f"Extraction cost (a, b), {' '.join(s)}", "extraction_cost.py", s) for s in sizes]
@@ -51,6 +52,7 @@ def suite(gpu: bool, quick: bool) -> list[tuple[str, str, list[str]]]:
         ("SPair evaluation memory (e)", "spair_memory.py", ["--dtype", "bfloat16", "--pairs", "3"] if gpu else ["--pairs", "1"]),
         ("Start-up of the paper configs", "startup.py", []),
         ("Merged weights per variant", "variant_weights_memory.py", ["--dtype", "bfloat16" if gpu else "float16", "--text_encoder"]),
+        ("CLI start-up", "cli_startup.py", []),
     ]
     return runs
 

@@ -55,15 +55,15 @@ def _parser(prog: str, description: str) -> ArgumentParser:
 
 def run_layers(argv: list[str]) -> int:
     """Print every activation name of a model with its (C, H, W) shape at an image size."""
-    from csdiff.backbone.listing import list_layers
-    from csdiff.backbone.loading import load_sd_components
-
     parser = _parser("layers", "List every valid activation name of a model, with its shape at an image size.")
     parser.add_argument("--model", type=str, default="tiny", help="hub id, local folder, single file, or `tiny`")
     parser.add_argument("--base_model", type=str | None, default=None, help="configuration folder for single files")
     parser.add_argument("--img_size", type=int | None, default=None, help="image side (default: the model's native size)")
     parser.add_argument("--format", type=str, default="table", choices=["table", "json"])
     cfg = parser.parse_args(argv)
+    from csdiff.backbone.listing import list_layers
+    from csdiff.backbone.loading import load_sd_components
+
     parts = load_sd_components(cfg.model, base_model=cfg.base_model)
     factor = 2 ** (len(parts.vae.config.block_out_channels) - 1)
     img_size = parts.unet.config.sample_size * factor if cfg.img_size is None else cfg.img_size
@@ -162,8 +162,6 @@ def run_scarce_splits(argv: list[str]) -> int:
     """Fit and test a label-scarce config on several random splits; print mean ± std mIoU."""
     import argparse
 
-    from csdiff.splits import run_splits
-
     parser = argparse.ArgumentParser(
         prog="csdiff scarce-splits", description=run_scarce_splits.__doc__,
         epilog="Other options (e.g. --trainer.max_epochs 10) go to every `csdiff fit`.",
@@ -171,6 +169,8 @@ def run_scarce_splits(argv: list[str]) -> int:
     parser.add_argument("--config", required=True, help="a label-scarce `csdiff fit` config (configs/scarce_*.yaml)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4], help="split seeds (default: the paper's 5)")
     known, overrides = parser.parse_known_args(argv)
+    from csdiff.splits import run_splits
+
     run_splits(known.config, known.seeds, overrides)
     return 0
 
@@ -199,6 +199,13 @@ def _overview() -> str:
     return "\n".join(lines)
 
 
+def _is_exported_head(path: object) -> bool:
+    # imported here: csdiff.tasks loads every task (diffusers included), which `--help` should not wait for
+    from csdiff.tasks.export import is_exported_head
+
+    return is_exported_head(path)
+
+
 def run_lightning(argv: list[str] | None):
     """Run a LightningCLI subcommand in-process (``None``: from ``sys.argv``); returns the CLI object.
 
@@ -214,7 +221,6 @@ def run_lightning(argv: list[str] | None):
         DEFAULT_LOGGER, KEYWORDS, CheckpointError, SaveLastOnStop, StopPredicting, check_checkpoint_file, locate_last,
         logger_root, read_checkpoint, sigterm_interruption,
     )
-    from csdiff.tasks.export import is_exported_head, write_checkpoint
 
     class CSDiffCLI(LightningCLI):
         _head_dir: tempfile.TemporaryDirectory | None = None
@@ -238,7 +244,7 @@ def run_lightning(argv: list[str] | None):
                     self._continue_run(config, version)
             run = Path(ckpt).parent.parent if ckpt is not None and Path(ckpt).parent.name == "checkpoints" else None
             self._ckpt_given = ckpt
-            if is_exported_head(ckpt):
+            if ckpt is not None and _is_exported_head(ckpt):
                 ckpt = config.ckpt_path = str(self._head_checkpoint(ckpt))
             if ckpt is not None and ckpt not in KEYWORDS:
                 check_checkpoint_file(ckpt)
@@ -293,6 +299,8 @@ def run_lightning(argv: list[str] | None):
                     f"{folder} is an exported head: it holds no optimizer or loop state, so no fit can resume from it; "
                     f"use it with test, validate or predict"
                 )
+            from csdiff.tasks.export import write_checkpoint
+
             self._head_dir = tempfile.TemporaryDirectory(prefix="csdiff-head-")
             return write_checkpoint(folder, Path(self._head_dir.name) / f"{Path(folder).resolve().name}.ckpt")
 
@@ -364,6 +372,15 @@ def run_lightning(argv: list[str] | None):
             self._before_run()
             self.trainer.callbacks.append(StopPredicting("the files written are complete; run the same command again to write them all"))
 
+    if not {"-h", "--help"} & set(sys.argv[1:] if argv is None else argv):
+        # short class names (`--model SegmentationTask --data ADE20KDataModule`) resolve among imported
+        # subclasses; help needs none
+        import csdiff.data
+        import csdiff.tasks  # noqa: F401
+
+        for name in csdiff.data.__all__:  # its modules load on first access
+            getattr(csdiff.data, name)
+
     with warnings.catch_warnings():
         # the frozen backbone stays in eval mode on purpose; Lightning would warn at every fit
         warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
@@ -398,11 +415,13 @@ def yaml_error_line(argv: list[str]) -> str | None:
 
 
 def _quiet_libraries() -> None:
-    """Silence import-time notices of transformers (e.g. about torchvision, which csdiff does not use)."""
-    from transformers.utils import logging as hf_logging
+    """Silence import-time notices of transformers (e.g. about torchvision, which csdiff does
+    not use) without importing it here: that second is not for `--help` to pay."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    if "transformers" in sys.modules:  # imported before main (main called in-process): the variable was read
+        from transformers.utils import logging as hf_logging
 
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
 
 
 def main(args: list[str] | None = None) -> int:

@@ -29,7 +29,7 @@ def test_run_all_quick_runs_every_script_and_writes_the_results(tmp_path, monkey
     runpy.run_path(str(BENCHMARKS / "run_all.py"), run_name="__main__")
     text = out.read_text()
     assert "FAILED" not in text and "FAILED" not in capsys.readouterr().out
-    for table in ("(b) ADE20K's 3 variants", "**step**", "segmentation", "warm is", "peak RSS after test", "compile+channels_last", "UNet calls per pair", "one merged checkpoint costs"):
+    for table in ("(b) ADE20K's 3 variants", "**step**", "segmentation", "warm is", "peak RSS after test", "compile+channels_last", "UNet calls per pair", "one merged checkpoint costs", "answer in under 2 s"):
         assert table in text, table
     assert text.rstrip().endswith("kept remark") and text.count("## Notes") == 1
 

@@ -86,6 +86,34 @@ def test_console_script_exit_codes(tmp_path):
     assert bad.returncode == 2
 
 
+LOADED = """
+import json, sys
+from csdiff.cli import main
+try:
+    code = main(sys.argv[1:])
+except SystemExit as stop:
+    code = stop.code
+print(json.dumps([code, sorted(m for m in ("torch", "lightning", "transformers", "diffusers", "csdiff.tasks") if m in sys.modules)]))
+"""
+
+
+@pytest.mark.parametrize("args,code,loaded", [
+    (["--help"], 0, []),
+    (["frobnicate"], 2, []),
+    (["layers", "--help"], 0, []),
+    (["layers", "--formt", "json"], 2, []),
+    (["scarce-splits", "--help"], 0, []),
+    # LightningCLI's parser is built from the Trainer's signature: Lightning (and with it torch and, through
+    # torchmetrics, transformers) is the floor; the tasks and diffusers are not loaded for help
+    (["fit", "--help"], 0, ["lightning", "torch", "transformers"]),
+])
+def test_help_and_argument_errors_load_only_what_they_need(args, code, loaded):
+    """Start-up (issue 19.8): `--help` and argument errors answer before heavy modules load.
+    benchmarks/cli_startup.py times these; here, which modules each path imports."""
+    proc = subprocess.run([sys.executable, "-c", LOADED, *args], capture_output=True, text=True, timeout=120)
+    assert json.loads(proc.stdout.splitlines()[-1]) == [code, loaded], proc.stderr[-2000:]
+
+
 @pytest.mark.parametrize("verb", ["layers", "extract"])
 def test_own_verbs_print_config(verb, capsys):
     extra = ["--input", "x", "--output", "y"] if verb == "extract" else []
@@ -158,3 +186,12 @@ def test_extract_stops_when_two_inputs_would_share_an_output(tmp_path, capsys):
     line = capsys.readouterr().err.strip().splitlines()[-1]
     assert str(folder / "a.jpg") in line and str(folder / "a.jpg.png") in line and "rename" in line
     assert not (tmp_path / "out").exists()
+
+
+def test_short_class_names_resolve(capsys):
+    """`--model SegmentationTask --data QuickstartDataModule`, as Lightning's docs write them."""
+    with pytest.raises(SystemExit) as info:
+        main(["fit", "--model", "SegmentationTask", "--data", "QuickstartDataModule", "--print_config"])
+    assert info.value.code in (0, None)
+    out = capsys.readouterr().out
+    assert "class_path: csdiff.tasks.SegmentationTask" in out and "class_path: csdiff.data.QuickstartDataModule" in out

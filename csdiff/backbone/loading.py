@@ -14,6 +14,8 @@ import hashlib
 import json
 import os
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -75,6 +77,21 @@ class SDComponents:
     @property
     def family(self) -> Family:
         return family_of(self.unet)
+
+
+@contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """transformers 5 draws a "Loading weights" bar for every text encoder it loads: noise in
+    a training log. Set only while csdiff loads, so a user's own loads keep their bars."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()
 
 
 def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
@@ -220,6 +237,7 @@ def _snapshot(repo_id: str, subfolders: tuple[str, ...] | None) -> Path:
     return Path(folder)
 
 
+@quiet_transformers()
 def load_sd_components(
     model: str = "tiny",
     base_model: str | None = None,
@@ -458,6 +476,7 @@ class VariantWeights:
     weights_id: str
 
 
+@quiet_transformers()
 def load_variant_weights(weights: str, base: SDComponents, config_folder: str, dtype: str | torch.dtype) -> VariantWeights:
     """Load a merged checkpoint (single file or diffusers folder) of the base model's family and
     architecture; single files take their configuration from ``config_folder``.
