@@ -15,6 +15,7 @@ from csdiff.data.ddpmseg import (
     DDPMSEG_DATASETS,
     check_image_size,
     drop_rare_classes,
+    get_spec,
     list_split,
     random_splits,
     read_ddpmseg_label,
@@ -43,6 +44,35 @@ def test_specs_follow_upstream():
     assert (BEDROOM.num_classes, BEDROOM.ignore_index, len(BEDROOM.class_names)) == (29, 0, 29)
     assert BEDROOM.scored_classes == tuple(range(1, 29)) and (BEDROOM.num_train, BEDROOM.num_test) == (40, 20)
     assert HORSE.class_names[-1] == "leg protection" and BEDROOM.class_names[-1] == "table staff"
+
+
+def test_paper_code_class_rule():
+    """The paper code's rule (diffusion-content-shift scarce_segmentation_gate/segmentation/
+    data_util.py get_dataset_setting): bedroom_28 number_class 28, ignore_label 255; horse_21
+    21, 255 (DDPM-segmentation's experiments/bedroom_28/ddpm.json: 29 and 0)."""
+    paper = get_spec("bedroom28", "paper_code")
+    assert (paper.num_classes, paper.ignore_index, paper.scored_classes) == (28, 255, tuple(range(28)))
+    assert paper.class_rule == "paper_code" and paper.class_names == BEDROOM.class_names
+    assert get_spec("bedroom28") == BEDROOM and BEDROOM.class_rule == "ddpm_segmentation"
+    horse = get_spec("horse21", "paper_code")
+    assert (horse.num_classes, horse.ignore_index, horse.scored_classes) == (HORSE.num_classes, HORSE.ignore_index, HORSE.scored_classes)
+    with pytest.raises(ValueError, match=r"unknown class_rule 'paper'; choose one of \['ddpm_segmentation', 'paper_code'\]"):
+        get_spec("bedroom28", "paper")
+
+
+def test_paper_code_rule_reads_class_28_as_ignored(tmp_path):
+    label = np.zeros((256, 256), np.uint8)
+    label[:10] = 28
+    label[10:20] = 27
+    path = tmp_path / "x.npy"
+    np.save(path, label)
+    read = read_ddpmseg_label(path, get_spec("bedroom28", "paper_code"))
+    assert (read[:10] == 255).all() and (read[10:20] == 27).all() and (read[20:] == 0).all()
+    assert np.array_equal(read_ddpmseg_label(path, BEDROOM), label)  # DDPM-segmentation's rule: 28 is a class
+    label[0, 0] = 29
+    np.save(path, label)
+    with pytest.raises(DataError, match=r"holds values 29 outside bedroom28's class ids 0\.\.27 \(ignore value 255, 28\)"):
+        read_ddpmseg_label(path, get_spec("bedroom28", "paper_code"))
 
 
 @pytest.mark.parametrize("name", sorted(DDPMSEG_DATASETS))

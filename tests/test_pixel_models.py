@@ -10,7 +10,15 @@ from safetensors.torch import save_file
 
 from csdiff.data.pixels import PixelFeatureBank
 from csdiff.data.reading import DataError
-from csdiff.models.pixel import EarlyStopper, PixelEnsemble, PixelMLP, VariantChannelGate
+from csdiff.models.pixel import (
+    EarlyStopper,
+    PixelEnsemble,
+    PixelMember,
+    PixelMLP,
+    PixelVariantGate,
+    VariantChannelGate,
+    gate_sparsity_loss,
+)
 
 OUT = 32
 LAYERS = {"l4": (3, 4), "l8": (2, 8), "l16": (5, 16)}  # name: (channels, native size)
@@ -142,6 +150,73 @@ def test_gate_starts_at_the_mean():
         gate(torch.randn(7, 2, 5))
 
 
+def _paper_gate(assigner: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The paper's label-scarce gate with one assigner, re-implemented from diffusion-content-shift
+    scarce_segmentation_gate/segmentation/pixel_classifier.py, ``pixel_classifier.forward``:
+    the assigner maps each variant's features x[:, b, :] to one logit per channel, softmax over
+    the variants (dim 0 of the stack), weighted sum over them. Returns (fused, weights (P, V, C))."""
+    weights = torch.stack([assigner(x[:, b, :]) for b in range(x.shape[1])])
+    weights = F.softmax(weights, dim=0).permute(1, 0, 2)
+    return torch.sum(weights * x, dim=1), weights
+
+
+def _paper_assigner(channels: int) -> torch.nn.Sequential:
+    """pixel_classifier.__init__'s ``weight_assigner`` entry (``nn.Dropout()``: p = 0.5)."""
+    return torch.nn.Sequential(
+        torch.nn.Linear(channels, 128), torch.nn.ReLU(), torch.nn.BatchNorm1d(128), torch.nn.Dropout(), torch.nn.Linear(128, channels)
+    )
+
+
+def test_per_pixel_gate_follows_the_paper():
+    gate = PixelVariantGate(num_variants=3, channels=40)
+    kinds = [(type(m).__name__, getattr(m, "out_features", getattr(m, "p", None))) for m in gate.assigner]
+    assert kinds == [("Linear", 128), ("ReLU", None), ("BatchNorm1d", None), ("Dropout", 0.5), ("Linear", 40)]
+    big = PixelVariantGate(2, 2000)  # the paper's init_weights: Linear ~ N(0, 0.02), bias 0
+    assert abs(big.assigner[0].weight.std().item() - 0.02) < 1e-3 and not big.assigner[4].bias.any()
+    with torch.no_grad():  # away from init, so that the weights differ clearly between pixels
+        for m in gate.assigner:
+            if isinstance(m, torch.nn.Linear):
+                m.weight.normal_(0, 0.3)
+    reference = _paper_assigner(40)
+    reference.load_state_dict(gate.assigner.state_dict())
+    x = torch.randn(64, 3, 40)
+    for train in (True, False):  # training: per-variant BatchNorm statistics and dropout; then eval
+        gate.train(train), reference.train(train)
+        torch.manual_seed(1)
+        fused, weights = gate.fuse(x)
+        torch.manual_seed(1)
+        want_fused, want_weights = _paper_gate(reference, x)
+        torch.testing.assert_close(fused, want_fused)
+        torch.testing.assert_close(weights, want_weights)
+    assert torch.equal(gate.assigner[2].running_mean, reference[2].running_mean)  # the same 3 BatchNorm updates
+    assert weights.shape == (64, 3, 40) and torch.allclose(weights.sum(1), torch.ones(64, 40))
+    assert (weights[0] - weights[1]).abs().max() > 0.05  # each pixel its own weights
+    with pytest.raises(ValueError, match="gate expects features shaped"):
+        gate(torch.randn(7, 2, 40))
+
+
+def test_sparsity_term_follows_the_paper():
+    """task-pixel.py ``train``: ``loss + sparsity * sparsity_loss * loss.detach() / (-sparsity_loss.detach())``
+    with ``sparsity_loss = -torch.linalg.norm(weights, dim=1).mean()`` (pixel_classifier.forward,
+    one assigner and no other gate): same value and gradients."""
+    member = PixelMember(num_variants=3, channels=12, extra_channels=0, num_classes=5)
+    x, y = torch.randn(32, 3, 12), torch.randint(0, 5, (32,))
+    torch.manual_seed(0)
+    logits, weights = member.forward_with_weights(x)
+    ce = F.cross_entropy(logits, y)
+    ours = ce + 0.3 * gate_sparsity_loss(weights, ce)
+    params = list(member.gate.parameters())
+    got = torch.autograd.grad(ours, params, retain_graph=True)
+    penalty = -torch.linalg.norm(weights, dim=1).mean()
+    paper = ce + 0.3 * penalty * ce.detach() / (-penalty.detach())
+    want = torch.autograd.grad(paper, params)
+    assert ours.item() == pytest.approx(paper.item()) == pytest.approx(0.7 * ce.item())
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w)
+    uniform = torch.full((4, 3, 12), 1 / 3)  # -||w|| is -1/sqrt(V) when uniform, -1 when one-hot
+    assert gate_sparsity_loss(uniform, torch.tensor(2.0)).item() == pytest.approx(-2.0)
+
+
 def test_majority_vote_breaks_ties_to_the_smallest_class():
     votes = torch.tensor(
         [
@@ -207,7 +282,7 @@ def test_native_size_logits_equal_per_pixel_logits():
     image = {f"{v}/{k}": torch.randn(*s, generator=g) for v in ("v0", "v1") for k, s in shapes.items()}
     image["ddpm/x"] = torch.randn(4, 32, 32, generator=g)
     bank = PixelFeatureBank([image], ["v0", "v1"], extra=["ddpm"], out_size=32, layers=list(shapes), dtype=torch.float32)
-    ensemble = PixelEnsemble(2, 2, bank.channels, bank.extra_channels, 5).eval()
+    ensemble = PixelEnsemble(2, 2, bank.channels, bank.extra_channels, 5, gate="per_channel").eval()
     for member in ensemble.members:
         member.gate.logits.data.normal_(generator=g)
         for bn in (m for m in member.mlp if isinstance(m, torch.nn.BatchNorm1d)):

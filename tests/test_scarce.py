@@ -4,6 +4,7 @@ and the protocol's details (scored classes, pixel streams, early stop)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -16,20 +17,22 @@ import pytest
 import torch
 import yaml
 from helpers import FP16_RTOL, assert_close_up_to_rounding, load_script
+from lightning.pytorch import Callback
 from safetensors.torch import load_file, save_file
 
 from csdiff.cli import main, run_lightning
-from csdiff.data.ddpmseg import get_spec
+from csdiff.data.ddpmseg import get_spec, read_ddpmseg_label
 from csdiff.data.scarce import PixelStreamSampler, PixelTable
 from csdiff.metrics import ScoredClassIoU
 
 make_fake_ddpmseg = load_script("make_fake_ddpmseg").make_fake_ddpmseg
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "scarce_horse21_public.yaml"
+BEDROOM_CONFIG = CONFIG.with_name("scarce_bedroom28_public.yaml")
 
 
-def write_config(tmp: Path, root: Path, features: Path, **model) -> Path:
-    """The public Horse-21 config on the tiny backbone (64², float32), 3 members, a short fit."""
-    config = yaml.safe_load(CONFIG.read_text())
+def write_config(tmp: Path, root: Path, features: Path, base: Path = CONFIG, **model) -> Path:
+    """A public config (Horse-21's by default) on the tiny backbone (64², float32), 3 members, a short fit."""
+    config = yaml.safe_load(base.read_text())
     init = config["model"]["init_args"]
     init["backbone"].update(model="tiny", img_size=64, dtype="float32")
     init["variants"][1]["controlnets"][0]["model"] = "tiny-controlnet-canny"
@@ -184,7 +187,8 @@ def test_early_stop_ends_the_fit_when_every_member_has_stopped(extracted, tmp_pa
 
 def test_bedroom_scores_28_classes_and_counts_background_pixels_as_upstream():
     """Hand computation: class 0 (background) is not scored; a background pixel predicted as a
-    class counts in that class's union (upstream's compute_iou masks nothing)."""
+    class counts in that class's union (upstream's compute_iou masks nothing); the 26 scored
+    classes absent from both count as 0 in mIoU, as there, and are left out of mIoU_present."""
     spec = get_spec("bedroom28")
     metric = ScoredClassIoU(spec.scored_classes)
     target = torch.tensor([[0, 0, 1, 1], [2, 2, 2, 0]])
@@ -195,7 +199,118 @@ def test_bedroom_scores_28_classes_and_counts_background_pixels_as_upstream():
     # class 1: I = 1 (pixel 2), U = {0, 2, 3} = 3; class 2: I = 2, U = {3, 4, 5, 6} = 4; others absent
     assert out["IoU"][0].item() == pytest.approx(1 / 3) and out["IoU"][1].item() == pytest.approx(2 / 4)
     assert torch.isnan(out["IoU"][2:]).all() and out["IoU"].numel() == 28
-    assert out["mIoU"].item() == pytest.approx((1 / 3 + 1 / 2) / 2)
+    assert out["absent"].tolist() == [False, False] + [True] * 26
+    # ddpm-segmentation src/pixel_classifier.py compute_iou: I / (1e-8 + U) for each of the 28 classes, then the mean
+    assert out["mIoU"].item() == pytest.approx((1 / 3 + 1 / 2) / 28)
+    assert out["mIoU_present"].item() == pytest.approx((1 / 3 + 1 / 2) / 2)
+
+
+class PixelOrderProbe(Callback):
+    """Test-only: appends "<epoch> <global step> <digest of the step's pixels>" to ``path`` per step."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        with open(self.path, "a") as f:
+            f.write(f"{trainer.current_epoch} {trainer.global_step} {_digest(batch)}\n")
+
+
+def _digest(batch: dict[str, torch.Tensor]) -> str:
+    return hashlib.sha1(torch.stack([batch["image"], batch["y"], batch["x"]]).numpy().tobytes()).hexdigest()
+
+
+def _trace(path: Path) -> list[tuple[int, int, str]]:
+    return [(int(e), int(s), d) for e, s, d in (line.split() for line in path.read_text().splitlines())]
+
+
+def test_pixel_order_changes_every_epoch_and_resumed_fits_replay_it(extracted, tmp_path):
+    """Upstream reshuffles the pixels every epoch (ddpm-segmentation train_interpreter.py:
+    ``DataLoader(train_data, batch_size, shuffle=True, drop_last=True)``, iterated once per
+    epoch, draws a new permutation each time). A 2-epoch fit must see a new order in epoch 1,
+    the sampler's order of that epoch. A fit stopped after epoch 0 and resumed with
+    ``--ckpt_path last``, and one resumed from a checkpoint written mid epoch 1 (what a kill
+    leaves with every-N-steps saves), must train on the same batches and end with the same
+    weights, bit for bit, as the uninterrupted fit (the per-pixel gate's dropout included)."""
+    config_path, _ = extracted
+    config = yaml.safe_load(config_path.read_text())
+    per_epoch, mid = 6, 8  # epochs limited to 6 steps (of ~3000); a checkpoint after step 8, mid epoch 1
+    config["trainer"].update(max_steps=-1, max_epochs=2, limit_train_batches=per_epoch)
+    saves = {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": {
+        "dirpath": str(tmp_path / "mid"), "filename": "mid", "every_n_train_steps": mid, "save_top_k": -1, "save_last": False}}
+    runs = {}
+    for run in ("whole", "after_epoch0", "after_mid"):
+        probe = {"class_path": "test_scarce.PixelOrderProbe", "init_args": {"path": str(tmp_path / f"{run}.txt")}}
+        config["trainer"]["callbacks"] = config["trainer"]["callbacks"][:1] + [probe] + ([saves] if run == "whole" else [])
+        config["trainer"]["logger"]["init_args"]["save_dir"] = str(tmp_path / run)
+        runs[run] = tmp_path / f"{run}.yaml"
+        runs[run].write_text(yaml.safe_dump(config))
+
+    whole = run_lightning(["fit", "--config", str(runs["whole"])])
+    trace = _trace(tmp_path / "whole.txt")
+    assert whole.trainer.num_training_batches == per_epoch
+    assert [(e, s) for e, s, _ in trace] == [(s // per_epoch, s) for s in range(2 * per_epoch)]
+    orders = [[d for e, _, d in trace if e == epoch] for epoch in (0, 1)]
+    assert not set(orders[0]) & set(orders[1])  # epoch 1 has a new order (it had epoch 0's again)
+    dm = whole.datamodule
+    table = dm.train_dataloader().dataset
+    sampler = PixelStreamSampler(len(table), dm.batch_size, streams=3, seed=dm.seed)
+    for epoch in (0, 1):
+        sampler.set_epoch(epoch)
+        assert [_digest(table.__getitems__(step)) for step, _ in zip(sampler, range(per_epoch))] == orders[epoch]
+
+    after_epoch0 = str(runs["after_epoch0"])
+    run_lightning(["fit", "--config", after_epoch0, "--trainer.max_epochs", "1"])
+    resumed = {"after_epoch0": run_lightning(["fit", "--config", after_epoch0, "--ckpt_path", "last"])}
+    assert _trace(tmp_path / "after_epoch0.txt") == trace
+    resumed["after_mid"] = run_lightning(["fit", "--config", str(runs["after_mid"]), "--ckpt_path", str(tmp_path / "mid" / "mid.ckpt")])
+    assert _trace(tmp_path / "after_mid.txt") == trace[mid:]
+    want = whole.model.ensemble.state_dict()
+    for cli in resumed.values():
+        got = cli.model.ensemble.state_dict()
+        assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+        assert [vars(s) for s in cli.model.stoppers] == [vars(s) for s in whole.model.stoppers]
+
+
+def _paper_compute_iou(preds: list[np.ndarray], gts: list[np.ndarray], number_class: int, ignore_label: int) -> float:
+    """diffusion-content-shift scarce_segmentation_gate/segmentation/pixel_classifier.py
+    ``compute_iou`` (as ddpm-segmentation's): I / (1e-8 + U) summed over the images, per id in
+    range(number_class) except ignore_label, then the mean."""
+    ious = []
+    for c in (c for c in range(number_class) if c != ignore_label):
+        inter = sum(int(((p == c) & (g == c)).sum()) for p, g in zip(preds, gts))
+        union = sum(int(((p == c) | (g == c)).sum()) for p, g in zip(preds, gts))
+        ious.append(inter / (1e-8 + union))
+    return float(np.mean(ious))
+
+
+def test_bedroom_paper_code_rule_trains_28_outputs_and_scores_background(tmp_path, capsys):
+    """``class_rule: paper_code`` is the paper code's Bedroom-28 (its data_util.py
+    get_dataset_setting: number_class 28, ignore_label 255): background is trained and scored,
+    class 28 has no output (its pixels are ignored in training) and is not scored."""
+    root = make_fake_ddpmseg(tmp_path / "bedroom_28", "bedroom28", num_train=2, num_test=1)
+    for path in root.rglob("*.npy"):  # every label holds class 28
+        label = np.load(path)
+        label[:16, :16] = 28
+        np.save(path, label)
+    config = str(write_config(tmp_path, root, tmp_path / "features", base=BEDROOM_CONFIG, num_members=2, gate="per_channel"))
+    paper = ["--data.init_args.class_rule", "paper_code", "--trainer.max_steps", "3"]
+    assert main(["fit", "--config", config, *paper]) == 1  # the config's 29 outputs are DDPM-segmentation's rule
+    assert "num_classes: 28" in capsys.readouterr().err
+    cli = run_lightning(["fit", "--config", config, *paper, "--model.init_args.num_classes", "28"])
+    dm, model = cli.datamodule, cli.model
+    assert model.ensemble.members[0].mlp[-1].out_features == 28
+    trained = dm.train_dataloader().dataset.label  # the training pixels: background in, class 28 out
+    assert (trained == 0).any() and int(trained.max()) < 28
+    read = read_ddpmseg_label(dm.items["train"][0][2], dm.spec)
+    assert (read[:16, :16] == 255).all() and (read[16:] != 255).all()
+    cli.trainer.test(model, datamodule=dm)
+    report = model.test_report
+    assert report["class_rule"] == "paper_code" and list(report["IoU"]) == list(get_spec("bedroom28").class_names[:28])
+    model.eval()
+    preds = [model.predict_image(dm.bank([name])).numpy() for name, _, _ in dm.items["test"]]
+    gts = [np.load(label) for _, _, label in dm.items["test"]]  # as on disk, 28 included
+    assert report["mIoU"] == pytest.approx(_paper_compute_iou(preds, gts, 28, 255), rel=1e-6)
 
 
 def test_pixel_table_keeps_trainable_pixels_only():
@@ -225,7 +340,7 @@ def test_scarce_splits_runs_each_split_and_reports_mean_and_std(extracted, tmp_p
     config, _ = extracted
     text = yaml.safe_load(config.read_text())
     text["trainer"]["logger"]["init_args"]["save_dir"] = str(tmp_path)
-    text["model"]["init_args"]["num_members"] = 2
+    text["model"]["init_args"].update(num_members=2, gate="per_channel")  # the fast test path: splits are the point here
     path = tmp_path / "splits.yaml"
     path.write_text(yaml.safe_dump(text))
     assert main(["scarce-splits", "--config", str(path), "--seeds", "0", "1", "--trainer.max_steps", "5"]) == 0

@@ -13,6 +13,14 @@ The facts follow the public code of yandex-research/ddpm-segmentation (ICLR 2022
   trained on nor scored, so 28 classes count.
 - Splits: 30 train / 30 test (Horse-21) and 40 train / 20 test (Bedroom-28).
 
+Class rules (``class_rule``): ``ddpm_segmentation`` is the above. ``paper_code`` is the
+content-shift paper's label-scarce code (Darkbblue/diffusion-content-shift,
+``scarce_segmentation_gate/segmentation/data_util.py`` ``get_dataset_setting``): Bedroom-28
+with 28 outputs and ignore value 255, so background (0) is trained and scored and class 28
+("table staff") has no output and is not scored; its pixels are read as the ignore value (that
+code would index past its 28 outputs on them; for the metric nothing changes, since neither
+28 nor 255 is scored). Horse-21 is the same under both rules.
+
 Which pixels the metric counts is the metric's business; this module only reads and checks.
 """
 
@@ -20,7 +28,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -38,7 +46,8 @@ class DDPMSegSpec:
 
     ``num_classes`` is the classifier's output count; ``ignore_index`` is the label value that
     is neither trained on nor scored (it may be a real class id, as Bedroom-28's background 0);
-    ``scored_classes`` are the ids averaged into mIoU.
+    ``scored_classes`` are the ids averaged into mIoU. ``unused_labels`` are label values that
+    occur in the files but have no output under ``class_rule``: they are read as ``ignore_index``.
     """
 
     name: str
@@ -49,6 +58,8 @@ class DDPMSegSpec:
     size: int
     num_train: int
     num_test: int
+    class_rule: str = "ddpm_segmentation"
+    unused_labels: tuple[int, ...] = ()
 
 
 HORSE21_CLASSES = (
@@ -87,11 +98,21 @@ DDPMSEG_DATASETS: dict[str, DDPMSegSpec] = {
 }
 
 
-def get_spec(name: str) -> DDPMSegSpec:
-    """The spec of ``name``; a ValueError lists the known names."""
+CLASS_RULES = ("ddpm_segmentation", "paper_code")
+
+
+def get_spec(name: str, class_rule: str = "ddpm_segmentation") -> DDPMSegSpec:
+    """The spec of ``name`` under ``class_rule`` (see the module doc); a ValueError lists the known names."""
     if name not in DDPMSEG_DATASETS:
         raise ValueError(f"unknown DDPM-segmentation dataset {name!r}; choose one of {sorted(DDPMSEG_DATASETS)}")
-    return DDPMSEG_DATASETS[name]
+    if class_rule not in CLASS_RULES:
+        raise ValueError(f"unknown class_rule {class_rule!r}; choose one of {list(CLASS_RULES)}")
+    spec = DDPMSEG_DATASETS[name]
+    if class_rule == "paper_code" and name == "bedroom28":
+        return replace(
+            spec, num_classes=28, ignore_index=255, scored_classes=tuple(range(28)), class_rule=class_rule, unused_labels=(28,)
+        )
+    return replace(spec, class_rule=class_rule)
 
 
 # -- listing --------------------------------------------------------------------------------------
@@ -141,7 +162,8 @@ def _show(values: np.ndarray, limit: int = 8) -> str:
 
 def read_ddpmseg_label(path: str | Path, spec: DDPMSegSpec) -> np.ndarray:
     """Load a label as (H, W) int64, checked: 2-D, ``spec.size``², integral class ids in
-    [0, num_classes) or the ignore value. Float arrays are accepted when every value is integral."""
+    [0, num_classes), the ignore value or one of ``spec.unused_labels`` (returned as the ignore
+    value). Float arrays are accepted when every value is integral."""
     try:
         raw = np.load(path, allow_pickle=False)
     except (OSError, ValueError, EOFError) as err:
@@ -161,12 +183,15 @@ def read_ddpmseg_label(path: str | Path, spec: DDPMSegSpec) -> np.ndarray:
     elif raw.dtype.kind not in "biu":
         raise DataError(f"label file {path} has dtype {raw.dtype}; labels must be integer class ids")
     label = raw.astype(np.int64)
-    valid = ((label >= 0) & (label < spec.num_classes)) | (label == spec.ignore_index)
+    unused = np.isin(label, spec.unused_labels)
+    valid = ((label >= 0) & (label < spec.num_classes)) | (label == spec.ignore_index) | unused
     if not valid.all():
         raise DataError(
             f"label file {path} holds values {_show(np.unique(label[~valid]))} outside {spec.name}'s class ids "
-            f"0..{spec.num_classes - 1} (ignore value {spec.ignore_index}); is it a label of another dataset?"
+            f"0..{spec.num_classes - 1} (ignore value {spec.ignore_index}{''.join(f', {v}' for v in spec.unused_labels)}); "
+            "is it a label of another dataset?"
         )
+    label[unused] = spec.ignore_index
     return label
 
 

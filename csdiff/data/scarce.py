@@ -9,7 +9,7 @@ by :class:`~csdiff.data.pixels.PixelFeatureBank`, so nothing upsampled is ever h
 from __future__ import annotations
 
 from collections import ChainMap
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -29,9 +29,9 @@ from csdiff.data.ddpmseg import (
     random_splits,
     read_ddpmseg_label,
 )
-from csdiff.data.pixels import PixelFeatureBank, LazyFeatureFile
+from csdiff.data.pixels import LazyFeatureFile, PixelFeatureBank
 from csdiff.data.reading import DataError, image_size, read_image
-from csdiff.data.samplers import ShardedEvalSampler
+from csdiff.data.samplers import ShardedEvalSampler, fit_epoch, trained_in_epoch
 
 
 class PixelTable(Dataset):
@@ -63,14 +63,23 @@ class PixelStreamSampler(Sampler[list[int]]):
 
     A step's batch is the members' batches one after another (member m: rows m·B..(m+1)·B).
     An epoch is one pass of every stream over all pixels, the last partial batch dropped (as
-    upstream). Stream m of epoch e is shuffled by a generator seeded with (seed, e, m), so a
-    run is reproducible and a resumed epoch sees the same order.
+    upstream). Stream m of epoch e is shuffled by a generator seeded with (seed, e, m): every
+    epoch has a new order (upstream's DataLoader reshuffles each epoch), a run is reproducible
+    and a resumed epoch sees the same order.
+
+    Being the DataLoader's batch sampler, Lightning never calls its ``set_epoch`` (it looks at
+    ``loader.sampler`` and ``batch_sampler.sampler`` only): the task does, at each epoch start.
+    ``done_in_epoch(epoch)`` says how many steps of ``epoch`` were trained already (a fit
+    resumed mid-epoch): they are skipped, as :class:`~csdiff.data.samplers.EpochSampler` does.
     """
 
-    def __init__(self, num_pixels: int, batch_size: int, streams: int, seed: int) -> None:
+    def __init__(
+        self, num_pixels: int, batch_size: int, streams: int, seed: int, done_in_epoch: Callable[[int], int] | None = None
+    ) -> None:
         if num_pixels < batch_size:
             raise DataError(f"{num_pixels} labelled training pixels are fewer than one batch of {batch_size}")
         self.num_pixels, self.batch_size, self.streams, self.seed = num_pixels, batch_size, streams, seed
+        self.done_in_epoch = done_in_epoch
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -85,7 +94,8 @@ class PixelStreamSampler(Sampler[list[int]]):
             for m in range(self.streams)
         ]
         b = self.batch_size
-        for step in range(len(self)):
+        done = self.done_in_epoch(self.epoch) if self.done_in_epoch is not None else 0
+        for step in range(done, len(self)):
             yield torch.cat([order[step * b : (step + 1) * b] for order in orders]).tolist()
 
 
@@ -112,6 +122,11 @@ class DDPMSegDataModule(LightningDataModule):
     Args:
         root: the dataset's folder (holding ``real/train`` and ``real/test``).
         dataset: ``horse21`` or ``bedroom28`` (class list, ignore value, scored classes).
+        class_rule: ``ddpm_segmentation`` (DDPM-segmentation's: Bedroom-28 with 29 outputs,
+            background 0 ignored, classes 1-28 scored) or ``paper_code`` (the content-shift
+            paper's code: 28 outputs, ignore 255, background scored, class 28 not); see
+            :mod:`csdiff.data.ddpmseg`. Horse-21 is the same under both. The task's
+            ``num_classes`` must match (29 or 28).
         split: ``upstream`` (the official train/test folders) or a seed: the official images
             pooled and split at random into the official sizes (the paper's 5 splits: seeds 0-4).
         features: feature folder of this dataset's images (written by ``csdiff extract
@@ -133,6 +148,7 @@ class DDPMSegDataModule(LightningDataModule):
         self,
         root: str = "data/horse_21",
         dataset: Literal["horse21", "bedroom28"] = "horse21",
+        class_rule: Literal["ddpm_segmentation", "paper_code"] = "ddpm_segmentation",
         split: Literal["upstream"] | int = "upstream",
         features: str = "features/horse21",
         extra_features: str | None = None,
@@ -144,7 +160,7 @@ class DDPMSegDataModule(LightningDataModule):
     ) -> None:
         super().__init__()
         self.root = Path(root)
-        self.spec = get_spec(dataset)
+        self.spec = get_spec(dataset, class_rule)
         self.split = split
         self.features = features
         self.extra_features = extra_features
@@ -231,8 +247,16 @@ class DDPMSegDataModule(LightningDataModule):
         labels = [read_ddpmseg_label(label, self.spec) for _, _, label in train]
         table = PixelTable(labels, self.spec.ignore_index, self.min_pixels)
         streams = getattr(self.trainer.lightning_module, "num_members", 1) if self.trainer is not None else 1
-        sampler = PixelStreamSampler(len(table), self.batch_size, streams, self.seed)
-        return DataLoader(table, batch_sampler=sampler, collate_fn=_identity, num_workers=self.num_workers)
+        self.train_sampler = PixelStreamSampler(len(table), self.batch_size, streams, self.seed, self._steps_done)
+        # The fit's (restored) epoch before the first iterator draws (see fit_epoch); the task
+        # sets each later one at its epoch start.
+        if (epoch := fit_epoch(self.trainer)) is not None:
+            self.train_sampler.set_epoch(epoch)
+        return DataLoader(table, batch_sampler=self.train_sampler, collate_fn=_identity, num_workers=self.num_workers)
+
+    def _steps_done(self, epoch: int) -> int:
+        """Steps of ``epoch`` trained already (a fit resumed mid-epoch), from the trainer's count."""
+        return trained_in_epoch(self.trainer, 1, epoch, len(self.train_sampler))
 
     def test_dataloader(self) -> DataLoader:
         test = self.items["test"]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -70,29 +70,43 @@ class SegmentationMetrics(Metric):
         }
 
 
-def format_iou_table(iou: Tensor, class_names: Sequence[str]) -> str:
-    """Per-class IoU as an aligned text table (percent; "n/a" for classes absent from the split)."""
+def format_iou_table(iou: Tensor, class_names: Sequence[str], means: Mapping[str, float] | None = None) -> str:
+    """Per-class IoU as an aligned text table (percent; "n/a" for classes absent from the split).
+
+    The last rows are ``means`` (label → value), by default one row "mean" over the classes
+    that are not n/a; a protocol that averages otherwise passes its own, labelled.
+    """
     if len(class_names) != iou.numel():
         raise ValueError(f"{len(class_names)} class names for {iou.numel()} IoU values")
-    width = max([len("class"), *(len(name) for name in class_names)])
+    if means is None:
+        finite = iou[~iou.isnan()]
+        means = {"mean": finite.mean().item() if finite.numel() else math.nan}
+    width = max([len("class"), *(len(name) for name in [*class_names, *means])])
     lines = [f"{'class':<{width}}  {'IoU':>6}", f"{'-' * width}  {'-' * 6}"]
     for name, value in zip(class_names, iou.tolist()):
-        cell = "n/a" if math.isnan(value) else f"{100 * value:.2f}"
-        lines.append(f"{name:<{width}}  {cell:>6}")
-    finite = iou[~iou.isnan()]
-    mean = f"{100 * finite.mean().item():.2f}" if finite.numel() else "n/a"
-    lines += [f"{'-' * width}  {'-' * 6}", f"{'mean':<{width}}  {mean:>6}"]
+        lines.append(f"{name:<{width}}  {_percent(value):>6}")
+    lines.append(f"{'-' * width}  {'-' * 6}")
+    lines += [f"{label:<{width}}  {_percent(value):>6}" for label, value in means.items()]
     return "\n".join(lines)
+
+
+def _percent(value: float) -> str:
+    return "n/a" if math.isnan(value) else f"{100 * value:.2f}"
 
 
 class ScoredClassIoU(Metric):
     """DDPM-segmentation's label-scarce mIoU: per scored class, intersection and union of the
     predicted and true masks summed over all test images, then averaged over those classes.
 
-    As upstream's ``compute_iou``, no pixel is masked: a pixel labelled with the ignore value
-    (Bedroom-28's background 0, Horse-21's 255) still counts against the class it is predicted
-    as; only the classes in ``scored_classes`` enter the mean. A scored class absent from both
-    predictions and labels has IoU NaN and is left out of the mean.
+    As upstream's ``compute_iou`` (ddpm-segmentation ``src/pixel_classifier.py``), no pixel is
+    masked: a pixel labelled with the ignore value (Bedroom-28's background 0, Horse-21's 255)
+    still counts against the class it is predicted as; only the classes in ``scored_classes``
+    enter the mean.
+
+    ``compute()`` returns ``mIoU``, upstream's number: a scored class absent from both
+    predictions and labels has IoU 0 there (I / (U + 1e-8)) and stays in the mean;
+    ``mIoU_present``, the mean over the scored classes that are present (absent ones left
+    out); ``IoU`` per scored class, NaN where absent; ``absent``, a bool mask of those.
     """
 
     is_differentiable = False
@@ -114,5 +128,11 @@ class ScoredClassIoU(Metric):
         self.union += (p | t).sum(1)
 
     def compute(self) -> dict[str, Tensor]:
-        iou = torch.where(self.union > 0, self.intersection.double() / self.union.clamp_min(1), torch.full_like(self.union, math.nan, dtype=torch.double))
-        return {"mIoU": iou.nanmean().float(), "IoU": iou.float()}
+        absent = self.union == 0
+        iou = self.intersection.double() / self.union.clamp_min(1)
+        return {
+            "mIoU": iou.mean().float(),
+            "mIoU_present": iou[~absent].mean().float(),
+            "IoU": iou.masked_fill(absent, math.nan).float(),
+            "absent": absent,
+        }

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule
+from lightning.pytorch.utilities import rank_zero_warn
 from tqdm import tqdm
 
 from csdiff.backbone import DiffusionFeatureExtractor
@@ -17,30 +18,47 @@ from csdiff.data.reading import read_image
 from csdiff.data.transforms import to_tensor
 from csdiff.io import save_text
 from csdiff.metrics import ScoredClassIoU, format_iou_table
-from csdiff.models.pixel import EarlyStopper, PixelEnsemble
+from csdiff.models.pixel import (
+    EarlyStopper,
+    GateKind,
+    PixelEnsemble,
+    gate_sparsity_loss,
+)
 from csdiff.tasks.checkpoints import FrozenBackboneCheckpointMixin
 from csdiff.tasks.options import BackboneOptions, VariantOptions
+from csdiff.tasks.seeding import StepSeededMixin
 
 PAPER_LAYERS = ["legacy", "up_cross"]
+TEST_CHUNK = 4096  # pixels per forward when a per-pixel gate tests an image (~240 MB at 4 × 3674 channels)
 
 
-class ScarceSegmentationTask(FrozenBackboneCheckpointMixin, LightningModule):
+class ScarceSegmentationTask(StepSeededMixin, FrozenBackboneCheckpointMixin, LightningModule):
     """Frozen guided extractor → stored native-size features → per-pixel ensemble.
 
     Before training or testing, the features of every image of the datamodule are made sure
     to be in its feature folder (its manifest checked against this extractor; missing files
     extracted, spread over the ranks). Training follows DDPM-segmentation: each of the
-    ``num_members`` members (its own variant-channel gate + MLP) sees its own shuffled stream
-    of 64-pixel batches, Adam ``lr``, cross-entropy, and stops by upstream's rule (from epoch
-    ``stop_after_epoch + 1`` on, ``patience`` batches without a new best loss); the fit ends
-    when every member has stopped or at ``trainer.max_epochs``. Testing votes the members'
-    argmax per pixel at 256² and scores the dataset's classes as upstream does
-    (:class:`~csdiff.metrics.ScoredClassIoU`).
+    ``num_members`` members (its own gate + MLP) sees its own shuffled stream of 64-pixel
+    batches, reshuffled every epoch, Adam ``lr``, cross-entropy (plus the gate's sparsity
+    term), and stops by upstream's rule (from epoch ``stop_after_epoch + 1`` on, ``patience``
+    batches without a new best cross-entropy); the fit ends when every member has stopped or at
+    ``trainer.max_epochs``. Dropout is reseeded per step, so a resumed fit replays an
+    uninterrupted one. Testing votes the members' argmax per pixel at 256² and scores the
+    dataset's classes as upstream does (:class:`~csdiff.metrics.ScoredClassIoU`): ``mIoU``
+    counts a scored class absent from labels and predictions as 0, ``mIoU_present`` leaves it out.
 
     Args:
-        num_classes: the classifier's outputs (Horse-21: 21, Bedroom-28: 29 with 0 unscored).
+        num_classes: the classifier's outputs (Horse-21: 21; Bedroom-28: 29 with 0 unscored, or
+            28 under the datamodule's ``class_rule: paper_code``); must match the datamodule.
         backbone, variants, layers: the extractor (as in the other tasks); the paper: ``legacy``
             + ``up_cross`` (3674 channels per variant at SD 1.5 widths).
+        gate: ``per_pixel``, the paper's (:class:`~csdiff.models.pixel.PixelVariantGate`: each
+            pixel weighs the variants per channel), or ``per_channel`` (one weight per variant and
+            channel, the same at every pixel; lighter, and tested at native size).
+        gate_sparsity: weight ``s`` of the sparsity term (:func:`~csdiff.models.pixel.gate_sparsity_loss`,
+            worth ``-s`` × cross-entropy); 0 turns it off. The paper's code random-walks its weight
+            from 0 in steps of 1e-5 every 5 batches (clamped at 0), which over a run of ~10^5
+            batches drifts to the order of 1e-3; csdiff uses a fixed weight of that order.
         extra_channels: channels of the datamodule's ``extra_features`` (0 without them).
         extract_batch_size: images per backbone call when features are missing.
     """
@@ -51,6 +69,8 @@ class ScarceSegmentationTask(FrozenBackboneCheckpointMixin, LightningModule):
         backbone: BackboneOptions | None = None,
         variants: list[VariantOptions] | None = None,
         layers: list[str] | None = None,
+        gate: GateKind = "per_pixel",
+        gate_sparsity: float = 1e-3,
         num_members: int = 10,
         lr: float = 1e-3,
         stop_after_epoch: int = 3,
@@ -65,7 +85,7 @@ class ScarceSegmentationTask(FrozenBackboneCheckpointMixin, LightningModule):
         shapes = self.extractor.feature_shapes()
         self.channels = sum(shapes[layer][0] for layer in self.extractor.layers)
         self.num_members = num_members
-        self.ensemble = PixelEnsemble(num_members, len(self.extractor.variants), self.channels, extra_channels, num_classes)
+        self.ensemble = PixelEnsemble(num_members, len(self.extractor.variants), self.channels, extra_channels, num_classes, gate)
         self.stoppers = [EarlyStopper(stop_after_epoch, patience) for _ in range(num_members)]
 
     # --- features on disk ---
@@ -73,6 +93,11 @@ class ScarceSegmentationTask(FrozenBackboneCheckpointMixin, LightningModule):
         dm = self.trainer.datamodule
         if dm is None or not hasattr(dm, "feature_images"):
             raise ValueError("ScarceSegmentationTask needs a datamodule with a feature folder, e.g. csdiff.data.DDPMSegDataModule")
+        if dm.num_classes != self.hparams.num_classes:
+            raise ValueError(
+                f"the model has num_classes={self.hparams.num_classes} but {dm.spec.name} under class_rule "
+                f"{dm.spec.class_rule} has {dm.num_classes} outputs: set `model.init_args.num_classes: {dm.num_classes}`"
+            )
         return dm
 
     def _ensure_features(self) -> None:
@@ -118,6 +143,10 @@ class ScarceSegmentationTask(FrozenBackboneCheckpointMixin, LightningModule):
     def on_train_start(self) -> None:
         self.trainer.datamodule.train_bank.to(self.device)
 
+    def on_train_epoch_start(self) -> None:
+        # The pixel streams are the loader's batch sampler, whose epoch Lightning never sets.
+        self.trainer.datamodule.train_sampler.set_epoch(self.current_epoch)
+
     def on_train_end(self) -> None:
         self.trainer.datamodule.train_bank = None  # the training images' features (GBs at SD size) are done with
 
@@ -131,12 +160,16 @@ class ScarceSegmentationTask(FrozenBackboneCheckpointMixin, LightningModule):
         features, extra = dm.train_bank.gather(batch["image"], batch["y"], batch["x"])
         size = dm.batch_size
         losses: dict[int, torch.Tensor] = {}
+        regularisers: list[torch.Tensor] = []
+        norms: list[torch.Tensor] = []  # mean ||w||_2 over variants: 1 = one variant per channel, 1/sqrt(V) = uniform
         for m, member in enumerate(self.ensemble.members):
             if self.stoppers[m].stopped:
                 continue
             rows = slice(m * size, (m + 1) * size)
-            logits = member(features[rows], None if extra is None else extra[rows])
+            logits, weights = member.forward_with_weights(features[rows], None if extra is None else extra[rows])
             losses[m] = F.cross_entropy(logits, batch["label"][rows])
+            regularisers.append(gate_sparsity_loss(weights, losses[m]))
+            norms.append(weights.detach().norm(dim=1).mean())
         if not losses:
             self.trainer.should_stop = True
             return None
@@ -146,9 +179,10 @@ class ScarceSegmentationTask(FrozenBackboneCheckpointMixin, LightningModule):
         active = sum(not s.stopped for s in self.stoppers)
         self.log("train/loss", total.mean(), prog_bar=True)
         self.log("train/active_members", float(active))
+        self.log("train/gate_weight_norm", torch.stack(norms).mean())
         if active == 0:
             self.trainer.should_stop = True
-        return total.sum()
+        return total.sum() + self.hparams.gate_sparsity * torch.stack(regularisers).sum()
 
     # --- testing ---
     def on_test_start(self) -> None:
@@ -159,25 +193,45 @@ class ScarceSegmentationTask(FrozenBackboneCheckpointMixin, LightningModule):
 
     @torch.no_grad()
     def predict_image(self, bank) -> torch.Tensor:
-        """(out_size, out_size) class ids of the one image in ``bank``: majority vote of the members,
-        computed from the native-size maps (:meth:`PixelMember.forward_native`: the same logits as
-        per-pixel gathering, without ever holding the image's upsampled features)."""
-        maps, extra = bank.to(self.device).native_maps(0)
-        logits = self.ensemble.forward_native(maps, extra, bank.out_size)
-        return self.ensemble.majority_vote(logits).view(bank.out_size, bank.out_size)
+        """(out_size, out_size) class ids of the one image in ``bank``: majority vote of the members.
+
+        A per-channel gate runs from the native-size maps (:meth:`PixelMember.forward_native`:
+        the same logits as per-pixel gathering, without ever holding the upsampled features); a
+        per-pixel gate is not linear, so its pixels are gathered, ``TEST_CHUNK`` at a time."""
+        bank = bank.to(self.device)
+        size = bank.out_size
+        if self.ensemble.gate == "per_channel":
+            maps, extra = bank.native_maps(0)
+            return self.ensemble.majority_vote(self.ensemble.forward_native(maps, extra, size)).view(size, size)
+        votes = torch.empty(size * size, dtype=torch.long, device=self.device)
+        for flat, gated, extra in bank.gather_image(0, chunk=TEST_CHUNK):
+            votes[flat] = self.ensemble.majority_vote(self.ensemble(gated, extra))
+        return votes.view(size, size)
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self.metric.update(self.predict_image(batch["bank"]), batch["label"].to(self.device))
 
     def on_test_epoch_end(self) -> None:
         result = self.metric.compute()
+        absent = [name for name, gone in zip(self.class_names, result["absent"].tolist()) if gone]
+        if absent:
+            rank_zero_warn(
+                f"scored classes absent from the test labels and predictions: {', '.join(absent)}; mIoU counts them "
+                "as IoU 0, as DDPM-segmentation's compute_iou does; mIoU_present leaves them out"
+            )
         self.log("test/mIoU", result["mIoU"], sync_dist=False)
-        table = format_iou_table(result["IoU"].cpu(), self.class_names)
+        self.log("test/mIoU_present", result["mIoU_present"], sync_dist=False)
+        means = {"mIoU (absent = 0, upstream)": float(result["mIoU"]), "mIoU (present classes)": float(result["mIoU_present"])}
+        table = format_iou_table(result["IoU"].cpu(), self.class_names, means)
+        spec = self.trainer.datamodule.spec
         self.test_report = {
             "mIoU": float(result["mIoU"]),
+            "mIoU_present": float(result["mIoU_present"]),
+            "absent_classes": absent,
             "IoU": {name: float(v) for name, v in zip(self.class_names, result["IoU"].tolist())},
             "split": str(self.trainer.datamodule.split),
-            "dataset": self.trainer.datamodule.spec.name,
+            "dataset": spec.name,
+            "class_rule": spec.class_rule,
         }
         if self.trainer.is_global_zero:
             print(f"\n{table}")
