@@ -38,6 +38,9 @@ def run_splits(config: str, seeds: Sequence[int], overrides: Sequence[str] = ())
         "seeds": list(seeds),
         "mIoU_mean": statistics.fmean(r["mIoU"] for r in runs),
         "mIoU_std": statistics.stdev(r["mIoU"] for r in runs) if len(runs) > 1 else 0.0,
+        # the mean over the classes present in each split's test images (upstream counts absent ones as 0)
+        "mIoU_present_mean": statistics.fmean(r["mIoU_present"] for r in runs),
+        "mIoU_present_std": statistics.stdev(r["mIoU_present"] for r in runs) if len(runs) > 1 else 0.0,
         "IoU_mean": {c: _nanmean([r["IoU"][c] for r in runs]) for c in classes},
         "runs": runs,
     }
@@ -55,14 +58,16 @@ def _nanmean(values: list[float]) -> float:
 def _csv(runs: list[dict], classes: list[str]) -> str:
     buffer = io.StringIO()
     writer = csv.writer(buffer)
-    writer.writerow(["seed", "mIoU", *classes])
+    writer.writerow(["seed", "mIoU", "mIoU_present", *classes])
     for r in runs:
-        writer.writerow([r["seed"], f"{r['mIoU']:.6f}", *(f"{r['IoU'][c]:.6f}" for c in classes)])
+        writer.writerow([r["seed"], f"{r['mIoU']:.6f}", f"{r['mIoU_present']:.6f}", *(f"{r['IoU'][c]:.6f}" for c in classes)])
     return buffer.getvalue()
 
 
 def format_splits(summary: dict) -> str:
-    lines = [f"{'split':>6}  {'mIoU':>6}"]
-    lines += [f"{r['seed']:>6}  {100 * r['mIoU']:6.2f}" for r in summary["runs"]]
-    lines.append(f"{'mean':>6}  {100 * summary['mIoU_mean']:6.2f} ± {100 * summary['mIoU_std']:.2f}")
+    lines = [f"{'split':>6}  {'mIoU':>13}  {'mIoU present':>13}"]
+    lines += [f"{r['seed']:>6}  {100 * r['mIoU']:13.2f}  {100 * r['mIoU_present']:13.2f}" for r in summary["runs"]]
+    mean = f"{100 * summary['mIoU_mean']:.2f} ± {100 * summary['mIoU_std']:.2f}"
+    present = f"{100 * summary['mIoU_present_mean']:.2f} ± {100 * summary['mIoU_present_std']:.2f}"
+    lines.append(f"{'mean':>6}  {mean:>13}  {present:>13}")
     return "\n".join(lines)

@@ -349,8 +349,11 @@ def test_scarce_splits_runs_each_split_and_reports_mean_and_std(extracted, tmp_p
     values = [r["mIoU"] for r in summary["runs"]]
     assert [r["seed"] for r in summary["runs"]] == [0, 1] and [r["split"] for r in summary["runs"]] == ["0", "1"]
     assert summary["mIoU_mean"] == pytest.approx(np.mean(values)) and summary["mIoU_std"] == pytest.approx(np.std(values, ddof=1))
-    assert f"{100 * summary['mIoU_mean']:6.2f} ± {100 * summary['mIoU_std']:.2f}" in out
-    assert (tmp_path / "splits.csv").read_text().splitlines()[0].startswith("seed,mIoU,background")
+    present = [r["mIoU_present"] for r in summary["runs"]]
+    assert summary["mIoU_present_mean"] == pytest.approx(np.mean(present)) and summary["mIoU_present_std"] == pytest.approx(np.std(present, ddof=1))
+    assert f"{100 * summary['mIoU_mean']:.2f} ± {100 * summary['mIoU_std']:.2f}" in out
+    assert f"{100 * summary['mIoU_present_mean']:.2f} ± {100 * summary['mIoU_present_std']:.2f}" in out
+    assert (tmp_path / "splits.csv").read_text().splitlines()[0].startswith("seed,mIoU,mIoU_present,background")
     assert (tmp_path / "split0").is_dir() and (tmp_path / "split1").is_dir()
 
 

@@ -29,7 +29,7 @@ WEIGHT_LOCATIONS = frozenset({"backbone.model", "backbone.base_model", "backbone
 # changes features by rounding only, like batching; the description check ignores it too.
 NEUTRAL_OPTIONS = frozenset({"feature_cache", "backbone.batch_variants", "backbone.channels_last", "backbone.compile", "backbone.dtype"})
 # Options read only while training: neutral for validate, test and predict (not when resuming a fit).
-TRAINING_OPTIONS = frozenset({"lr", "text_encoder_lr", "weight_decay", "poly_power", "min_lr", "train_noise", "dropout"})
+TRAINING_OPTIONS = frozenset({"lr", "text_encoder_lr", "weight_decay", "poly_power", "min_lr", "train_noise", "dropout", "gate_sparsity"})
 
 
 class CheckpointMismatchError(ValueError):
