@@ -201,7 +201,7 @@ class DDPMSegDataModule(LightningDataModule):
             if self.extra_features is not None:
                 path = Path(self.extra_features) / f"{name}.safetensors"
                 if not path.is_file():
-                    raise DataError(f"extra features of {name} not found: {path}; write one file per image there")
+                    raise DataError(f"extra features of {name} not found: {path}; write one file per image there (DDPM-segmentation's: checkpoints_scripts/extract_adm_features.py)")
                 parts.append(LazyFeatureFile(path))
             sources.append(ChainMap(*parts))
         return sources
