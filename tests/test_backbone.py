@@ -333,3 +333,83 @@ def test_batched_variants_equal_one_call_per_variant(images, tmp_path):
     for v in variants:
         for name in layers:
             assert_close_up_to_rounding(together[v.name][name], alone[v.name][name], msg=f"{v.name} {name}")
+
+
+def test_prompt_fields_fill_each_images_prompt_grouped_by_category_and_cached(images):
+    """DIFT prompts each image with its category (Tsingularity/dift src/models/dift_sd.py L253:
+    f"a photo of a {cat}", one embedding per category, picked per image at L280-284). A template
+    variant gives each image the features of a fixed-prompt variant with its category's prompt;
+    the batch runs once per category; each prompt is encoded once; variants without fields run
+    exactly as without prompt_fields, bit for bit."""
+    layer = "up-level1-upsampler-out"
+    cats = ["cat", "dog", "cat"]
+    fixed = [Variant("plain", PROMPT), Variant("cat", "a photo of a cat"), Variant("dog", "a photo of a dog")]
+    ex = make([layer], variants=[Variant("dift", "a photo of a {category}"), *fixed])
+    unet_batches, encodes = [], []
+    ex.unet.register_forward_pre_hook(lambda m, a: unet_batches.append(a[0].shape[0]))
+    ex.text_encoder.register_forward_pre_hook(lambda m, a: encodes.append(1))
+    f = ex(images, prompt_fields=[{"category": c} for c in cats])
+    assert sorted(unet_batches) == [1, 2, 9]  # dog alone, the two cats, the fixed variants × 3 images
+    assert len(encodes) == 3  # PROMPT, "a photo of a cat", "a photo of a dog": the filled prompts are cached
+    for i, c in enumerate(cats):
+        assert_close_up_to_rounding(f["dift"][layer][i], f[c][layer][i], msg=c)
+    ex(images, prompt_fields=[{"category": c} for c in cats])
+    assert len(encodes) == 3
+    alone = ex(images, variants=[v.name for v in fixed])
+    assert all(torch.equal(alone[v.name][layer], f[v.name][layer]) for v in fixed)
+    with pytest.raises(ValueError, match=r"have prompt fields \['category'\]: pass prompt_fields"):
+        ex(images)
+    with pytest.raises(ValueError, match=r"needs \['category'\] per image, got \['colour'\]"):
+        ex(images, prompt_fields=[{"colour": "red"}] * 3)
+
+
+def test_variant_sample_is_each_variants_own_seeded_posterior_sample(images):
+    """``variant_sample``: each variant (ensemble member) starts from its own posterior sample,
+    seeded by (vae_seed, its seed) and broadcast over the batch; ``sample`` shares one."""
+    layer = "unet-in"  # with noise off: the scaled latent itself
+    variants = [Variant("a", PROMPT, seed=0), Variant("a2", PROMPT, seed=0), Variant("b", PROMPT, seed=1)]
+    shared = make([layer], variants=variants, latent="sample", noise=False)(images)
+    assert torch.equal(shared["a"][layer], shared["b"][layer])
+    ex = make([layer], variants=variants, latent="variant_sample", noise=False)
+    f = ex(images)
+    assert torch.equal(f["a"][layer], f["a2"][layer]) and (f["a"][layer] - f["b"][layer]).abs().max() > 1e-2
+    assert_close_up_to_rounding(ex(images[1:2])["b"][layer], f["b"][layer][1:2])  # no batch mate changes it
+    with torch.no_grad():
+        posterior = ex.vae.encode(images).latent_dist
+    eps = (f["b"][layer] / ex.vae.config.scaling_factor - posterior.mean) / posterior.std
+    torch.testing.assert_close(eps, eps[:1].expand_as(eps), atol=1e-2, rtol=0)  # one map for every image (up to / std)
+    assert 0.8 < eps.std().item() < 1.2 and (eps - (shared["a"][layer] / ex.vae.config.scaling_factor - posterior.mean) / posterior.std).abs().max() > 0.1
+
+
+def test_difts_ensemble_has_a_fresh_posterior_sample_and_noise_per_member_and_image(images):
+    """DIFT's ensemble, re-implemented from Tsingularity/dift src/models/dift_sd.py: the image is
+    repeated ensemble_size times as one batch (L227), each copy encodes its own posterior sample
+    (L178 latent_dist.sample()) and gets its own noise (L180 randn_like), noised with add_noise
+    at t (L181); the up-block output is the feature (L155-156), averaged over members (L243).
+    csdiff's members are variants with ``latent: variant_sample`` and ``fresh_noise``; the
+    reference draws the same numbers in csdiff's order (per member: posterior draw, then noise,
+    each (B, 4, h, w)), so the features must agree."""
+    from csdiff.models import CorrespondenceHead
+
+    layer, t = "up-level1-upsampler-out", 261
+    members = [Variant(f"m{k}", PROMPT) for k in range(4)]
+    ex = make([layer], variants=members, latent="variant_sample", fresh_noise=True, timestep=t)
+    torch.manual_seed(0)
+    got = ex(images)
+    torch.manual_seed(0)
+    reference = []
+    handle = ex.unet.up_blocks[1].register_forward_hook(lambda m, a, o: reference.append(o))
+    with torch.no_grad():
+        posterior = ex.vae.encode(images).latent_dist
+        emb = ex.prompt_embedding(PROMPT, ()).expand(len(images), -1, -1)
+        for _ in members:
+            z = (posterior.mean + posterior.std * torch.randn(posterior.mean.shape)) * ex.vae.config.scaling_factor
+            noisy = ex.scheduler.add_noise(z, torch.randn(z.shape), torch.full((len(images),), t))
+            ex.unet(noisy, t, encoder_hidden_states=emb)
+    handle.remove()
+    for member, expected in zip(members, reference):
+        assert_close_up_to_rounding(got[member.name][layer], expected, msg=member.name)
+    ensemble, _ = CorrespondenceHead(expected.shape[1], len(members), head="nn", fusion="mean")([got[m.name][layer] for m in members])
+    assert_close_up_to_rounding(ensemble, torch.stack(reference).mean(0))  # DIFT's mean over members
+    twice = ex(images[:1].expand(2, -1, -1, -1))["m0"][layer]
+    assert (twice[0] - twice[1]).abs().max() > 1e-3  # fresh per image: two copies differ, as DIFT's members do

@@ -10,7 +10,7 @@ import torch
 from torchmetrics.utilities.data import dim_zero_sum
 
 from csdiff.metrics import PCK
-from csdiff.metrics.pck import format_pck_table
+from csdiff.metrics.pck import DIFFICULTY_LEVELS, format_pck_table
 
 FOUR = ("pck_img_point", "pck_img_image", "pck_bbox_point", "pck_bbox_image")
 
@@ -62,7 +62,7 @@ def test_several_alphas() -> None:
     _update(metric, [(4, 0), (0, 8), (16, 0), (0, 40)], (100, 80), (0, 0, 100, 100))
     results = metric.compute()
     expected = {0.05: 0.25, 0.1: 0.5, 0.2: 0.75}
-    assert set(results) == {*FOUR, *(f"{k}@{a}" for k in FOUR for a in expected), "pairs", "per_category"}
+    assert set(results) == {*FOUR, *(f"{k}@{a}" for k in FOUR for a in expected), "pairs", "per_category", "per_difficulty"}
     for alpha, value in expected.items():
         for key in FOUR:
             assert results[f"{key}@{alpha}"].item() == pytest.approx(value)
@@ -162,7 +162,7 @@ def test_merged_halves_equal_one_metric_and_numpy() -> None:
     merged.merge_state(fed(range(9, 20)))
     expected, got = whole.compute(), merged.compute()
     for key, value in expected.items():
-        if key != "per_category":
+        if key not in ("per_category", "per_difficulty"):
             assert got[key].item() == pytest.approx(value.item(), abs=1e-6), key
     assert list(got["per_category"]) == list(expected["per_category"]) == list(names)
     for name, values in expected["per_category"].items():
@@ -192,3 +192,59 @@ def test_format_table_labels_every_number() -> None:
     nothing = {**dict.fromkeys(FOUR, torch.tensor(math.nan)), "pairs": torch.tensor(0.0), "per_category": {}}
     empty = format_pck_table(nothing)
     assert empty.splitlines()[-1].split() == ["all", "n/a", "n/a", "n/a", "n/a", "0"]
+
+
+def test_per_difficulty_rows_equal_a_per_level_reference_and_merge_like_ddp() -> None:
+    """SPair's four difficulty annotations (HPF, juhongm999/hpf data/spair.py L35-38, reads them as
+    vpvar, scvar, trncn, occln) split the pairs into levels; each level's PCK is what HPF's
+    evaluator computes for that set of pairs (model/evaluation.py L49-59: a pair's PCK is
+    correct / N, averaged over pairs), and the pooled per-point number, by hand in numpy."""
+    rng = np.random.default_rng(1)
+    pairs, flags = [], []
+    for _ in range(40):
+        n = int(rng.integers(1, 8))
+        gt = rng.uniform(0, 100, size=(n, 2))
+        pairs.append((gt + rng.normal(0, 15, size=(n, 2)), gt, (200.0, 300.0), (10.0, 20.0, 130.0, 110.0)))
+        flags.append({flag: int(rng.integers(0, len(names))) for flag, names in DIFFICULTY_LEVELS.items()})
+
+    def fed(indices) -> PCK:
+        metric = PCK(categories=("cat",))
+        for i in indices:
+            pred, gt, size, bbox = pairs[i]
+            metric.update(torch.from_numpy(pred), torch.from_numpy(gt), size, bbox, "cat", flags[i])
+        return metric
+
+    results = fed(range(40)).compute()
+    assert list(results["per_difficulty"]) == list(DIFFICULTY_LEVELS)
+    for flag, names in DIFFICULTY_LEVELS.items():
+        for level, name in enumerate(names):
+            chosen = [p for p, f in zip(pairs, flags) if f[flag] == level]
+            if not chosen:
+                assert name not in results["per_difficulty"][flag]
+                continue
+            row = results["per_difficulty"][flag][name]
+            assert row["pairs"] == len(chosen)
+            for key, value in _reference(chosen, 0.1).items():
+                assert row[key] == pytest.approx(value), (flag, name, key)
+    merged = fed(range(15))
+    merged.merge_state(fed(range(15, 40)))
+    got = merged.compute()["per_difficulty"]
+    for flag, levels in results["per_difficulty"].items():
+        for name, row in levels.items():
+            assert got[flag][name] == pytest.approx(row), (flag, name)
+    assert results["per_category"]["cat"]["pairs"] == 40 and results["pairs"].item() == 40  # levels add rows, not pairs
+
+    table = format_pck_table(results, alpha=0.1).splitlines()
+    assert len({len(line) for line in table[1:]}) == 1  # aligned
+    level_rows = [line.split() for line in table if line.split()[0] in DIFFICULTY_LEVELS]
+    assert len(level_rows) == sum(len(levels) for levels in results["per_difficulty"].values())
+    hard = results["per_difficulty"]["vp_var"]["hard"]
+    assert ["vp_var", "hard", *(f"{100 * hard[k]:.2f}" for k in FOUR), str(hard["pairs"])] in level_rows
+
+    pred, gt = _pair([(0, 0)])
+    metric = PCK()
+    with pytest.raises(ValueError, match=r"unknown difficulty truncn=4; valid: levels 0..3"):
+        metric.update(pred, gt, (10, 10), (0, 0, 5, 5), difficulty={"truncn": 4})
+    with pytest.raises(ValueError, match="unknown difficulty pose"):
+        metric.update(pred, gt, (10, 10), (0, 0, 5, 5), difficulty={"pose": 0})
+    assert int(metric.pairs[0]) == 0

@@ -204,6 +204,8 @@ def test_unreadable_image(spair_copy):
         (lambda a: a.update(trg_kps=a["trg_kps"][:-1]), "source but .* target keypoints"),
         (lambda a: a["src_kps"].__setitem__(0, [a["src_imsize"][0] + 2, 3]), "src keypoints .* lie outside"),
         (lambda a: a.pop("trg_bndbox"), r"lacks \['trg_bndbox'\]"),
+        (lambda a: a.update(truncation=4), r"truncation is 4; SPair's levels are 0..3"),
+        (lambda a: a.update(viewpoint_variation="hard"), r"viewpoint_variation is 'hard'; SPair's levels are 0..2"),
     ],
 )
 def test_malformed_annotation_names_the_file(spair_copy, change, message):
@@ -242,3 +244,23 @@ def test_dhf_list_errors_name_the_file(spair, tmp_path):
         _dm(root, pair_lists={"val": str(tmp_path / "none.json")}).split_pairs("val")
     with pytest.raises(ValueError, match="pair_lists has splits"):
         _dm(root, pair_lists={"trn": str(bad)})
+
+
+def test_difficulty_levels_come_from_the_official_annotations(spair, spair_copy):
+    """SPair's per-pair viewpoint_variation, scale_variation, truncation and occlusion (the keys
+    HPF reads, juhongm999/hpf data/spair.py L35-38) reach each item under PCK's flag names;
+    DHF lists carry none, and a file without them is read as before."""
+    root, lists = spair
+    dm = _dm(root)
+    dm.setup("test")
+    keys = {"viewpoint_variation": "vp_var", "scale_variation": "sc_var", "truncation": "truncn", "occlusion": "occln"}
+    for index, pair in enumerate(dm.datasets["test"].pairs):
+        ann = json.loads(Path(pair.source).read_text())
+        expected = {flag: ann[key] for key, flag in keys.items()}
+        assert pair.difficulty == expected and dm.datasets["test"][index]["difficulty"] == expected
+    batch = next(iter(dm.test_dataloader()))
+    assert batch["difficulty"] == [dm.datasets["test"].pairs[0].difficulty]
+    assert all(p.difficulty is None for p in _dm(root, pair_lists={"val": str(lists["val"])}).split_pairs("val"))
+    _edit(spair_copy, lambda a: [a.pop(key) for key in keys])
+    first = _dm(spair_copy).split_pairs("val")[0]
+    assert first.difficulty is None

@@ -8,7 +8,7 @@ ControlNet models, condition maps and identical ControlNet calls are computed on
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,12 +27,13 @@ from csdiff.backbone.names import resolve_layers
 from csdiff.backbone.variants import Variant, as_variant
 
 Features = dict[str, dict[str, torch.Tensor]]
+LATENTS = ("mean", "sample", "variant_sample")
 # Prediction types the guided DDIM chain knows how to turn into (x0, eps).
 CHAIN_PREDICTION_TYPES = ("epsilon", "v_prediction")
 
 # Noise streams: each variant's diffusion noise uses its seed directly; the VAE posterior
-# sample draws from a stream derived from ``vae_seed`` and this tag, so that vae_seed = 0
-# and a variant seed of 0 never give the same map.
+# sample draws from a stream derived from ``vae_seed`` (and, for ``variant_sample``, the
+# variant's seed) and this tag, so that vae_seed = 0 and a variant seed of 0 never give the same map.
 _VAE_STREAM = 1
 
 
@@ -62,9 +63,12 @@ class DiffusionFeatureExtractor(nn.Module):
             research code silently used ``t+1`` on SD 1.5).
         variants: the guided variants (dataclasses or plain dicts); default one plain variant.
         base_model: configuration folder for single-file checkpoints.
-        latent: ``mean`` of the VAE posterior, or a ``sample`` drawn with ``vae_seed``.
-        fresh_noise: draw new noise per image and call (training augmentation) instead of
-            the batch-independent, seeded noise map of each variant.
+        latent: ``mean`` of the VAE posterior, a ``sample`` drawn with ``vae_seed`` (one for all
+            variants), or a ``variant_sample``: each variant its own posterior sample, drawn with
+            ``vae_seed`` and its seed (DIFT's ensemble members each encode their own sample).
+        fresh_noise: draw new noise per image and call (training augmentation; DIFT's ensemble)
+            instead of the batch-independent, seeded noise map of each variant; a
+            ``variant_sample`` is then drawn afresh per image and call too (``sample`` stays seeded).
         dtype: dtype of the frozen parts; ``feature_dtype``: dtype of returned features.
         unet: a fine-tuned UNet of the same architecture in place of the model's.
         noise: false feeds the clean latent (no noise at all, e.g. at ``timestep`` 0).
@@ -101,8 +105,8 @@ class DiffusionFeatureExtractor(nn.Module):
         compile: bool | str = False,
     ) -> None:
         super().__init__()
-        if latent not in ("mean", "sample"):
-            raise ValueError(f"latent must be 'mean' or 'sample', got {latent!r}")
+        if latent not in LATENTS:
+            raise ValueError(f"latent must be one of {', '.join(LATENTS)}, got {latent!r}")
         self.variants = [as_variant(v) for v in (variants or [Variant(name="plain")])]
         if not self.variants:
             raise ValueError("give at least one variant")
@@ -276,20 +280,40 @@ class DiffusionFeatureExtractor(nn.Module):
         self._prompt_cache.clear()  # embeddings follow the module's device/dtype
         return super()._apply(fn, *args, **kwargs)
 
-    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+    def encode_images(self, images: torch.Tensor, variant: Variant | None = None) -> torch.Tensor:
         """Resize to ``img_size``, VAE-encode, scale: (B,3,H,W) in [-1,1] → (B,4,h,w) in ``dtype``.
 
-        The VAE runs in its own dtype: float32 for VAEs that overflow in float16 (SDXL's)."""
+        The VAE runs in its own dtype: float32 for VAEs that overflow in float16 (SDXL's).
+        A ``variant_sample`` latent is the ``variant``'s own."""
+        return self._latents(self._posterior(images), variant)
+
+    def _posterior(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean, std) of the VAE posterior: one encode serves every variant, whatever its latent."""
         x = self.resize(images).to(self.vae.dtype)
         if self.channels_last:
             x = channels_last_input(x)
         posterior = self.vae.encode(x).latent_dist
+        return posterior.mean, posterior.std
+
+    def _latents(self, posterior: tuple[torch.Tensor, torch.Tensor], variant: Variant | None) -> torch.Tensor:
+        """The scaled latent a variant starts from: the posterior mean or a sample of it."""
+        mean, std = posterior
         if self.latent == "mean":
-            z = posterior.mean
+            z = mean
         else:
-            eps = self._seeded_noise(self._vae_noise_seed(), posterior.mean.shape[1:], images.shape[0])
-            z = posterior.mean + posterior.std * eps.to(posterior.mean.dtype)
+            z = mean + std * self._vae_eps(variant, mean.shape[1:], mean.shape[0]).to(mean.dtype)
         return (z * self.vae.config.scaling_factor).to(self.dtype)
+
+    def _vae_eps(self, variant: Variant | None, shape: Sequence[int], batch: int) -> torch.Tensor:
+        """The posterior sample's standard normal draw: shared and seeded (``sample``), the variant's
+        seeded one, or (``variant_sample`` with ``fresh_noise``) fresh per image and call."""
+        if self.latent == "sample":
+            return self._seeded_noise(self._vae_noise_seed(), shape, batch)
+        if variant is None:
+            raise ValueError("latent 'variant_sample' draws one latent per variant: pass the variant")
+        if self.fresh_noise:
+            return torch.randn((batch, *shape), device=self.device, dtype=torch.float32)
+        return self._seeded_noise(self._vae_noise_seed(variant.seed), shape, batch)
 
     def resize(self, images: torch.Tensor) -> torch.Tensor:
         if images.ndim != 4 or images.shape[1] != 3:
@@ -304,8 +328,9 @@ class DiffusionFeatureExtractor(nn.Module):
         noise = torch.randn((1, *shape), generator=gen, dtype=torch.float32)
         return noise.to(self.device, self.dtype).expand(batch, *shape)
 
-    def _vae_noise_seed(self) -> int:
-        return int(np.random.SeedSequence([self.vae_seed], spawn_key=(_VAE_STREAM,)).generate_state(1)[0])
+    def _vae_noise_seed(self, *variant_seed: int) -> int:
+        entropy = [self.vae_seed, *variant_seed]
+        return int(np.random.SeedSequence(entropy, spawn_key=(_VAE_STREAM,)).generate_state(1)[0])
 
     def _noise(self, variant: Variant, shape: Sequence[int], batch: int) -> torch.Tensor:
         if self.fresh_noise:
@@ -380,13 +405,17 @@ class DiffusionFeatureExtractor(nn.Module):
         conditions: dict[str, torch.Tensor] | None = None,
         variants: Sequence[str] | None = None,
         layers: dict[str, Sequence[str]] | None = None,
+        prompt_fields: Sequence[Mapping[str, str]] | None = None,
     ) -> Features:
         """Features of each variant: ``{variant: {layer: (B, C, h, w)}}`` in the order of ``layers``.
 
         ``conditions`` maps variant names to condition images in [0, 1] for ``provided``
         ControlNet conditions; ``variants`` restricts the call to some variants; ``layers``
         restricts some variants to some of the extractor's layers (a task that reads only
-        ``up_cross`` from one variant need not capture the rest there).
+        ``up_cross`` from one variant need not capture the rest there). ``prompt_fields``
+        (one mapping per image, e.g. ``{"category": "cat"}``) fill the ``{field}``s of variant
+        prompts: such a variant runs once per distinct filled prompt, on the images that have
+        it; variants without fields ignore them and run exactly as without.
 
         With ``batch_variants``, the final UNet calls of variants that share UNet weights (the
         same UNet LoRAs), prompt length and layers run as one call, stacked along the batch.
@@ -398,19 +427,36 @@ class DiffusionFeatureExtractor(nn.Module):
         if unknown or foreign:
             raise ValueError(f"layers names unknown variants {unknown} or layers the extractor was not built for {foreign}")
         images = self.resize(images)  # once: the VAE and the condition maps see the same pixels
-        latents = self.encode_images(images)
-        cond_cache: dict = {}
-        control_cache: dict = {}
-        calls = [self._prepare(v, images, latents, conditions, layers, cond_cache, control_cache) for v in chosen]
+        posterior = self._posterior(images)
         out: Features = {}
-        for group in self._groups(calls):
-            self.loras.activate(list(group[0].variant.loras))
-            out.update(self._final_call(group, latents.shape))
+        for index, members in _prompt_groups(chosen, prompt_fields, images.shape[0]):
+            if index is None:
+                out.update(self._extract(images, posterior, conditions, members, layers))
+                continue
+            index = index.to(images.device)
+            part = self._extract(images[index], (posterior[0][index], posterior[1][index]), _take(conditions, index), members, layers)
+            for name, feats in part.items():  # back into batch order
+                whole = out.setdefault(name, {})
+                for layer, x in feats.items():
+                    whole.setdefault(layer, x.new_empty((images.shape[0], *x.shape[1:])))[index.to(x.device)] = x
         return {v.name: out[v.name] for v in chosen}
 
-    def _prepare(self, variant, images, latents, provided, layers, cond_cache, control_cache) -> _FinalCall:
+    def _extract(self, images, posterior, conditions, chosen: list[Variant], layers) -> Features:
+        """The features of ``chosen`` (prompts filled) on images already at ``img_size``."""
+        cond_cache: dict = {}
+        control_cache: dict = {}
+        calls = [self._prepare(v, images, posterior, conditions, layers, cond_cache, control_cache) for v in chosen]
+        out: Features = {}
+        shape = posterior[0].shape
+        for group in self._groups(calls):
+            self.loras.activate(list(group[0].variant.loras))
+            out.update(self._final_call(group, shape))
+        return out
+
+    def _prepare(self, variant, images, posterior, provided, layers, cond_cache, control_cache) -> _FinalCall:
         """Everything a variant's final UNet call needs: its noisy latent (after its guided chain,
         if any), text embedding, added conditions and ControlNet residuals."""
+        latents = self._latents(posterior, variant)
         batch, shape = latents.shape[0], latents.shape[1:]
         text_key = self.text_key(variant)
         unet = self.unet_of(variant)
@@ -420,7 +466,8 @@ class DiffusionFeatureExtractor(nn.Module):
         noise = self._noise(variant, shape, batch)
         if variant.denoise_from is None:
             noisy = self.add_noise(latents, noise, self.timestep) if self.noise else latents
-            # A UNet LoRA does not reach the ControlNet: seed, prompt and text adapters fix its inputs.
+            # A UNet LoRA does not reach the ControlNet: seed, prompt and text adapters fix its inputs
+            # (the seed fixes a variant_sample latent too).
             share_key = None if self.fresh_noise else (variant.seed, variant.prompt, text_key)
         else:
             noisy = self.add_noise(latents, noise, variant.denoise_from)
@@ -472,6 +519,37 @@ class DiffusionFeatureExtractor(nn.Module):
         }
 
 
+def _prompt_groups(
+    chosen: list[Variant], prompt_fields: Sequence[Mapping[str, str]] | None, batch: int
+) -> list[tuple[torch.Tensor | None, list[Variant]]]:
+    """(image indices or None for the whole batch, variants with filled prompts) to extract together.
+
+    Variants without prompt fields run on the whole batch, as without ``prompt_fields``; the
+    others once per distinct set of filled prompts, on the images that have it."""
+    templated = [v for v in chosen if v.fields]
+    if not templated:
+        return [(None, chosen)]
+    if prompt_fields is None or len(prompt_fields) != batch:
+        got = "none" if prompt_fields is None else f"{len(prompt_fields)}"
+        raise ValueError(
+            f"variants {[v.name for v in templated]} have prompt fields {sorted({f for v in templated for f in v.fields})}: "
+            f"pass prompt_fields, one mapping per image ({batch} images, got {got})"
+        )
+    plain = [v for v in chosen if not v.fields]
+    groups: dict[tuple[str, ...], tuple[list[int], list[Variant]]] = {}
+    for i, values in enumerate(prompt_fields):
+        filled = [v.filled(values) for v in templated]
+        groups.setdefault(tuple(v.prompt for v in filled), ([], filled))[0].append(i)
+    out: list[tuple[torch.Tensor | None, list[Variant]]] = [(None, plain)] if plain else []
+    whole = len(groups) == 1  # one category in the batch: no need to split it
+    return out + [(None if whole else torch.tensor(index), filled) for index, filled in groups.values()]
+
+
+def _take(conditions: dict[str, torch.Tensor] | None, index: torch.Tensor) -> dict[str, torch.Tensor] | None:
+    """The provided condition images of some images of the batch."""
+    return None if conditions is None else {name: c[index.to(c.device)] for name, c in conditions.items()}
+
+
 def _same_file(path: str) -> str:
     """One key per file, however it is written (a hub id or built-in name stays as it is)."""
     p = Path(path).expanduser()
@@ -488,7 +566,7 @@ def _comparable(description: dict) -> dict:
     out = {key: description[key] for key in ("layers", "img_size", "timestep", "noise", "time_ids", "latent") if key in description}
     out["backbone weights"] = description["backbone"]["weights_id"]
     out["unet weights"] = description["backbone"].get("unet_weights_id")
-    if description.get("latent") == "sample" and "vae_seed" in description:
+    if description.get("latent") in ("sample", "variant_sample") and "vae_seed" in description:
         out["vae_seed"] = description["vae_seed"]
     if "variants" in description:
         out["variants"] = {

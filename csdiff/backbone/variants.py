@@ -6,7 +6,9 @@ Plain dataclasses of plain values, so configs (YAML, jsonargparse) and checkpoin
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, replace
+from string import Formatter
 from typing import Literal
 
 from csdiff.backbone.lora import LoRA
@@ -30,6 +32,10 @@ class ControlNet:
 @dataclass(frozen=True)
 class Variant:
     """Name, prompt, LoRAs, ControlNets, optional multi-step denoising, noise seed.
+
+    ``prompt`` may hold ``{field}``s filled per image (e.g. "a photo of a {category}", as DIFT
+    prompts each SPair pair): the caller passes the values (``prompt_fields`` of the extractor's
+    ``forward``). A prompt without fields is used as written.
 
     ``weights``: the variant's own whole-model weights instead of the backbone's: a merged
     checkpoint of the same family and architecture (a single ``.ckpt``/``.safetensors`` file,
@@ -58,11 +64,37 @@ class Variant:
                 f"LoRA on top of merged weights, merge it into them too or use the merged file as the backbone"
             )
 
+    @property
+    def fields(self) -> tuple[str, ...]:
+        """The names of the prompt's ``{field}``s, in order of appearance (none for a plain prompt)."""
+        return prompt_fields(self.prompt)
+
+    def filled(self, values: Mapping[str, str]) -> Variant:
+        """This variant with its prompt's fields filled from ``values`` (itself when the prompt has none)."""
+        if not self.fields:
+            return self
+        missing = [name for name in self.fields if name not in values]
+        if missing:
+            raise ValueError(
+                f"variant {self.name!r}: its prompt {self.prompt!r} needs {missing} per image, got {sorted(values)}; "
+                f"pass them as prompt_fields (the correspondence task passes each pair's category)"
+            )
+        return replace(self, prompt=self.prompt.format_map(dict(values)))
+
     def to_dict(self) -> dict:
         d = asdict(self)
         d["loras"] = [dict(l) for l in d["loras"]]
         d["controlnets"] = [dict(c) for c in d["controlnets"]]
         return d
+
+
+def prompt_fields(prompt: str) -> tuple[str, ...]:
+    """Named ``{field}``s of a prompt template; a prompt that is no valid template (a lone brace)
+    has none and is used as written."""
+    try:
+        return tuple(dict.fromkeys(name for _, name, _, _ in Formatter().parse(prompt) if name))
+    except ValueError:
+        return ()
 
 
 def as_variant(v: Variant | dict) -> Variant:

@@ -1,8 +1,9 @@
-"""Correspondence pictures in TensorBoard, and predicted keypoints written to disk."""
+"""Correspondence pictures in TensorBoard, the best validation PCK, and predicted keypoints written to disk."""
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter
 
 from csdiff.callbacks.tensorboard import _tensorboard
 from csdiff.data.reading import read_image
-from csdiff.io import atomic_write, save_image
+from csdiff.io import atomic_write, save_image, save_text
 from csdiff.visualize import draw_matches
 
 
@@ -59,6 +60,60 @@ class CorrespondenceImageLogger(Callback):
             return
         for i, picture in enumerate(self._pictures):
             writer.add_image(f"val/matches_{i}", picture, trainer.global_step, dataformats="HWC")
+
+
+class BestValidationPCK(Callback):
+    """The best of a fit's validations, each PCK maximised on its own: how the content-shift
+    paper's released code reports its SPair figure (task-corres.py keeps the largest image and
+    bbox PCK over its validations, which may come from different steps).
+
+    Logged as ``val_best/<key>`` after every validation, written to ``val_best_pck.txt`` in the
+    run folder at the end of the fit, kept in checkpoints (a resumed fit continues the count).
+    A maximum over validations is a model-selection number on the validation pairs, not a test
+    result: report ``csdiff test`` beside it.
+    """
+
+    KEYS = ("pck_img_point", "pck_bbox_point", "pck_img_image", "pck_bbox_image")
+
+    def __init__(self) -> None:
+        self.best: dict[str, tuple[float, int]] = {}  # key -> (value, global step)
+        self.validations = 0
+
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        metrics = trainer.callback_metrics
+        found = {key: float(metrics[f"val/{key}"]) for key in self.KEYS if f"val/{key}" in metrics}
+        if not found:
+            return
+        self.validations += 1
+        for key, value in found.items():
+            if not math.isnan(value) and (key not in self.best or value > self.best[key][0]):
+                self.best[key] = (value, trainer.global_step)
+        if trainer.is_global_zero:
+            for logger in trainer.loggers:
+                logger.log_metrics({f"val_best/{key}": value for key, (value, _) in self.best.items()}, step=trainer.global_step)
+
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if not self.best:
+            return
+        log_dir = trainer.log_dir  # a broadcast under DDP: every rank must ask
+        if trainer.is_global_zero:
+            print(self.summary())
+            if log_dir:
+                save_text(Path(log_dir) / "val_best_pck.txt", self.summary() + "\n")
+
+    def summary(self) -> str:
+        """One line per PCK: its best value (percent) and the step of that validation."""
+        head = f"best of {self.validations} validations, each PCK on its own (validation pairs, not test):"
+        return "\n".join([head, *(f"  {key}: {100 * value:.2f} (step {step})" for key, (value, step) in self.best.items())])
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"best": {key: list(entry) for key, entry in self.best.items()}, "validations": self.validations}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.best = {key: (float(value), int(step)) for key, (value, step) in state_dict["best"].items()}
+        self.validations = int(state_dict["validations"])
 
 
 class CorrespondencePredictionWriter(BasePredictionWriter):

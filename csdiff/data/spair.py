@@ -6,14 +6,17 @@ devkit and the public loaders (juhongm999/hpf, Junyi42/GeoAware-SC) read it:
 - ``JPEGImages/<category>/<imname>.jpg``
 - ``PairAnnotation/{trn,val,test}/<pair>.json``, ``<pair>`` = ``<id>-<src>-<trg>:<category>``,
   with ``src_imname``, ``trg_imname``, ``category``, ``src_kps``/``trg_kps`` (lists of
-  [x, y], index-matched), ``src_bndbox``/``trg_bndbox`` ([x1, y1, x2, y2]) and
-  ``src_imsize``/``trg_imsize`` ([W, H, C]);
+  [x, y], index-matched), ``src_bndbox``/``trg_bndbox`` ([x1, y1, x2, y2]),
+  ``src_imsize``/``trg_imsize`` ([W, H, C]) and the pair's difficulty levels
+  ``viewpoint_variation``, ``scale_variation`` (0-2), ``truncation``, ``occlusion`` (0-3);
 - ``Layout/large/{trn,val,test}.txt``: the pair names of each split, one a line.
 
 Diffusion Hyperfeatures' JSON lists (``spair_71k_train.json``, ``spair_71k_val-360.json``,
 ``spair_71k_test-360.json``) are a list of dicts with ``source_path``/``target_path``
 (relative to ``JPEGImages``), ``source_points``/``target_points`` ([x, y]),
-``source_bounding_box``/``target_bounding_box`` and ``category``; they hold no image sizes.
+``source_bounding_box``/``target_bounding_box`` and ``category``; they hold no image sizes
+and no difficulty levels. ``val-360`` is 20 pairs per category of SPair's val split: the
+list on which the content-shift paper reports its best validation.
 
 Coordinates are kept as the annotations store them. SPair's come from PASCAL VOC and are
 1-based: boxes and keypoints may sit on x = W or y = H (e.g. the box [2, 1, 372, 500] of
@@ -39,6 +42,7 @@ from csdiff.data.checks import check_items
 from csdiff.data.reading import DataError, image_size, list_images, read_image
 from csdiff.data.samplers import EpochSampler, fit_epoch, trained_in_epoch
 from csdiff.data.transforms import resize_exact, to_tensor
+from csdiff.metrics.pck import DIFFICULTY_LEVELS
 
 SPLIT_DIRS = {"train": "trn", "val": "val", "test": "test"}
 LAYOUT_HINT = (
@@ -49,6 +53,8 @@ _DRAW_STREAM = 2
 _OFFICIAL_KEYS = (
     "src_imname", "trg_imname", "category", "src_kps", "trg_kps", "src_bndbox", "trg_bndbox", "src_imsize", "trg_imsize"
 )
+# SPair's difficulty annotations → csdiff.metrics.pck's flag names (HPF: vpvar, scvar, trncn, occln).
+_DIFFICULTY_KEYS = {"viewpoint_variation": "vp_var", "scale_variation": "sc_var", "truncation": "truncn", "occlusion": "occln"}
 _DHF_KEYS = (
     "source_path", "target_path", "category", "source_points", "target_points", "source_bounding_box",
     "target_bounding_box",
@@ -58,7 +64,8 @@ _DHF_KEYS = (
 @dataclass(frozen=True)
 class Pair:
     """One annotated pair; ``source`` names the annotation it came from, for error messages.
-    Sizes are (H, W) from the annotation, None where the list has none (DHF lists)."""
+    Sizes are (H, W) from the annotation, None where the list has none (DHF lists); so is
+    ``difficulty`` (flag → level, e.g. ``{"vp_var": 2}``) from SPair's difficulty annotations."""
 
     name: str
     category: str
@@ -71,6 +78,7 @@ class Pair:
     src_size: tuple[int, int] | None
     trg_size: tuple[int, int] | None
     source: str
+    difficulty: dict[str, int] | None = None
 
 
 # -- coordinates --------------------------------------------------------------------------------
@@ -128,6 +136,19 @@ def _imsize(value: Any, what: str, source: str) -> tuple[int, int]:
     return int(value[1]), int(value[0])
 
 
+def _difficulty(ann: dict, source: str) -> dict[str, int] | None:
+    """The pair's difficulty levels, by csdiff's flag names; None when the file has none."""
+    levels = {}
+    for key, flag in _DIFFICULTY_KEYS.items():
+        if key not in ann:
+            continue
+        value, count = ann[key], len(DIFFICULTY_LEVELS[flag])
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < count:
+            raise DataError(f"{source}: {key} is {value!r}; SPair's levels are 0..{count - 1}")
+        levels[flag] = value
+    return levels or None
+
+
 def check_points(pair: Pair, side: str, size: tuple[int, int]) -> None:
     """Raise unless the keypoints and box of ``side`` ("src"/"trg") lie in [0, W] x [0, H]."""
     h, w = size
@@ -153,6 +174,7 @@ def _make_pair(
     sizes: tuple[tuple[int, int] | None, tuple[int, int] | None],
     keys: tuple[str, str],
     source: str,
+    difficulty: dict[str, int] | None = None,
 ) -> Pair:
     src_kps, trg_kps = _points(kps[0], keys[0], source), _points(kps[1], keys[1], source)
     if len(src_kps) != len(trg_kps):
@@ -160,7 +182,7 @@ def _make_pair(
             f"{source}: {len(src_kps)} source but {len(trg_kps)} target keypoints; they must be index-matched"
         )
     src_bbox, trg_bbox = _bbox(boxes[0], "source box", source), _bbox(boxes[1], "target box", source)
-    pair = Pair(name, category, *paths, src_kps, trg_kps, src_bbox, trg_bbox, *sizes, source)
+    pair = Pair(name, category, *paths, src_kps, trg_kps, src_bbox, trg_bbox, *sizes, source, difficulty)
     for side, size in (("src", sizes[0]), ("trg", sizes[1])):
         if size is not None:
             check_points(pair, side, size)
@@ -190,6 +212,7 @@ def read_official_pair(path: Path, image_dir: Path) -> Pair:
         (_imsize(ann["src_imsize"], "src_imsize", source), _imsize(ann["trg_imsize"], "trg_imsize", source)),
         ("src_kps", "trg_kps"),
         source,
+        _difficulty(ann, source),
     )
 
 
@@ -329,7 +352,8 @@ class SPairDataset(Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         """src_image/trg_image: float (3, img_size, img_size) in [-1, 1]; src_kps/trg_kps: float
         (N, 2) (x, y) in original pixels; src_size/trg_size: (H, W) of the files; src_bbox/trg_bbox:
-        float (4,) x1, y1, x2, y2 in original pixels; category, src_path, trg_path, name.
+        float (4,) x1, y1, x2, y2 in original pixels; category, src_path, trg_path, name;
+        difficulty: {flag: level} (empty where the annotations have none).
         Pairs without ground truth (:func:`folder_pairs`) have no trg_kps."""
         pair = self.pairs[index]
         src_image, src_size = self._image(pair, "src")
@@ -347,6 +371,7 @@ class SPairDataset(Dataset):
             "src_path": pair.src_path,
             "trg_path": pair.trg_path,
             "name": pair.name,
+            "difficulty": dict(pair.difficulty or {}),
         }
         if not len(pair.trg_kps):
             del item["trg_kps"]

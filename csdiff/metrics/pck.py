@@ -4,6 +4,9 @@ Papers call different numbers "PCK@0.1": the threshold is α·max(H, W) of the t
 ("img") or α·max of the target bbox height and width ("bbox"), and the fraction is taken
 over all keypoints pooled ("point") or per pair and then averaged ("image"). csdiff keeps
 all four so results are comparable with whichever one a paper used.
+
+SPair-71k also annotates each pair's difficulty (viewpoint and scale variation, truncation,
+occlusion); PCK per level of each shows where a method fails, beyond the references' totals.
 """
 
 from __future__ import annotations
@@ -19,6 +22,14 @@ from torchmetrics import Metric
 _THRESHOLDS = ("img", "bbox")
 _POOLINGS = ("point", "image")
 _KEYS = tuple(f"pck_{threshold}_{pooling}" for threshold in _THRESHOLDS for pooling in _POOLINGS)
+# SPair-71k's per-pair difficulty annotations (viewpoint_variation, scale_variation, truncation,
+# occlusion; HPF reads them as vpvar, scvar, trncn, occln): the name of each level, by value.
+DIFFICULTY_LEVELS: dict[str, tuple[str, ...]] = {
+    "vp_var": ("easy", "medium", "hard"),
+    "sc_var": ("easy", "medium", "hard"),
+    "truncn": ("none", "source", "target", "both"),
+    "occln": ("none", "source", "target", "both"),
+}
 
 
 class PCK(Metric):
@@ -30,16 +41,17 @@ class PCK(Metric):
     ``image`` takes the fraction per pair and averages over pairs.
 
     Every state is a sum (``dist_reduce_fx="sum"``), so the DDP sync is exact. States are
-    indexed by group (0 = all pairs, 1 + k = ``categories[k]``), threshold (img, bbox) and
-    alpha.
+    indexed by group (0 = all pairs, 1 + k = ``categories[k]``, then one per difficulty level
+    of :data:`DIFFICULTY_LEVELS`), threshold (img, bbox) and alpha.
 
     ``compute()`` returns a dict of 0-dim float tensors: ``pck_img_point``, ``pck_img_image``,
     ``pck_bbox_point``, ``pck_bbox_image`` for the first alpha; the same keys suffixed
     ``@{alpha}`` for every alpha (e.g. ``pck_bbox_point@0.05``); ``pairs`` (number of pairs
     scored); and ``per_category``: ``{category: {the four unsuffixed keys: float, "pairs":
     int}}`` as plain Python numbers (for printing, not logging), for the categories seen, in
-    the order of ``categories`` (empty when ``categories`` is None). With no pairs, the PCK
-    values are NaN.
+    the order of ``categories`` (empty when ``categories`` is None); ``per_difficulty``:
+    ``{flag: {level name: the same}}`` for the levels of :data:`DIFFICULTY_LEVELS` seen (empty
+    when no pair had difficulty annotations). With no pairs, the PCK values are NaN.
     """
 
     is_differentiable = False
@@ -64,7 +76,9 @@ class PCK(Metric):
         self.alphas = alphas
         self.categories = categories
         self._category_index = {name: 1 + k for k, name in enumerate(categories or ())}
-        groups, num_alphas = 1 + len(self._category_index), len(alphas)
+        levels = [(flag, level) for flag, names in DIFFICULTY_LEVELS.items() for level in range(len(names))]
+        self._difficulty_index = {key: 1 + len(self._category_index) + k for k, key in enumerate(levels)}
+        groups, num_alphas = 1 + len(self._category_index) + len(levels), len(alphas)
         shape = (groups, len(_THRESHOLDS), num_alphas)
         # Counts are exact integers; per-pair fractions are summed in float64 so that the sum
         # over thousands of pairs does not drift.
@@ -80,11 +94,14 @@ class PCK(Metric):
         image_size: Sequence[float] | Tensor,
         bbox: Sequence[float] | Tensor,
         category: str | None = None,
+        difficulty: Mapping[str, int] | None = None,
     ) -> None:
         """Scores one pair: ``pred``/``gt`` (N, 2) as (x, y) in original target-image pixels,
         ``image_size`` (H, W) and ``bbox`` (x1, y1, x2, y2) of the target image.
 
         ``category`` must be one of ``categories``; it is ignored when ``categories`` is None.
+        ``difficulty`` maps flags of :data:`DIFFICULTY_LEVELS` to the pair's level (0-based),
+        e.g. ``{"vp_var": 2, "occln": 0}``; the pair then counts in those levels' rows too.
         """
         if pred.ndim != 2 or pred.shape[-1] != 2 or pred.shape != gt.shape:
             raise ValueError(f"pred {tuple(pred.shape)} and gt {tuple(gt.shape)} must both be (N, 2)")
@@ -95,6 +112,12 @@ class PCK(Metric):
             if category not in self._category_index:
                 raise ValueError(f"unknown category {category!r}; valid: {list(self.categories)}")
             groups.append(self._category_index[category])
+        for flag, level in (difficulty or {}).items():
+            if (flag, level) not in self._difficulty_index:
+                names = DIFFICULTY_LEVELS.get(flag)
+                valid = f"levels 0..{len(names) - 1}" if names else f"flags {list(DIFFICULTY_LEVELS)}"
+                raise ValueError(f"unknown difficulty {flag}={level!r}; valid: {valid}")
+            groups.append(self._difficulty_index[(flag, level)])
         height, width = _floats(image_size, "image_size", 2)
         if not (height > 0 and width > 0):
             raise ValueError(f"image_size must be (H, W) with positive sides, got {(height, width)}")
@@ -138,6 +161,12 @@ class PCK(Metric):
             for name, group in self._category_index.items()
             if self.pairs[group] > 0
         }
+        per_difficulty: dict[str, dict[str, dict[str, float]]] = {}
+        for (flag, level), group in self._difficulty_index.items():
+            if self.pairs[group] > 0:
+                values = {key: value.item() for key, value in four(group, 0).items()}
+                per_difficulty.setdefault(flag, {})[DIFFICULTY_LEVELS[flag][level]] = {**values, "pairs": int(self.pairs[group])}
+        results["per_difficulty"] = per_difficulty
         return results
 
 
@@ -152,13 +181,20 @@ def _floats(values: Sequence[float] | Tensor, name: str, count: int) -> list[flo
 
 def format_pck_table(results: Mapping[str, Any], alpha: float | None = None) -> str:
     """PCK results of :class:`PCK` as an aligned text table (percent), one row per category
-    seen and one for all pairs, each of the four variants in its own labelled column.
+    seen, one for all pairs and one per difficulty level seen (``vp_var hard``), each of the
+    four variants in its own labelled column.
 
     Pass the metric's first alpha as ``alpha`` to name the threshold in the title.
     """
     labels = ("img/point", "img/image", "bbox/point", "bbox/image")
     category_rows = [(name, values, values["pairs"]) for name, values in results["per_category"].items()]
-    rows = [*category_rows, ("all", results, int(results["pairs"]))]
+    difficulty_rows = [
+        (f"{flag} {level}", values, values["pairs"])
+        for flag, levels in results.get("per_difficulty", {}).items()
+        for level, values in levels.items()
+    ]
+    all_row = ("all", results, int(results["pairs"]))
+    rows = [*category_rows, *difficulty_rows, all_row]
     width = max(len("category"), *(len(name) for name, _, _ in rows))
     pairs_width = max(len("pairs"), *(len(str(pairs)) for _, _, pairs in rows))
 
@@ -175,5 +211,8 @@ def format_pck_table(results: Mapping[str, Any], alpha: float | None = None) -> 
     lines += [row(*category) for category in category_rows]
     if category_rows:
         lines.append(rule)
-    lines.append(row(*rows[-1]))
+    lines.append(row(*all_row))
+    if difficulty_rows:
+        lines.append(rule)
+        lines += [row(*difficulty) for difficulty in difficulty_rows]
     return "\n".join(lines)

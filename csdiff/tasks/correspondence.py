@@ -11,6 +11,7 @@ from lightning.pytorch import LightningModule
 from torch import Tensor
 
 from csdiff.backbone import UP_CROSS, DiffusionFeatureExtractor, FeatureCache
+from csdiff.backbone.variants import prompt_fields
 from csdiff.io import save_text
 from csdiff.metrics import PCK, format_pck_table
 from csdiff.models import CorrespondenceHead, info_nce, match_points, rescale_points, sample_features
@@ -23,6 +24,8 @@ SPAIR_CATEGORIES = (
     "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair",
     "cow", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "train", "tvmonitor",
 )
+# What a variant's prompt may ask for per pair: "a photo of a {category}" (DIFT's prompt).
+PROMPT_FIELDS = ("category",)
 
 
 class CorrespondenceTask(StepSeededMixin, FrozenBackboneCheckpointMixin, LightningModule):
@@ -35,13 +38,19 @@ class CorrespondenceTask(StepSeededMixin, FrozenBackboneCheckpointMixin, Lightni
     pair's keypoints on the feature grid (cosine similarity / ``temperature``), plus the gate's
     regulariser. Evaluation: nearest neighbour of each source keypoint over the target's
     descriptors upsampled to ``eval_size``² (chunked), mapped back to original target pixels,
-    scored by :class:`~csdiff.metrics.PCK` (image and bbox thresholds, per point and per image).
+    scored by :class:`~csdiff.metrics.PCK` (image and bbox thresholds, per point and per image,
+    per category and per SPair difficulty level).
+
+    A variant's prompt may name the pair's ``{category}`` ("a photo of a {category}", as DIFT
+    prompts): each pair's images get their category's prompt (embeddings cached per category).
 
     ``fusion: mean`` with ``head: nn`` has nothing to train: ``csdiff test``/``validate``/
     ``predict`` then run without a checkpoint (zero-shot, as DIFT and CleanDIFT are used).
 
-    The noise is seeded, so an image's features never change: with ``feature_cache`` (a
-    folder) they are computed once and read back for training, validation and test alike.
+    With seeded noise (the default) an image's features never change: with ``feature_cache``
+    (a folder) they are computed once and read back for training, validation and test alike.
+    ``backbone.fresh_noise`` (DIFT's ensemble: fresh noise, and with ``latent: variant_sample``
+    a fresh VAE sample, per member and image) and per-category prompts cannot be cached.
     """
 
     def __init__(
@@ -74,6 +83,7 @@ class CorrespondenceTask(StepSeededMixin, FrozenBackboneCheckpointMixin, Lightni
             self.attention_name = attention_variant.get("name", "attention")
             variants.append({**attention_variant, "name": self.attention_name})
             requested.append(UP_CROSS)
+        _check_prompt_fields(variants, feature_cache, dict(backbone or {}).get("fresh_noise", False))
         self.extractor = DiffusionFeatureExtractor(layers=requested, variants=variants, **dict(backbone or {}))
         self.layer_names = [name for name in self.extractor.layers if name != UP_CROSS]  # named sets expanded for the family
         shapes = self.extractor.feature_shapes()
@@ -89,10 +99,13 @@ class CorrespondenceTask(StepSeededMixin, FrozenBackboneCheckpointMixin, Lightni
         self.cache = FeatureCache(feature_cache) if feature_cache else None
 
     # --- descriptors ---
-    def descriptors(self, images: Tensor, paths: list[str] | None = None) -> tuple[Tensor, Any]:
+    def descriptors(
+        self, images: Tensor, paths: list[str] | None = None, categories: list[str] | None = None
+    ) -> tuple[Tensor, Any]:
         """(B, 3, H, W) in [-1, 1] → dense descriptors (B, C, grid, grid) and the gate's output.
 
-        With a feature cache and the images' ``paths`` the backbone runs only for new images."""
+        With a feature cache and the images' ``paths`` the backbone runs only for new images;
+        the images' ``categories`` fill ``{category}`` in variant prompts."""
         wanted = {name: self.layer_names for name in self.variant_names}
         if self.attention_name:
             wanted[self.attention_name] = [UP_CROSS]
@@ -100,7 +113,8 @@ class CorrespondenceTask(StepSeededMixin, FrozenBackboneCheckpointMixin, Lightni
             transform = "squash={}x{}".format(*images.shape[-2:])  # the datamodule squashes every image to this size
             feats = self.cache.features(self.extractor, images, paths, transform, layers=wanted)
         else:
-            feats = self.extractor(images, layers=wanted)
+            fields = None if categories is None else [{"category": c} for c in categories]
+            feats = self.extractor(images, layers=wanted, prompt_fields=fields)
         size = (self.grid, self.grid)
 
         def stack(maps: list[Tensor]) -> Tensor:
@@ -113,7 +127,8 @@ class CorrespondenceTask(StepSeededMixin, FrozenBackboneCheckpointMixin, Lightni
     def _pair_descriptors(self, batch: dict) -> tuple[Tensor, Tensor, Any]:
         n = batch["src_image"].shape[0]
         paths = [*batch["src_path"], *batch["trg_path"]]
-        dense, gated = self.descriptors(torch.cat([batch["src_image"], batch["trg_image"]]), paths)
+        images = torch.cat([batch["src_image"], batch["trg_image"]])
+        dense, gated = self.descriptors(images, paths, [*batch["category"], *batch["category"]])
         return dense[:n], dense[n:], gated
 
     def match(self, src: Tensor, trg: Tensor, src_kps: Tensor, src_size, trg_size) -> Tensor:
@@ -160,7 +175,11 @@ class CorrespondenceTask(StepSeededMixin, FrozenBackboneCheckpointMixin, Lightni
         preds = []
         for i in range(src.shape[0]):
             pred = self.match(src[i], trg[i], batch["src_kps"][i], batch["src_size"][i], batch["trg_size"][i])
-            metric.update(pred, batch["trg_kps"][i].float().to(pred.device), batch["trg_size"][i], batch["trg_bbox"][i], batch["category"][i])
+            difficulty = batch["difficulty"][i] if "difficulty" in batch else None
+            metric.update(
+                pred, batch["trg_kps"][i].float().to(pred.device), batch["trg_size"][i], batch["trg_bbox"][i],
+                batch["category"][i], difficulty,
+            )
             preds.append(pred)
         return preds
 
@@ -175,6 +194,10 @@ class CorrespondenceTask(StepSeededMixin, FrozenBackboneCheckpointMixin, Lightni
         for key, value in results.items():
             if key.startswith("pck_"):
                 self.log(f"{prefix}/{key}", value, sync_dist=True, reduce_fx="max", prog_bar=key == "pck_bbox_point")
+        for flag, levels in results["per_difficulty"].items():  # the same on every rank: compute() synced them
+            for level, values in levels.items():
+                for key in ("pck_img_point", "pck_img_image", "pck_bbox_point", "pck_bbox_image"):
+                    self.log(f"{prefix}/{flag}_{level}/{key}", values[key], sync_dist=True, reduce_fx="max")
         metric.reset()
         return results
 
@@ -205,3 +228,16 @@ class CorrespondenceTask(StepSeededMixin, FrozenBackboneCheckpointMixin, Lightni
                 item["trg_kps"] = batch["trg_kps"][i]
             out.append({**item, "pred_kps": pred.cpu()})
         return out
+
+
+def _check_prompt_fields(variants: list[dict], feature_cache: str | None, fresh_noise: bool) -> None:
+    """Refuse, before loading any weights, prompt fields the task cannot fill and features the
+    cache cannot key: the cache names an image by its file, not by the prompt it was given."""
+    for variant in variants:
+        unknown = [f for f in prompt_fields(variant.get("prompt", "")) if f not in PROMPT_FIELDS]
+        if unknown:
+            raise ValueError(f"variant {variant.get('name')!r}: prompt fields {unknown} are not known; a pair fills {list(PROMPT_FIELDS)}")
+    templated = [v.get("name") for v in variants if prompt_fields(v.get("prompt", ""))]
+    if feature_cache and (templated or fresh_noise):
+        reason = f"variants {templated} have per-category prompts" if templated else "backbone.fresh_noise draws new noise on every call"
+        raise ValueError(f"feature_cache needs features fixed by the image file alone, but {reason}: set feature_cache: null")

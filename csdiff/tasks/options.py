@@ -41,8 +41,9 @@ class BackboneOptions(TypedDict, total=False):
     unet: str | None
     img_size: int
     timestep: int
-    latent: Literal["mean", "sample"]
+    latent: Literal["mean", "sample", "variant_sample"]
     vae_seed: int
+    fresh_noise: bool
     noise: bool
     time_ids: list[int] | None
     dtype: Literal["float32", "float16", "bfloat16"]

@@ -4,7 +4,8 @@ Each category is a polygon of its own colour; every image shows it under a rando
 with a dot of a fixed colour per vertex, and the vertices are the keypoints, so a pair's
 keypoints really correspond (same vertex, same dot colour). Images have varied sizes,
 portrait and landscape. Annotations follow SPair: ``src_imsize`` is [W, H, 3], boxes are
-[x1, y1, x2, y2], keypoints [x, y], pair files ``<id>-<src>-<trg>:<category>.json``.
+[x1, y1, x2, y2], keypoints [x, y], pair files ``<id>-<src>-<trg>:<category>.json``, with
+the difficulty levels ``viewpoint_variation``, ``scale_variation``, ``truncation``, ``occlusion``.
 """
 
 from __future__ import annotations
@@ -89,6 +90,11 @@ def make_fake_spair(root: Path, seed: int = 0) -> tuple[Path, dict[str, Path]]:
                     "trg_kps": trg_kps,
                     "kps_ids": [str(i) for i in ids],
                     "mirror": 0,
+                    # SPair's difficulty levels, cycled by pair number (no random draw: the rest stays as it was)
+                    "viewpoint_variation": len(names) % 3,
+                    "scale_variation": len(names) // 3 % 3,
+                    "truncation": len(names) % 4,
+                    "occlusion": len(names) // 2 % 4,
                 }
                 (root / "PairAnnotation" / split / f"{pair}.json").write_text(json.dumps(ann))
                 names.append(pair)
