@@ -125,6 +125,13 @@ def test_unknown_variant_key(setup, capsys):
     assert code == 2 and "promt" in line and "variants" in line
 
 
+def test_backbone_fresh_noise_in_segmentation_is_refused_not_overwritten(setup, capsys):
+    _, config, work = setup
+    config["model"]["init_args"]["backbone"]["fresh_noise"] = True
+    code, line = run(config, work, capsys)
+    assert code == 1 and "use model.init_args.train_noise" in line
+
+
 def test_yaml_typo_in_trainer_key(setup, capsys):
     _, config, work = setup
     config["trainer"]["max_step"] = config["trainer"].pop("max_steps")

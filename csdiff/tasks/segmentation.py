@@ -72,6 +72,8 @@ class SegmentationTask(StepSeededMixin, FrozenBackboneCheckpointMixin, Lightning
         super().__init__()
         self.save_hyperparameters(ignore=["feature_cache"])  # where features are cached is no property of the weights: --ckpt_path keeps the config's
         backbone = dict(backbone or {})
+        if "fresh_noise" in backbone:  # set at every step from train_noise: a backbone value would be overwritten
+            raise ValueError("SegmentationTask sets fresh noise itself: use model.init_args.train_noise (fresh or fixed) instead of backbone.fresh_noise")
         variants = [dict(v) for v in (variants or [{"name": "plain"}])]
         layers = list(layers or PAPER_LAYERS)
         self.extractor = DiffusionFeatureExtractor(layers=layers, variants=variants, **backbone)
