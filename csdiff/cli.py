@@ -11,7 +11,6 @@ import os
 import re
 import sys
 import tempfile
-import warnings
 from argparse import ArgumentError
 from collections.abc import Callable
 from pathlib import Path
@@ -175,9 +174,17 @@ def run_scarce_splits(argv: list[str]) -> int:
     return 0
 
 
+def run_visualize(argv: list[str]) -> int:
+    """PCA pictures of a config's features (csdiff.visualize.features), imported when used."""
+    from csdiff.visualize.features import run_visualize as run
+
+    return run(argv)
+
+
 OWN_VERBS: dict[str, tuple[Callable[[list[str]], int], str]] = {
     "layers": (run_layers, "list activation names and shapes of a model"),
     "extract": (run_extract, "extract features of images or of a config's dataset into a feature folder"),
+    "visualize": (run_visualize, "PCA pictures of a config's features per layer and variant beside t = 0; attention maps"),
     "scarce-splits": (run_scarce_splits, "fit + test a label-scarce config on 5 random splits, mean ± std"),
 }
 
@@ -351,7 +358,24 @@ def run_lightning(argv: list[str] | None):
                 self.config_init[self.subcommand]["weights_only"] = True
             self._check_checkpoint_classes()
 
+        def _say_start(self) -> None:
+            from lightning.pytorch.utilities import rank_zero_only
+
+            from csdiff.console import start_line
+
+            if rank_zero_only.rank == 0:
+                print(start_line(self.subcommand, self.model, self.trainer), flush=True)
+
+        def after_fit(self) -> None:
+            from lightning.pytorch.utilities import rank_zero_only
+
+            from csdiff.console import fit_end_line
+
+            if rank_zero_only.rank == 0 and not self.trainer.interrupted:
+                print(fit_end_line(self.trainer), flush=True)
+
         def before_fit(self) -> None:
+            self._say_start()
             self._before_run()
             # last.ckpt by default, so `--ckpt_path last` can resume any run (an explicit false wins)
             for callback in self.trainer.checkpoint_callbacks:
@@ -361,13 +385,16 @@ def run_lightning(argv: list[str] | None):
             self.trainer.callbacks.append(self._stop)
 
         def before_validate(self) -> None:
+            self._say_start()
             self._before_run()
 
         def before_test(self) -> None:
+            self._say_start()
             self._require_checkpoint()
             self._before_run()
 
         def before_predict(self) -> None:
+            self._say_start()
             self._require_checkpoint()
             self._before_run()
             self.trainer.callbacks.append(StopPredicting("the files written are complete; run the same command again to write them all"))
@@ -381,9 +408,9 @@ def run_lightning(argv: list[str] | None):
         for name in csdiff.data.__all__:  # its modules load on first access
             getattr(csdiff.data, name)
 
-    with warnings.catch_warnings():
-        # the frozen backbone stays in eval mode on purpose; Lightning would warn at every fit
-        warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
+    from csdiff.console import quiet_console
+
+    with quiet_console():
         return CSDiffCLI(
             LightningModule,
             LightningDataModule,

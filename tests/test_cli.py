@@ -195,3 +195,19 @@ def test_short_class_names_resolve(capsys):
     assert info.value.code in (0, None)
     out = capsys.readouterr().out
     assert "class_path: csdiff.tasks.SegmentationTask" in out and "class_path: csdiff.data.QuickstartDataModule" in out
+
+
+def test_fit_says_what_runs_and_where_results_went_and_nothing_else(tmp_path, capfd):
+    """A quiet console (issue 21): a start line naming task, model, family, variants, layers and
+    device, an end line with the checkpoint and the TensorBoard command; no Lightning tips,
+    accelerator inventory or third-party deprecation notices."""
+    from test_segmentation_cli import quick_args
+
+    assert main(["fit", *quick_args(tmp_path), "--trainer.max_steps", "2", "--trainer.limit_val_batches", "1"]) == 0
+    out, err = capfd.readouterr()
+    start = [line for line in out.splitlines() if line.startswith("csdiff fit: SegmentationTask")]
+    assert start and "tiny (sd)" in start[0] and "variants plain, canny" in start[0] and "cpu ×1" in start[0], out
+    end = [line for line in out.splitlines() if line.startswith("csdiff fit: done")]
+    assert end and "last.ckpt" in end[0] and f"tensorboard --logdir {tmp_path / 'logs'}" in end[0], out
+    for noise in ("💡 Tip", "GPU available", "TPU available", "LeafSpec", "Seed set to", "eval mode at the start of training"):
+        assert noise not in out + err, noise
