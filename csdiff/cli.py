@@ -422,14 +422,21 @@ def run_lightning(argv: list[str] | None):
         )
 
 
-def yaml_error_line(argv: list[str]) -> str | None:
-    """Where the first ``--config`` file with a YAML syntax error breaks (jsonargparse drops
-    the file name and position), or None."""
+def config_file_error(argv: list[str]) -> str | None:
+    """What is wrong with the ``--config`` files themselves, found before any heavy import:
+    a file that does not exist (unless the value is inline YAML, which jsonargparse also
+    takes) or a YAML syntax error, with the file, line and column jsonargparse would drop."""
     import yaml
 
     files = [b for a, b in zip(argv, argv[1:]) if a == "--config"] + [a.split("=", 1)[1] for a in argv if a.startswith("--config=")]
     for name in files:
         if not Path(name).is_file():
+            try:
+                inline = yaml.safe_load(name)
+            except yaml.YAMLError:
+                inline = None
+            if not isinstance(inline, dict):
+                return f"--config {name}: no such file"
             continue
         try:
             yaml.safe_load(Path(name).read_text())
@@ -467,13 +474,17 @@ def main(args: list[str] | None = None) -> int:
     if argv[0] not in OWN_VERBS and argv[0] not in LIGHTNING_VERBS:
         print(f"csdiff: unknown command {argv[0]!r}\n\n{_overview()}", file=sys.stderr)
         return 2
+    bad_file = config_file_error(argv)
+    if bad_file is not None:
+        print(f"csdiff {argv[0]}: {bad_file}.", file=sys.stderr)
+        return 2
     try:
         if argv[0] in OWN_VERBS:
             return OWN_VERBS[argv[0]][0](argv[1:])
         run_lightning(None if args is None else argv)
         return 0
     except ArgumentError as err:
-        line = yaml_error_line(argv) or f"{config_error_line(str(err))}. See `csdiff {argv[0]} --help` or --print_config"
+        line = f"{config_error_line(str(err))}. See `csdiff {argv[0]} --help` or --print_config"
         print(f"csdiff {argv[0]}: {line}.", file=sys.stderr)
         return 2
     except Exception as err:

@@ -103,6 +103,8 @@ print(json.dumps([code, sorted(m for m in ("torch", "lightning", "transformers",
     (["layers", "--help"], 0, []),
     (["layers", "--formt", "json"], 2, []),
     (["scarce-splits", "--help"], 0, []),
+    (["fit", "--config", "no/such/config.yaml"], 2, []),  # the config file is checked before any heavy import
+    (["fit", "--config", "{trainer: {max_epochs: [1}}"], 2, []),  # not a file, nor inline YAML
     # LightningCLI's parser is built from the Trainer's signature: Lightning (and with it torch and, through
     # torchmetrics, transformers) is the floor; the tasks and diffusers are not loaded for help
     (["fit", "--help"], 0, ["lightning", "torch", "transformers"]),
