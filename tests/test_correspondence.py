@@ -284,3 +284,16 @@ def test_per_pair_prompts_and_fresh_noise_refuse_a_feature_cache(tmp_path):
         CorrespondenceTask(variants=[{"name": "a", "prompt": "a photo"}], **{**common, "backbone": {"model": "tiny", "fresh_noise": True}})
     with pytest.raises(ValueError, match=r"prompt fields \['colour'\] are not known; a pair fills \['category'\]"):
         CorrespondenceTask(variants=[{"name": "a", "prompt": "a {colour} photo"}], **{**common, "feature_cache": None})
+
+
+def test_category_prompts_refuse_pairs_without_a_category(tmp_path):
+    """Pairs from predict_folders have no category: a `{category}` prompt would read
+    "a photo of a unknown", so it stops with one line instead."""
+    from csdiff.tasks import CorrespondenceTask
+
+    task = CorrespondenceTask(backbone={"model": "tiny", "img_size": 64}, fusion="mean", head="nn",
+                              variants=[{"name": "a", "prompt": "a photo of a {category}"}])
+    images = torch.zeros(2, 3, 64, 64)
+    assert task.descriptors(images, None, ["cat", "dog"])[0].shape[0] == 2
+    with pytest.raises(ValueError, match=r"variants \['a'\] prompt with \{category\}, but pairs from predict_folders have no category"):
+        task.descriptors(images, None, ["unknown", "unknown"])

@@ -26,6 +26,7 @@ SPAIR_CATEGORIES = (
 )
 # What a variant's prompt may ask for per pair: "a photo of a {category}" (DIFT's prompt).
 PROMPT_FIELDS = ("category",)
+UNKNOWN_CATEGORY = "unknown"  # the category of pairs from predict_folders (csdiff.data.spair)
 
 
 class CorrespondenceTask(StepSeededMixin, FrozenBackboneCheckpointMixin, LightningModule):
@@ -84,6 +85,7 @@ class CorrespondenceTask(StepSeededMixin, FrozenBackboneCheckpointMixin, Lightni
             variants.append({**attention_variant, "name": self.attention_name})
             requested.append(UP_CROSS)
         _check_prompt_fields(variants, feature_cache, dict(backbone or {}).get("fresh_noise", False))
+        self.templated = [v.get("name") for v in variants if prompt_fields(v.get("prompt", ""))]
         self.extractor = DiffusionFeatureExtractor(layers=requested, variants=variants, **dict(backbone or {}))
         self.layer_names = [name for name in self.extractor.layers if name != UP_CROSS]  # named sets expanded for the family
         shapes = self.extractor.feature_shapes()
@@ -114,6 +116,11 @@ class CorrespondenceTask(StepSeededMixin, FrozenBackboneCheckpointMixin, Lightni
             feats = self.cache.features(self.extractor, images, paths, transform, layers=wanted)
         else:
             fields = None if categories is None else [{"category": c} for c in categories]
+            if fields is not None and self.templated and UNKNOWN_CATEGORY in categories:
+                raise ValueError(
+                    f"variants {self.templated} prompt with {{category}}, but pairs from predict_folders have no category: "
+                    f"give those variants a prompt without it (e.g. 'a photo')"
+                )
             feats = self.extractor(images, layers=wanted, prompt_fields=fields)
         size = (self.grid, self.grid)
 
