@@ -51,6 +51,9 @@ def _config(tmp: Path, model: str, img_size: int, test_images: int) -> Path:
         if model != "random-sd15":
             variant.pop("loras", None)
     config["data"]["init_args"].update(root=str(tmp / "horse_21"), features=str(tmp / "features"), split="upstream")
+    # DDPM-segmentation's ungated ADM features (extra_features) are not part of this measurement
+    config["data"]["init_args"].pop("extra_features", None)
+    init["extra_channels"] = 0
     config["trainer"].update(accelerator="cpu", enable_progress_bar=False, limit_test_batches=test_images)
     config["trainer"]["logger"]["init_args"]["save_dir"] = str(tmp / "logs")
     config["trainer"]["callbacks"] = []

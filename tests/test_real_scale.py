@@ -96,7 +96,8 @@ def test_loras_at_sd15_widths_load_change_features_and_stay_frozen(sd15_lora_run
     assert len(ex.loras.in_unet) == 2
     assert not any(p.requires_grad for p in ex.parameters())  # peft re-enables them on every switch
     again = ex(images, variants=["plain"])["plain"]
-    torch.testing.assert_close(again[SELF_Q], feats["plain"][SELF_Q])  # the LoRAs are off for plain
+    # the LoRAs are off for plain: the same features, from a call of another batch shape (other kernels: rounding)
+    assert_close_up_to_rounding(again[SELF_Q], feats["plain"][SELF_Q])
     adapted = [n for n, _ in ex.unet.named_parameters() if "lora_A" in n]
     assert len(adapted) == 2 * len(RANDOM_LORA_MODULES)
 
