@@ -97,7 +97,7 @@ print(json.dumps([code, sorted(m for m in ("torch", "lightning", "transformers",
 """
 
 
-@pytest.mark.parametrize("args,code,loaded", [
+@pytest.mark.parametrize("args,code,may_load", [
     (["--help"], 0, []),
     (["frobnicate"], 2, []),
     (["layers", "--help"], 0, []),
@@ -109,11 +109,12 @@ print(json.dumps([code, sorted(m for m in ("torch", "lightning", "transformers",
     # torchmetrics, transformers) is the floor; the tasks and diffusers are not loaded for help
     (["fit", "--help"], 0, ["lightning", "torch", "transformers"]),
 ])
-def test_help_and_argument_errors_load_only_what_they_need(args, code, loaded):
+def test_help_and_argument_errors_load_only_what_they_need(args, code, may_load):
     """Start-up (issue 19.8): `--help` and argument errors answer before heavy modules load.
     benchmarks/cli_startup.py times these; here, which modules each path imports."""
     proc = subprocess.run([sys.executable, "-c", LOADED, *args], capture_output=True, text=True, timeout=120)
-    assert json.loads(proc.stdout.splitlines()[-1]) == [code, loaded], proc.stderr[-2000:]
+    got_code, loaded = json.loads(proc.stdout.splitlines()[-1])
+    assert got_code == code and set(loaded) <= set(may_load), (loaded, proc.stderr[-2000:])
 
 
 @pytest.mark.parametrize("verb", ["layers", "extract"])
