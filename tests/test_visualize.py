@@ -132,17 +132,33 @@ def test_visualize_draws_word_and_point_attention_and_refuses_absent_words(tmp_p
     assert cv2.imread(str(tmp_path / "out" / "img0.png")).shape[:2] == grid_size(len(LAYERS), 5, 64)  # up_cross not drawn
 
 
-def test_visualize_is_a_csdiff_verb_and_refuses_what_it_cannot_use(tmp_path, capsys):
-    """Through `csdiff`: listed in the overview, bad input is one line with exit 1, and a
-    checkpoint (whose gate it does not draw yet) is refused rather than ignored."""
+def test_visualize_is_a_csdiff_verb_and_draws_a_trained_gate(tmp_path, capsys):
+    """Through `csdiff`: listed in the overview, bad input is one line with exit 1; with the
+    checkpoint of a (briefly) trained quickstart fit it also draws the learned gate per image."""
+    from test_segmentation_cli import quick_args
+
     from csdiff.cli import main
+    from csdiff.visualize.gate import BAR, LINE, PAD, VARIANT_COLOURS, gate_weights, load_gated_task
 
     assert main(["--help"]) == 0 and "visualize" in capsys.readouterr().out
-    (tmp_path / "cfg.yaml").write_text(CONFIG)
-    args = ["visualize", "--config", str(tmp_path / "cfg.yaml"), "--output", str(tmp_path / "out")]
-    assert main([*args, "--images", str(tmp_path / "missing")]) == 1
+    args = quick_args(tmp_path)
+    assert main(["fit", *args, "--trainer.max_steps", "2", "--trainer.limit_val_batches", "1"]) == 0
+    ckpt = tmp_path / "logs" / "version_0" / "checkpoints" / "last.ckpt"
+    config = args[args.index("--config") + 1]
+    draw = ["visualize", "--config", config, "--model.init_args.backbone.img_size", "64", "--output", str(tmp_path / "out")]
+    assert main([*draw, "--images", str(tmp_path / "missing")]) == 1
     assert "missing is neither a folder nor an image file" in capsys.readouterr().err
-    (tmp_path / "in").mkdir()
-    cv2.imwrite(str(tmp_path / "in" / "a.png"), np.zeros((64, 64, 3), np.uint8))
-    assert main([*args, "--images", str(tmp_path / "in"), "--ckpt_path", "x.ckpt"]) == 1
-    assert "cannot use --ckpt_path x.ckpt" in capsys.readouterr().err
+    images = tmp_path / "data" / "ADEChallengeData2016" / "images" / "validation"
+    assert main([*draw, "--images", str(images), "--ckpt_path", str(ckpt)]) == 0
+    names = sorted(p.stem for p in images.iterdir())
+    assert sorted(p.name for p in (tmp_path / "out").glob("*.gate.png")) == [f"{n}.gate.png" for n in names]
+    task = load_gated_task("csdiff.tasks.SegmentationTask", str(ckpt))
+    from csdiff.data.segmentation import ImageFolderDataset
+
+    weights = gate_weights(task, ImageFolderDataset(str(images))[0]["image"][None])
+    assert len(weights) == len(task.levels) and all(torch.allclose(w.sum(dim=0), torch.ones(w.shape[1])) for w in weights)
+    picture = cv2.imread(str(tmp_path / "out" / f"{names[0]}.gate.png"))[..., ::-1]
+    assert picture.shape[0] == LINE + len(task.levels) * (2 * LINE + BAR + PAD) + PAD
+    bars = picture[LINE + 2 * LINE : LINE + 2 * LINE + BAR]  # the first level's strip
+    for v in range(len(task.variant_names)):  # every variant draws some channels after 2 steps from a near-uniform start
+        assert (bars == np.array(VARIANT_COLOURS[v], np.uint8)).all(axis=-1).any(), task.variant_names[v]

@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from csdiff.io import save_image
 from csdiff.visualize.attention import plan_attention
+from csdiff.visualize.gate import gate_picture, gate_weights, load_gated_task
 from csdiff.visualize.overlays import image_to_rgb
 from csdiff.visualize.pca import PCABasis, cosine_distance, fit_pca
 
@@ -125,7 +126,7 @@ def run_visualize(argv: list[str]) -> int:
     parser.add_subclass_arguments(LightningDataModule, "data", required=False, instantiate=False, help="read from task configs; unused")
     parser.add_class_arguments(Trainer, "trainer", instantiate=False)
     parser.add_argument("--seed_everything", type=bool | int | None, default=None, help="read from task configs; unused")
-    parser.add_argument("--ckpt_path", type=str | None, default=None, help="read from task configs; must be empty (the gate picture is not drawn yet)")
+    parser.add_argument("--ckpt_path", type=str | None, default=None, help="a checkpoint of the config's task: also draw its learned gate per image (<name>.gate.png)")
     parser.add_argument("--images", type=str, help="an image file or a folder of images")
     parser.add_argument("--output", type=str, help="folder for the grids: <image name>.png")
     parser.add_argument("--joint", type=str, default="variants", choices=["variants", "images"],
@@ -139,11 +140,10 @@ def run_visualize(argv: list[str]) -> int:
     cfg = parser.parse_args(argv)
     if not cfg.images or not cfg.output:
         raise ValueError("give --images (a folder or an image file) and --output (a folder)")
-    if cfg.ckpt_path is not None:
-        raise ValueError(f"csdiff visualize draws no trained gate yet: it cannot use --ckpt_path {cfg.ckpt_path}; drop it")
     dataset = ImageFolderDataset(cfg.images)  # before loading any weights: a bad folder fails at once
     names = output_names(dataset.paths, dataset.root)
     options = extractor_options(cfg.model)
+    gated = load_gated_task(cfg.model.class_path, cfg.ckpt_path) if cfg.ckpt_path is not None else None
     reference = DiffusionFeatureExtractor(
         **dict(options, timestep=0, noise=False, variants=[{"name": REFERENCE, "prompt": ""}])
     ).to(cfg.device)
@@ -155,6 +155,9 @@ def run_visualize(argv: list[str]) -> int:
     restrict = {v.name: list(dict.fromkeys(drawn + (extra if plan and v.name == plan.variant else []))) for v in variants}
     images, all_columns = [], []
     for i in tqdm(range(len(dataset)), desc="visualize", unit="image", disable=None):
+        if gated is not None:
+            weights = gate_weights(gated, dataset[i]["image"][None])
+            _save(cfg.output, f"{names[i]}.gate", gate_picture(gated.levels, weights, gated.variant_names))
         image = extractor.resize(dataset[i]["image"][None])
         features = _features(extractor, image, restrict)
         if plan:
