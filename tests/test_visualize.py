@@ -149,9 +149,14 @@ def test_visualize_is_a_csdiff_verb_and_draws_a_trained_gate(tmp_path, capsys):
     assert main([*draw, "--images", str(tmp_path / "missing")]) == 1
     assert "missing is neither a folder nor an image file" in capsys.readouterr().err
     images = tmp_path / "data" / "ADEChallengeData2016" / "images" / "validation"
-    assert main([*draw, "--images", str(images), "--ckpt_path", str(ckpt)]) == 0
+    assert main([*draw, "--images", str(images), "--ckpt_path", str(ckpt), "--tensorboard", "true"]) == 0
     names = sorted(p.stem for p in images.iterdir())
     assert sorted(p.name for p in (tmp_path / "out").glob("*.gate.png")) == [f"{n}.gate.png" for n in names]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "out" / "tensorboard"))
+    events.Reload()
+    assert sorted(events.Tags()["images"]) == sorted([*names, *(f"{n}.gate" for n in names)])
     task = load_gated_task("csdiff.tasks.SegmentationTask", str(ckpt))
     from csdiff.data.segmentation import ImageFolderDataset
 

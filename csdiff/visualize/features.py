@@ -137,13 +137,14 @@ def run_visualize(argv: list[str]) -> int:
     parser.add_argument("--self_layer", type=str | None, default=None, help="a `-self-map` layer for points (default: the finest of the up-levels)")
     parser.add_argument("--cell", type=int, default=128, help="side of each picture in pixels")
     parser.add_argument("--device", type=str, default="cpu", help="e.g. cpu or cuda:1")
+    parser.add_argument("--tensorboard", type=bool, default=False, help="also log every picture to TensorBoard (<output>/tensorboard)")
     cfg = parser.parse_args(argv)
     if not cfg.images or not cfg.output:
         raise ValueError("give --images (a folder or an image file) and --output (a folder)")
     dataset = ImageFolderDataset(cfg.images)  # before loading any weights: a bad folder fails at once
     names = output_names(dataset.paths, dataset.root)
     options = extractor_options(cfg.model)
-    gated = load_gated_task(cfg.model.class_path, cfg.ckpt_path) if cfg.ckpt_path is not None else None
+    gated = load_gated_task(cfg.model.class_path, cfg.ckpt_path).to(cfg.device) if cfg.ckpt_path is not None else None
     reference = DiffusionFeatureExtractor(
         **dict(options, timestep=0, noise=False, variants=[{"name": REFERENCE, "prompt": ""}])
     ).to(cfg.device)
@@ -153,30 +154,51 @@ def run_visualize(argv: list[str]) -> int:
     extra = plan.layers if plan else []  # captured for the attention picture only
     extractor = DiffusionFeatureExtractor(**dict(options, layers=[*options["layers"], *extra])).to(cfg.device)
     restrict = {v.name: list(dict.fromkeys(drawn + (extra if plan and v.name == plan.variant else []))) for v in variants}
+    save = _Saver(cfg.output, cfg.tensorboard)
     images, all_columns = [], []
     for i in tqdm(range(len(dataset)), desc="visualize", unit="image", disable=None):
         if gated is not None:
             weights = gate_weights(gated, dataset[i]["image"][None])
-            _save(cfg.output, f"{names[i]}.gate", gate_picture(gated.levels, weights, gated.variant_names))
+            save(f"{names[i]}.gate", gate_picture(gated.levels, weights, gated.variant_names))
         image = extractor.resize(dataset[i]["image"][None])
         features = _features(extractor, image, restrict)
         if plan:
             pictures = plan.pictures(image[0].cpu(), features[plan.variant], cfg.cell)
-            _save(cfg.output, f"{names[i]}.attention", attention_grid(pictures, cfg.cell))
+            save(f"{names[i]}.attention", attention_grid(pictures, cfg.cell))
         columns = [(REFERENCE, _features(reference, image)[REFERENCE])]
         columns += [(name, {layer: maps[layer] for layer in drawn}) for name, maps in features.items()]
         if cfg.joint == "variants":
-            _save(cfg.output, names[i], feature_grid(image[0].cpu(), columns, fit_bases([columns]), cfg.cell))
+            save(names[i], feature_grid(image[0].cpu(), columns, fit_bases([columns]), cfg.cell))
         else:
             images.append(image[0].cpu())
             all_columns.append(columns)
     if all_columns:
         bases = fit_bases(all_columns)
         for name, image, columns in zip(names, images, all_columns, strict=True):
-            _save(cfg.output, name, feature_grid(image, columns, bases, cfg.cell))
-    print(f"wrote {len(names)} feature grids to {cfg.output}")
+            save(name, feature_grid(image, columns, bases, cfg.cell))
+    save.close()
+    print(f"wrote {len(names)} feature grids to {cfg.output}" + (f" (and to TensorBoard: tensorboard --logdir {save.tensorboard_dir})" if cfg.tensorboard else ""))
     return 0
 
 
-def _save(folder: str, name: str, grid: np.ndarray) -> Path:
-    return save_image(Path(folder) / f"{name}.png", grid)
+class _Saver:
+    """Writes each picture as ``<output>/<name>.png`` (atomically) and, if asked, as a
+    TensorBoard image tagged by its name."""
+
+    def __init__(self, folder: str, tensorboard: bool) -> None:
+        self.folder = Path(folder)
+        self.tensorboard_dir = self.folder / "tensorboard"
+        self.writer = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(self.tensorboard_dir))
+
+    def __call__(self, name: str, grid: np.ndarray) -> Path:
+        if self.writer is not None:
+            self.writer.add_image(name, grid, dataformats="HWC")
+        return save_image(self.folder / f"{name}.png", grid)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()

@@ -38,7 +38,7 @@ def load_gated_task(class_path: str, ckpt_path: str) -> Any:
 def gate_weights(task: Any, image: torch.Tensor) -> list[torch.Tensor]:
     """Per level of ``task.levels``, the (V, C) weights its gate gives one image (1, 3, H, W)."""
     with torch.no_grad():
-        out = task.gate(task.features(image))
+        out = task.gate(task.features(image.to(task.device)))
     return [w[:, 0].float().cpu() for w in out.weights]
 
 
