@@ -480,7 +480,10 @@ def main(args: list[str] | None = None) -> int:
         return 2
     try:
         if argv[0] in OWN_VERBS:
-            return OWN_VERBS[argv[0]][0](argv[1:])
+            from csdiff.console import quiet_console
+
+            with quiet_console():
+                return OWN_VERBS[argv[0]][0](argv[1:])
         run_lightning(None if args is None else argv)
         return 0
     except ArgumentError as err:

@@ -24,6 +24,7 @@ _SILENCED_WARNINGS = (
     r"(?s).*was deprecated in v4\.\d+\.\d+ and will be removed",  # jsonargparse, as Lightning's CLI calls it (the message starts with a newline)
     r"(?s).*By default only one JsonargparseDeprecationWarning",
     r".*module\(s\) in eval mode at the start of training",  # the frozen backbone stays in eval mode on purpose
+    r"predict returned None",  # `extract` and `visualize` write their results in the predict loop
 )
 
 

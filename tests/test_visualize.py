@@ -167,3 +167,19 @@ def test_visualize_is_a_csdiff_verb_and_draws_a_trained_gate(tmp_path, capsys):
     bars = picture[LINE + 2 * LINE : LINE + 2 * LINE + BAR]  # the first level's strip
     for v in range(len(task.variant_names)):  # every variant draws some channels after 2 steps from a near-uniform start
         assert (bars == np.array(VARIANT_COLOURS[v], np.uint8)).all(axis=-1).any(), task.variant_names[v]
+
+
+def test_visualize_on_two_processes_draws_every_image_once(tmp_path):
+    """Lightning's predict loop with DDP on 2 CPU processes: each rank draws its shard, together
+    every image, none twice (a real launch: the process boundary is the point)."""
+    import os
+    import subprocess
+    import sys
+
+    (tmp_path / "cfg.yaml").write_text(CONFIG)
+    _images(tmp_path / "in", 3)
+    cmd = [sys.executable, "-m", "csdiff", "visualize", "--config", str(tmp_path / "cfg.yaml"), "--images", str(tmp_path / "in"),
+           "--output", str(tmp_path / "out"), "--cell", "32", "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["img0.png", "img1.png", "img2.png"]

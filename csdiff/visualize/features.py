@@ -18,9 +18,12 @@ from typing import Any
 import cv2
 import numpy as np
 import torch
-from tqdm import tqdm
+from lightning.pytorch import LightningModule
+from torch.utils.data import DataLoader
 
+from csdiff.data.samplers import ShardedEvalSampler
 from csdiff.io import save_image
+from csdiff.resume import StopPredicting
 from csdiff.visualize.attention import plan_attention
 from csdiff.visualize.gate import gate_picture, gate_weights, load_gated_task
 from csdiff.visualize.overlays import image_to_rgb
@@ -112,7 +115,7 @@ def run_visualize(argv: list[str]) -> int:
     drawn; its other sections are read and ignored. The t=0 reference is a second extractor of
     the same backbone (clean latent, timestep 0, empty prompt), so the backbone is loaded twice.
     """
-    from lightning.pytorch import LightningDataModule, LightningModule, Trainer
+    from lightning.pytorch import LightningDataModule, Trainer
 
     from csdiff.backbone import DiffusionFeatureExtractor
     from csdiff.backbone.variants import as_variant
@@ -136,49 +139,84 @@ def run_visualize(argv: list[str]) -> int:
     parser.add_argument("--attention_variant", type=str | None, default=None, help="the variant of the words and points (default: the first)")
     parser.add_argument("--self_layer", type=str | None, default=None, help="a `-self-map` layer for points (default: the finest of the up-levels)")
     parser.add_argument("--cell", type=int, default=128, help="side of each picture in pixels")
-    parser.add_argument("--device", type=str, default="cpu", help="e.g. cpu or cuda:1")
+    parser.add_argument("--device", type=str | None, default=None, help="shorthand for one device, e.g. cpu or cuda:1 (else the trainer's devices)")
     parser.add_argument("--tensorboard", type=bool, default=False, help="also log every picture to TensorBoard (<output>/tensorboard)")
     cfg = parser.parse_args(argv)
     if not cfg.images or not cfg.output:
         raise ValueError("give --images (a folder or an image file) and --output (a folder)")
     dataset = ImageFolderDataset(cfg.images)  # before loading any weights: a bad folder fails at once
-    names = output_names(dataset.paths, dataset.root)
+    names = dict(zip(dataset.paths, output_names(dataset.paths, dataset.root), strict=True))
+    trainer_options = {k: cfg.trainer[k] for k in ("accelerator", "devices", "strategy", "num_nodes")}
+    if cfg.device is not None:
+        kind, _, index = cfg.device.partition(":")
+        trainer_options.update(accelerator="gpu" if kind == "cuda" else kind, devices=[int(index)] if index else 1, strategy="auto")
     options = extractor_options(cfg.model)
-    gated = load_gated_task(cfg.model.class_path, cfg.ckpt_path).to(cfg.device) if cfg.ckpt_path is not None else None
-    reference = DiffusionFeatureExtractor(
-        **dict(options, timestep=0, noise=False, variants=[{"name": REFERENCE, "prompt": ""}])
-    ).to(cfg.device)
-    drawn = list(reference.layers)
+    gated = load_gated_task(cfg.model.class_path, cfg.ckpt_path) if cfg.ckpt_path is not None else None
+    reference = DiffusionFeatureExtractor(**dict(options, timestep=0, noise=False, variants=[{"name": REFERENCE, "prompt": ""}]))
     variants = [as_variant(v) for v in options["variants"]]
     plan = plan_attention(reference.unet, reference.tokenizer, variants, cfg.words, cfg.points, cfg.attention_variant, cfg.self_layer)
-    extra = plan.layers if plan else []  # captured for the attention picture only
-    extractor = DiffusionFeatureExtractor(**dict(options, layers=[*options["layers"], *extra])).to(cfg.device)
-    restrict = {v.name: list(dict.fromkeys(drawn + (extra if plan and v.name == plan.variant else []))) for v in variants}
-    save = _Saver(cfg.output, cfg.tensorboard)
-    images, all_columns = [], []
-    for i in tqdm(range(len(dataset)), desc="visualize", unit="image", disable=None):
-        if gated is not None:
-            weights = gate_weights(gated, dataset[i]["image"][None])
-            save(f"{names[i]}.gate", gate_picture(gated.levels, weights, gated.variant_names))
-        image = extractor.resize(dataset[i]["image"][None])
-        features = _features(extractor, image, restrict)
-        if plan:
-            pictures = plan.pictures(image[0].cpu(), features[plan.variant], cfg.cell)
-            save(f"{names[i]}.attention", attention_grid(pictures, cfg.cell))
-        columns = [(REFERENCE, _features(reference, image)[REFERENCE])]
-        columns += [(name, {layer: maps[layer] for layer in drawn}) for name, maps in features.items()]
-        if cfg.joint == "variants":
-            save(names[i], feature_grid(image[0].cpu(), columns, fit_bases([columns]), cfg.cell))
-        else:
-            images.append(image[0].cpu())
-            all_columns.append(columns)
-    if all_columns:
-        bases = fit_bases(all_columns)
-        for name, image, columns in zip(names, images, all_columns, strict=True):
-            save(name, feature_grid(image, columns, bases, cfg.cell))
-    save.close()
-    print(f"wrote {len(names)} feature grids to {cfg.output}" + (f" (and to TensorBoard: tensorboard --logdir {save.tensorboard_dir})" if cfg.tensorboard else ""))
+    extractor = DiffusionFeatureExtractor(**dict(options, layers=[*options["layers"], *(plan.layers if plan else [])]))
+    module = VisualizationModule(extractor, reference, dataset, names, _Saver(cfg.output, cfg.tensorboard), cfg.cell, cfg.joint, plan, gated)
+    trainer = Trainer(
+        **trainer_options, logger=False, enable_checkpointing=False, enable_model_summary=False, use_distributed_sampler=False,
+        callbacks=[StopPredicting("run the same command again: pictures already written are complete")],
+    )
+    if cfg.joint == "images" and trainer.world_size > 1:
+        raise ValueError("--joint images fits one basis over every image, in one process: give one device, or --joint variants")
+    trainer.predict(module, return_predictions=False)
+    module.finish()
+    if trainer.is_global_zero:
+        where = f" (and to TensorBoard: tensorboard --logdir {module.save.tensorboard_dir})" if cfg.tensorboard else ""
+        print(f"wrote {len(dataset)} feature grids to {cfg.output}{where}")
     return 0
+
+
+class VisualizationModule(LightningModule):
+    """Draws each image's pictures in Lightning's predict loop (progress bar, devices: each rank
+    draws its own shard, one image per step), or with ``joint="images"`` keeps the feature
+    columns until :meth:`finish` fits the shared bases."""
+
+    def __init__(self, extractor, reference, dataset, names: dict[str, str], save: _Saver, cell: int, joint: str, plan=None, gated=None) -> None:
+        super().__init__()
+        self.extractor, self.reference, self.gated = extractor, reference, gated  # modules: moved to the device by Lightning
+        self.dataset, self.names, self.save, self.cell, self.joint, self.plan = dataset, names, save, cell, joint, plan
+        self.drawn = list(reference.layers)
+        extra = plan.layers if plan else []  # captured for the attention picture only
+        self.restrict = {
+            v.name: list(dict.fromkeys(self.drawn + (extra if plan and v.name == plan.variant else []))) for v in extractor.variants
+        }
+        self.kept: list[tuple[str, torch.Tensor, list]] = []
+
+    def predict_dataloader(self) -> DataLoader:
+        return DataLoader(self.dataset, batch_size=1, sampler=ShardedEvalSampler(self.dataset), collate_fn=_single)
+
+    def predict_step(self, item: dict[str, Any], batch_idx: int) -> None:
+        name, raw = self.names[item["path"]], item["image"][None].to(self.device)
+        if self.gated is not None:
+            self.save(f"{name}.gate", gate_picture(self.gated.levels, gate_weights(self.gated, raw), self.gated.variant_names))
+        image = self.extractor.resize(raw)
+        features = _features(self.extractor, image, self.restrict)
+        if self.plan:
+            self.save(f"{name}.attention", attention_grid(self.plan.pictures(image[0].cpu(), features[self.plan.variant], self.cell), self.cell))
+        columns = [(REFERENCE, _features(self.reference, image)[REFERENCE])]
+        columns += [(variant, {layer: maps[layer] for layer in self.drawn}) for variant, maps in features.items()]
+        if self.joint == "variants":
+            self.save(name, feature_grid(image[0].cpu(), columns, fit_bases([columns]), self.cell))
+        else:
+            self.kept.append((name, image[0].cpu(), columns))
+
+    def finish(self) -> None:
+        """Draw the grids kept for the joint basis over all images; close TensorBoard."""
+        if self.kept:
+            bases = fit_bases([columns for _, _, columns in self.kept])
+            for name, image, columns in self.kept:
+                self.save(name, feature_grid(image, columns, bases, self.cell))
+        self.save.close()
+
+
+def _single(items: list[dict[str, Any]]) -> dict[str, Any]:
+    """Images differ in size: one per step."""
+    return items[0]
 
 
 class _Saver:
