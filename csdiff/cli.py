@@ -14,6 +14,7 @@ import tempfile
 from argparse import ArgumentError
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from jsonargparse import ActionConfigFile, ArgumentParser
 
@@ -79,6 +80,19 @@ def run_layers(argv: list[str]) -> int:
     return 0
 
 
+def config_extractor_options(model: Any, otherwise: str) -> dict[str, Any]:
+    """Extractor arguments (backbone options, variants, layers) from a `csdiff fit` config's
+    model section, for the verbs that take a task config (``otherwise``: what to do instead)."""
+    options = model.init_args
+    if not {"backbone", "variants", "layers"} <= set(options.keys()):
+        raise ValueError(f"{model.class_path} has no backbone/variants/layers options: {otherwise}")
+    if not options.layers:
+        raise ValueError("the config's model names no layers: set model.init_args.layers")
+    backbone = options.backbone.as_dict() if hasattr(options.backbone, "as_dict") else dict(options.backbone or {})
+    variants = [v.as_dict() if hasattr(v, "as_dict") else dict(v) for v in (options.variants or [{"name": "plain"}])]
+    return dict(backbone, layers=list(options.layers), variants=variants)
+
+
 def run_extract(argv: list[str]) -> int:
     """Write features of a folder of images, or of a task config's dataset, into a feature folder.
 
@@ -116,14 +130,7 @@ def run_extract(argv: list[str]) -> int:
     parser.set_defaults({"extractor.feature_dtype": "float16"})
     cfg = parser.parse_args(argv)
     if cfg.model is not None:
-        options = cfg.model.init_args
-        if not {"backbone", "variants", "layers"} <= set(options.keys()):
-            raise ValueError(f"{cfg.model.class_path} has no backbone/variants/layers options: give --extractor.* instead")
-        if not options.layers:
-            raise ValueError("the config's model names no layers: set model.init_args.layers")
-        backbone = options.backbone.as_dict() if hasattr(options.backbone, "as_dict") else dict(options.backbone or {})
-        variants = [v.as_dict() if hasattr(v, "as_dict") else dict(v) for v in (options.variants or [{"name": "plain"}])]
-        kwargs = dict(backbone, layers=list(options.layers), variants=variants, feature_dtype="float16")
+        kwargs = dict(config_extractor_options(cfg.model, "give --extractor.* instead"), feature_dtype="float16")
     else:
         kwargs = cfg.extractor.as_dict()
     datamodule = parser.instantiate_classes(cfg).data if cfg.data is not None and cfg.input is None else None

@@ -89,17 +89,13 @@ def fit_bases(images_columns: list[list[tuple[str, Maps]]]) -> dict[str, PCABasi
 
 
 def extractor_options(model: Any) -> dict[str, Any]:
-    """Extractor arguments from a `csdiff fit` config's model section (backbone, variants, layers)."""
+    """Extractor arguments from a `csdiff fit` config's model section (backbone, variants, layers),
+    with seeded noise: pictures are reproducible."""
+    from csdiff.cli import config_extractor_options
+
     if model is None:
         raise ValueError("give --config with a model section (a `csdiff fit` config): its backbone, variants and layers are drawn")
-    options = model.init_args
-    if not {"backbone", "variants", "layers"} <= set(options.keys()):
-        raise ValueError(f"{model.class_path} has no backbone/variants/layers options to draw")
-    if not options.layers:
-        raise ValueError("the config's model names no layers: set model.init_args.layers")
-    backbone = options.backbone.as_dict() if hasattr(options.backbone, "as_dict") else dict(options.backbone or {})
-    variants = [v.as_dict() if hasattr(v, "as_dict") else dict(v) for v in (options.variants or [{"name": "plain"}])]
-    return dict(backbone, layers=list(options.layers), variants=variants, fresh_noise=False)
+    return dict(config_extractor_options(model, "give a task config whose extractor can be drawn"), fresh_noise=False)
 
 
 def _features(extractor, image: torch.Tensor, layers: dict[str, list[str]] | None = None) -> dict[str, Maps]:
