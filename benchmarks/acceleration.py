@@ -49,23 +49,36 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
     parser.add_argument("--backend", default="inductor", help="torch.compile backend of the compile settings")
-    parser.add_argument("--warm_cache", action="store_true", help="keep inductor's on-disk cache (default: an empty one)")
+    parser.add_argument(
+        "--warm_cache", action="store_true", help="keep inductor's on-disk cache (default: an empty one)"
+    )
     args = parser.parse_args()
     cache = None if args.warm_cache else tempfile.TemporaryDirectory(prefix="csdiff-inductor-")  # removed on exit
     if cache is not None:
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache.name
     device = "cuda" if torch.cuda.is_available() else "cpu"
     controlnet = "tiny-controlnet-canny" if args.model == "tiny" else f"{args.model}-controlnet-canny"
-    variants = [dict(name="plain", prompt="a photo"), dict(name="canny", prompt="a photo", controlnets=[dict(model=controlnet)])]
-    images = torch.rand(args.batch, 3, args.img_size, args.img_size, generator=torch.Generator().manual_seed(0)).to(device) * 2 - 1
+    variants = [
+        dict(name="plain", prompt="a photo"),
+        dict(name="canny", prompt="a photo", controlnets=[dict(model=controlnet)]),
+    ]
+    images = (
+        torch.rand(args.batch, 3, args.img_size, args.img_size, generator=torch.Generator().manual_seed(0)).to(device)
+        * 2
+        - 1
+    )
     name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
-    print(f"# {args.model}, img_size {args.img_size}, batch {args.batch}, {args.dtype}, {name}, median of {args.repeats}, compile backend {args.backend}, {'warm' if args.warm_cache else 'empty'} compile cache")
+    print(
+        f"# {args.model}, img_size {args.img_size}, batch {args.batch}, {args.dtype}, {name}, median of {args.repeats}, compile backend {args.backend}, {'warm' if args.warm_cache else 'empty'} compile cache"
+    )
     print(f"{'setting':<22} {'first call s':>12} {'call s':>8} {'ratio':>6} {'compile s':>9} {'max |diff|':>10}")
     reference, plain_time = None, None
     for setting in args.settings:
         torch._dynamo.reset()
         options = {k: args.backend if k == "compile" else v for k, v in SETTINGS[setting].items()}
-        extractor = DiffusionFeatureExtractor(args.model, LAYERS, img_size=args.img_size, variants=variants, dtype=args.dtype, **options).to(device)
+        extractor = DiffusionFeatureExtractor(
+            args.model, LAYERS, img_size=args.img_size, variants=variants, dtype=args.dtype, **options
+        ).to(device)
         start = time.perf_counter()
         out = extractor(images)
         synchronize()
@@ -76,7 +89,7 @@ def main() -> None:
         diff = max((out[v][n].float() - reference[v][n].float()).abs().max().item() for v in out for n in out[v])
         compile_s = f"{first - seconds:>9.1f}" if "compile" in setting else f"{'-':>9}"
         print(f"{setting:<22} {first:>12.2f} {seconds:>8.3f} {seconds / plain_time:>6.2f} {compile_s} {diff:>10.2e}")
-        del extractor
+        extractor = None  # frees it for the next; a `del` trips ruff F821 on the lambda above (astral-sh/ruff#9858)
 
 
 if __name__ == "__main__":

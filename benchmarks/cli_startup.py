@@ -32,7 +32,10 @@ COMMANDS: list[tuple[str, list[str]]] = [
     ("csdiff extract --help", [*CSDIFF, "extract", "--help"]),
     ("csdiff fit --help", [*CSDIFF, "fit", "--help"]),
     ("csdiff fit --config missing.yaml", [*CSDIFF, "fit", "--config", "missing.yaml"]),
-    ("csdiff fit quickstart + bad model key", [*CSDIFF, "fit", "--config", QUICKSTART, "--model.init_args.no_such_key", "1"]),
+    (
+        "csdiff fit quickstart + bad model key",
+        [*CSDIFF, "fit", "--config", QUICKSTART, "--model.init_args.no_such_key", "1"],
+    ),
     ("csdiff fit quickstart + bad trainer key", [*CSDIFF, "fit", "--config", QUICKSTART, "--trainer.max_epochz", "1"]),
 ]
 
@@ -58,7 +61,9 @@ def main() -> None:
     for title, median, code in rows:
         print(f"{title:<42} {code:>4} {median:>9.2f} {median / python:>9.1f} {median / lightning:>12.2f}")
     under = [t for t, m, _ in rows[2:] if m < 2.0]
-    print(f"{len(under)} of {len(rows) - 2} commands answer in under 2 s; importing lightning.pytorch alone takes {lightning:.2f} s")
+    print(
+        f"{len(under)} of {len(rows) - 2} commands answer in under 2 s; importing lightning.pytorch alone takes {lightning:.2f} s"
+    )
 
 
 if __name__ == "__main__":

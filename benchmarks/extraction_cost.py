@@ -61,14 +61,20 @@ def main() -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     controlnet = "random-sd15-controlnet-canny" if args.model == "random-sd15" else "tiny-controlnet-canny"
     images = torch.rand(args.batch, 3, args.img_size, args.img_size, generator=torch.Generator().manual_seed(0)) * 2 - 1
-    print(f"# {args.model}, img_size {args.img_size}, batch {args.batch}, {args.dtype}, {device}, median of {args.repeats}")
+    print(
+        f"# {args.model}, img_size {args.img_size}, batch {args.batch}, {args.dtype}, {device}, median of {args.repeats}"
+    )
     print("| measurement | csdiff s | reference s | ratio | target |")
     print("|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
         # (a) hooks: one plain variant
-        for label, layers in (("(a) 1 variant, segmentation layers", SEG_LAYERS), ("(a) 1 variant, legacy layers", ["legacy"])):
-            ex = DiffusionFeatureExtractor(args.model, layers, img_size=args.img_size, dtype=args.dtype,
-                                           variants=[Variant("plain", PROMPT)]).to(device)
+        for label, layers in (
+            ("(a) 1 variant, segmentation layers", SEG_LAYERS),
+            ("(a) 1 variant, legacy layers", ["legacy"]),
+        ):
+            ex = DiffusionFeatureExtractor(
+                args.model, layers, img_size=args.img_size, dtype=args.dtype, variants=[Variant("plain", PROMPT)]
+            ).to(device)
             x = images.to(device)
             ours = timed(lambda: ex(x), args.repeats)
             ex.prompt_embedding(PROMPT, ())  # the bare call gets its prompt embedding for free as well
@@ -76,13 +82,16 @@ def main() -> None:
 
             @torch.no_grad()
             def bare() -> None:
-                latents = ex.vae.encode(ex.resize(x).to(ex.vae.dtype)).latent_dist.mean.to(ex.dtype) * ex.vae.config.scaling_factor
+                latents = (
+                    ex.vae.encode(ex.resize(x).to(ex.vae.dtype)).latent_dist.mean.to(ex.dtype)
+                    * ex.vae.config.scaling_factor
+                )
                 noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(0)).to(latents)
                 ex.unet(ex.add_noise(latents, noise, ex.timestep), ex.timestep, encoder_hidden_states=emb)
 
             theirs = timed(bare, args.repeats)
             print(f"| {label} | {ours:.3f} | {theirs:.3f} | {ours / theirs:.2f} | <= 1.05 |")
-            del ex
+            ex = None  # frees it for the next; `del` would trip ruff (F821) on the closures above: astral-sh/ruff#9858
         # (b) the ADE20K config's 3 variants
         unet = DiffusionFeatureExtractor(args.model, SEG_LAYERS, img_size=args.img_size).unet
         loras = [str(write_random_lora(Path(tmp) / f"lora_{k}.safetensors", unet, seed=k)) for k in range(2)]
@@ -91,20 +100,34 @@ def main() -> None:
         variants = [Variant("plain", PROMPT)] + [
             Variant(f"lora_{k}_canny", PROMPT, loras=[LoRA(path)], controlnets=canny) for k, path in enumerate(loras)
         ]
-        ex = DiffusionFeatureExtractor(args.model, SEG_LAYERS, img_size=args.img_size, dtype=args.dtype, variants=variants).to(device)
+        ex = DiffusionFeatureExtractor(
+            args.model, SEG_LAYERS, img_size=args.img_size, dtype=args.dtype, variants=variants
+        ).to(device)
         x = images.to(device)
         ours = timed(lambda: ex(x), args.repeats)
         theirs = timed(lambda: [reference(ex, x, v) for v in variants], args.repeats)
-        print(f"| (b) ADE20K's 3 variants vs 3 reference extractions | {ours:.3f} | {theirs:.3f} | {ours / theirs:.2f} | <= 0.65 |")
+        print(
+            f"| (b) ADE20K's 3 variants vs 3 reference extractions | {ours:.3f} | {theirs:.3f} | {ours / theirs:.2f} | <= 0.65 |"
+        )
         # (b') variants sharing UNet weights: batched vs one call each
-        shared = [Variant(f"fine_s{s}", PROMPT, seed=s) for s in (0, 1)] + [Variant(f"canny_s{s}", "a photo", seed=s, controlnets=canny) for s in (0, 1)]
+        shared = [Variant(f"fine_s{s}", PROMPT, seed=s) for s in (0, 1)] + [
+            Variant(f"canny_s{s}", "a photo", seed=s, controlnets=canny) for s in (0, 1)
+        ]
         times = {}
         for batched in (True, False):
-            ex = DiffusionFeatureExtractor(args.model, SEG_LAYERS, img_size=args.img_size, dtype=args.dtype, variants=shared,
-                                           batch_variants=batched).to(device)
+            ex = DiffusionFeatureExtractor(
+                args.model,
+                SEG_LAYERS,
+                img_size=args.img_size,
+                dtype=args.dtype,
+                variants=shared,
+                batch_variants=batched,
+            ).to(device)
             times[batched] = timed(lambda: ex(x), args.repeats)
-            del ex
-        print(f"| (b') 4 variants sharing UNet weights: one batched call vs one per variant | {times[True]:.3f} | {times[False]:.3f} | {times[True] / times[False]:.2f} | < 1 |")
+            ex = None  # frees it for the next; `del` would trip ruff (F821) on the closures above: astral-sh/ruff#9858
+        print(
+            f"| (b') 4 variants sharing UNet weights: one batched call vs one per variant | {times[True]:.3f} | {times[False]:.3f} | {times[True] / times[False]:.2f} | < 1 |"
+        )
 
 
 if __name__ == "__main__":

@@ -34,24 +34,60 @@ def suite(gpu: bool, quick: bool) -> list[tuple[str, str, list[str]]]:
             ("Training step (c, e)", "training_step.py", ["--model", "tiny", "--img_size", "64", "--repeats", "1"]),
             ("UNet early stop", "unet_early_stop.py", tiny),
             ("Feature cache cold vs warm (d)", "feature_cache.py", ["--num_val", "2"]),
-            ("Label-scarce memory", "scarce_memory.py", ["--model", "tiny", "--img_size", "64", "--steps", "2", "--test_images", "1"]),
-            ("channels_last and compile", "acceleration.py", tiny + ["--backend", "eager", "--settings", "plain", "compile+channels_last"]),
+            (
+                "Label-scarce memory",
+                "scarce_memory.py",
+                ["--model", "tiny", "--img_size", "64", "--steps", "2", "--test_images", "1"],
+            ),
+            (
+                "channels_last and compile",
+                "acceleration.py",
+                tiny + ["--backend", "eager", "--settings", "plain", "compile+channels_last"],
+            ),
             ("SPair evaluation memory (e)", "spair_memory.py", ["--model", "tiny", "--img_size", "64", "--pairs", "1"]),
-            ("Merged weights per variant", "variant_weights_memory.py", ["--model", "tiny", "--dtype", "float32", "--text_encoder"]),
+            (
+                "Merged weights per variant",
+                "variant_weights_memory.py",
+                ["--model", "tiny", "--dtype", "float32", "--text_encoder"],
+            ),
             ("CLI start-up", "cli_startup.py", ["--repeats", "1", "--only", "csdiff --help", "layers --help"]),
         ]
-    sizes = [["--img_size", "512", "--dtype", "bfloat16"], ["--img_size", "512", "--dtype", "float32"]] if gpu else [["--img_size", "256"]]
+    sizes = (
+        [["--img_size", "512", "--dtype", "bfloat16"], ["--img_size", "512", "--dtype", "float32"]]
+        if gpu
+        else [["--img_size", "256"]]
+    )
     runs = [(f"Extraction cost (a, b), {' '.join(s)}", "extraction_cost.py", s) for s in sizes]
     runs += [
-        ("Training step (c, e)", "training_step.py", ["--img_size", "512" if gpu else "256"] + (["--dtype", "bfloat16"] if gpu else [])),
+        (
+            "Training step (c, e)",
+            "training_step.py",
+            ["--img_size", "512" if gpu else "256"] + (["--dtype", "bfloat16"] if gpu else []),
+        ),
         ("UNet early stop", "unet_early_stop.py", ["--model", "random-sd15", "--img_size", "512", "--repeats", "2"]),
         ("Feature cache cold vs warm (d), quickstart", "feature_cache.py", []),
-        ("Feature cache cold vs warm (d), SD 1.5 size", "feature_cache.py", ["--model", "random-sd15", "--num_val", "16"]),
+        (
+            "Feature cache cold vs warm (d), SD 1.5 size",
+            "feature_cache.py",
+            ["--model", "random-sd15", "--num_val", "16"],
+        ),
         ("Label-scarce memory", "scarce_memory.py", ["--steps", "200", "--test_images", "4"]),
-        ("channels_last and compile", "acceleration.py", ["--img_size", "512" if gpu else "256", "--repeats", "2"] + (["--dtype", "bfloat16"] if gpu else [])),
-        ("SPair evaluation memory (e)", "spair_memory.py", ["--dtype", "bfloat16", "--pairs", "3"] if gpu else ["--pairs", "1"]),
+        (
+            "channels_last and compile",
+            "acceleration.py",
+            ["--img_size", "512" if gpu else "256", "--repeats", "2"] + (["--dtype", "bfloat16"] if gpu else []),
+        ),
+        (
+            "SPair evaluation memory (e)",
+            "spair_memory.py",
+            ["--dtype", "bfloat16", "--pairs", "3"] if gpu else ["--pairs", "1"],
+        ),
         ("Start-up of the paper configs", "startup.py", []),
-        ("Merged weights per variant", "variant_weights_memory.py", ["--dtype", "bfloat16" if gpu else "float16", "--text_encoder"]),
+        (
+            "Merged weights per variant",
+            "variant_weights_memory.py",
+            ["--dtype", "bfloat16" if gpu else "float16", "--text_encoder"],
+        ),
         ("CLI start-up", "cli_startup.py", []),
     ]
     return runs
@@ -82,7 +118,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny model, one repetition (checks the scripts)")
     parser.add_argument("--output", type=Path, default=HERE / "RESULTS.md")
-    parser.add_argument("--only", nargs="+", metavar="SCRIPT", help="run these scripts; keep the other sections of --output")
+    parser.add_argument(
+        "--only", nargs="+", metavar="SCRIPT", help="run these scripts; keep the other sections of --output"
+    )
     args = parser.parse_args()
     import diffusers
 
@@ -116,7 +154,11 @@ def main() -> None:
         start = time.perf_counter()
         done = subprocess.run(command, capture_output=True, text=True)
         took = time.perf_counter() - start
-        output = done.stdout.strip() if done.returncode == 0 else f"FAILED (exit {done.returncode}):\n{done.stderr.strip()[-2000:]}"
+        output = (
+            done.stdout.strip()
+            if done.returncode == 0
+            else f"FAILED (exit {done.returncode}):\n{done.stderr.strip()[-2000:]}"
+        )
         print(f"{title}: {took:.0f} s{'' if done.returncode == 0 else ' FAILED'}", flush=True)
         lines += ["", f"## {title}", "", f"`python benchmarks/{script} {' '.join(extra)}` ({took:.0f} s)", ""]
         if done.returncode == 0 and any(line.startswith("|") for line in output.splitlines()):

@@ -47,7 +47,9 @@ def _config(tmp: Path, model: str, img_size: int, test_images: int) -> Path:
         for cn in variant.get("controlnets", []):
             cn["model"] = "random-sd15-controlnet-canny" if model == "random-sd15" else "tiny-controlnet-canny"
         for j, lora in enumerate(variant.get("loras", [])):
-            lora["path"] = str(write_random_lora(tmp / f"lora_{i}_{j}.safetensors", unet, seed=i)) if unet is not None else None
+            lora["path"] = (
+                str(write_random_lora(tmp / f"lora_{i}_{j}.safetensors", unet, seed=i)) if unet is not None else None
+            )
         if model != "random-sd15":
             variant.pop("loras", None)
     config["data"]["init_args"].update(root=str(tmp / "horse_21"), features=str(tmp / "features"), split="upstream")
@@ -77,12 +79,19 @@ def write_run(tmp: Path, model: str, img_size: int, test_images: int) -> Path:
     extractor = DiffusionFeatureExtractor(layers=init["layers"], variants=init["variants"], **init["backbone"])
     description = folder_description(extractor)
     folder = FeatureFolder(tmp / "features")
-    items = DDPMSegDataModule(root=str(tmp / "horse_21"), features=str(tmp / "features"), split="upstream").feature_images()
+    items = DDPMSegDataModule(
+        root=str(tmp / "horse_21"), features=str(tmp / "features"), split="upstream"
+    ).feature_images()
     folder.prepare(description, dict(items))
     g = torch.Generator().manual_seed(0)
     for name, _ in items:
-        folder.write(name, {v.name: {layer: torch.randn(*shape, generator=g) for layer, shape in description["shapes"].items()}
-                            for v in extractor.variants})
+        folder.write(
+            name,
+            {
+                v.name: {layer: torch.randn(*shape, generator=g) for layer, shape in description["shapes"].items()}
+                for v in extractor.variants
+            },
+        )
     return config
 
 
@@ -122,19 +131,33 @@ if __name__ == "__main__":
         config = write_run(Path(tmp), args.model, args.img_size, args.test_images)
         written = time.perf_counter() - start
         child = subprocess.run(
-            [sys.executable, __file__, "--child", str(config), "--steps", str(args.steps), "--test_images", str(args.test_images)],
-            capture_output=True, text=True,
+            [
+                sys.executable,
+                __file__,
+                "--child",
+                str(config),
+                "--steps",
+                str(args.steps),
+                "--test_images",
+                str(args.test_images),
+            ],
+            capture_output=True,
+            text=True,
         )
         if child.returncode != 0:
             sys.exit(f"the child run failed:\n{child.stderr[-3000:]}")
         figures = json.loads(next(line for line in child.stdout.splitlines() if line.startswith("FIGURES "))[8:])
     gb = 2**30
     upsampled = (30 + args.test_images) * 256 * 256 * figures["variants"] * figures["channels"] * 4
-    print(f"label-scarce memory, {args.model} at {args.img_size}: 30 training + {args.test_images} test images, "
-          f"{figures['variants']} variants x {figures['channels']} channels (synthetic features written in {written:.0f} s)")
+    print(
+        f"label-scarce memory, {args.model} at {args.img_size}: 30 training + {args.test_images} test images, "
+        f"{figures['variants']} variants x {figures['channels']} channels (synthetic features written in {written:.0f} s)"
+    )
     print(f"{'what':<52} {'value':>10}")
     print(f"{'training bank (native fp16, 30 images)':<52} {figures['bank_bytes'] / gb:>8.2f} GB")
-    print(f"{'peak RSS after fit (' + str(args.steps) + ' steps, backbone included)':<52} {figures['peak_after_fit'] / gb:>8.2f} GB")
+    print(
+        f"{'peak RSS after fit (' + str(args.steps) + ' steps, backbone included)':<52} {figures['peak_after_fit'] / gb:>8.2f} GB"
+    )
     print(f"{'peak RSS after test':<52} {figures['peak_after_test'] / gb:>8.2f} GB")
     print(f"{'the same pixels upsampled to 256² in float32':<52} {upsampled / gb:>8.1f} GB")
     print(f"{'fit wall time (task build + ' + str(args.steps) + ' steps)':<52} {figures['fit_s']:>8.1f} s")

@@ -32,9 +32,18 @@ def pair(index: int, img_size: int, device: str) -> dict:
     kps = lambda: torch.rand(20, 2, generator=g) * torch.tensor([size[1] - 1, size[0] - 1])  # noqa: E731
     image = lambda: (torch.rand(1, 3, img_size, img_size, generator=g) * 2 - 1).to(device)  # noqa: E731
     return dict(
-        src_image=image(), trg_image=image(), src_kps=[kps()], trg_kps=[kps()], src_size=[size], trg_size=[size],
-        src_bbox=[torch.tensor([0.0, 0.0, 639.0, 479.0])], trg_bbox=[torch.tensor([0.0, 0.0, 639.0, 479.0])],
-        category=["cat"], src_path=[f"src{index}.jpg"], trg_path=[f"trg{index}.jpg"], name=[f"pair{index}"],
+        src_image=image(),
+        trg_image=image(),
+        src_kps=[kps()],
+        trg_kps=[kps()],
+        src_size=[size],
+        trg_size=[size],
+        src_bbox=[torch.tensor([0.0, 0.0, 639.0, 479.0])],
+        trg_bbox=[torch.tensor([0.0, 0.0, 639.0, 479.0])],
+        category=["cat"],
+        src_path=[f"src{index}.jpg"],
+        trg_path=[f"trg{index}.jpg"],
+        name=[f"pair{index}"],
     )
 
 

@@ -57,10 +57,14 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for config in args.configs:
             seconds, task = instantiate(config, Path(tmp))
-            trainable = sum(p.numel() for n, p in task.named_parameters() if p.requires_grad and not n.startswith("extractor."))
+            trainable = sum(
+                p.numel() for n, p in task.named_parameters() if p.requires_grad and not n.startswith("extractor.")
+            )
             ckpt_gb = trainable * 4 * 3 / 1e9
             dtype = str(next(task.extractor.unet.parameters()).dtype).removeprefix("torch.")
-            print(f"{config.name:<28} {dtype:>8} {task.extractor.img_size:>5} {seconds:>8.1f} {trainable / 1e6:>11.1f}M {ckpt_gb:>8.2f}")
+            print(
+                f"{config.name:<28} {dtype:>8} {task.extractor.img_size:>5} {seconds:>8.1f} {trainable / 1e6:>11.1f}M {ckpt_gb:>8.2f}"
+            )
             del task
 
 

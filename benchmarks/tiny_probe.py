@@ -33,7 +33,13 @@ def main() -> None:
         for name, model in models.items():
             scores = []
             for t in args.timesteps:
-                ex = DiffusionFeatureExtractor(model, LAYERS, img_size=args.img_size, timestep=t, variants=[Variant("p", "a photo of shapes on a background")])
+                ex = DiffusionFeatureExtractor(
+                    model,
+                    LAYERS,
+                    img_size=args.img_size,
+                    timestep=t,
+                    variants=[Variant("p", "a photo of shapes on a background")],
+                )
                 scores.append(linear_probe_miou(ex, train, val))
             print(f"| {name} | {' | '.join(f'{s:.3f}' for s in scores)} |", flush=True)
 

@@ -36,7 +36,9 @@ def build(tmp: Path, model: str, img_size: int, dtype: str, proj_blocks: int) ->
 def step_parts(task: SegmentationTask, images: torch.Tensor, labels: torch.Tensor, repeats: int) -> dict[str, float]:
     optimizer = torch.optim.AdamW(task.task_parameters(), lr=1e-4)
     task.train()
-    times: dict[str, list[float]] = {k: [] for k in ("extraction", "gate forward", "heads + losses forward", "backward", "optimizer step")}
+    times: dict[str, list[float]] = {
+        k: [] for k in ("extraction", "gate forward", "heads + losses forward", "backward", "optimizer step")
+    }
 
     def mark(name: str, start: float) -> float:
         if torch.cuda.is_available():
@@ -54,7 +56,9 @@ def step_parts(task: SegmentationTask, images: torch.Tensor, labels: torch.Tenso
         logits = task.head(fused.features)
         loss = task.criterion(logits, labels) + fused.loss
         if task.aux_head is not None:
-            loss = loss + task.hparams.aux_weight * task.criterion(task.aux_head(fused.features[task.hparams.aux_level]), labels)
+            loss = loss + task.hparams.aux_weight * task.criterion(
+                task.aux_head(fused.features[task.hparams.aux_level]), labels
+            )
         t = mark("heads + losses forward", t)
         loss.backward()
         t = mark("backward", t)
@@ -79,7 +83,9 @@ def main() -> None:
     g = torch.Generator().manual_seed(0)
     images = (torch.rand(2, 3, args.img_size, args.img_size, generator=g) * 2 - 1).to(device)
     labels = torch.randint(0, 150, (2, args.img_size, args.img_size), generator=g).to(device)
-    print(f"# seg_ade20k.yaml's task, {args.model} at {args.img_size}, batch 2, {args.dtype}, {device}, median of {args.repeats}")
+    print(
+        f"# seg_ade20k.yaml's task, {args.model} at {args.img_size}, batch 2, {args.dtype}, {device}, median of {args.repeats}"
+    )
     print("| proj_blocks | part | seconds | share |")
     print("|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:

@@ -80,12 +80,16 @@ def main() -> None:
             rows.append((len(variants), _bytes(ex), extra, unet, len(ex.weight_text_encoders)))
             del ex
             gc.collect()
-    print(f"# {args.model}, {args.dtype}; the merged copy changes the UNet{' and the text encoder' if args.text_encoder else ''}")
+    print(
+        f"# {args.model}, {args.dtype}; the merged copy changes the UNet{' and the text encoder' if args.text_encoder else ''}"
+    )
     print("| variants | frozen weights | of which the merged copy | its UNet | its text encoders kept |")
     print("|---|---|---|---|---|")
     for n, total, extra, unet, tes in rows:
         print(f"| {n} | {total / 2**20:,.0f} MiB | {extra / 2**20:,.0f} MiB | {unet / 2**20:,.0f} MiB | {tes} |")
-    print(f"\none merged checkpoint costs {rows[1][2] / 2**20:,.0f} MiB of weights ({rows[1][2] / rows[0][1]:.2f}× the backbone's frozen weights)")
+    print(
+        f"\none merged checkpoint costs {rows[1][2] / 2**20:,.0f} MiB of weights ({rows[1][2] / rows[0][1]:.2f}× the backbone's frozen weights)"
+    )
 
 
 if __name__ == "__main__":

@@ -73,12 +73,23 @@ def pipeline_files(repo_id: str, files: list[str]) -> list[str]:
     chosen = ["model_index.json"]
     for name in sorted(files):
         parts = PurePosixPath(name).parts
-        if len(parts) == 2 and parts[0] in SNAPSHOT_SUBFOLDERS and name.endswith(PIPELINE_SUFFIXES) and not _is_variant(name):
+        if (
+            len(parts) == 2
+            and parts[0] in SNAPSHOT_SUBFOLDERS
+            and name.endswith(PIPELINE_SUFFIXES)
+            and not _is_variant(name)
+        ):
             chosen.append(name)
     present = {PurePosixPath(f).parts[0] for f in files if len(PurePosixPath(f).parts) == 2}
-    unread = [s for s in WEIGHT_SUBFOLDERS if s in present and not any(c.startswith(f"{s}/") and c.endswith(".safetensors") for c in chosen)]
+    unread = [
+        s
+        for s in WEIGHT_SUBFOLDERS
+        if s in present and not any(c.startswith(f"{s}/") and c.endswith(".safetensors") for c in chosen)
+    ]
     if unread:
-        raise DownloadError(f"{repo_id}: {', '.join(unread)} has no .safetensors weights (csdiff reads safetensors only)")
+        raise DownloadError(
+            f"{repo_id}: {', '.join(unread)} has no .safetensors weights (csdiff reads safetensors only)"
+        )
     return chosen
 
 
@@ -86,7 +97,9 @@ def controlnet_files(repo_id: str, files: list[str]) -> list[str]:
     """The ControlNet's config and its safetensors weights."""
     missing = [f for f in CONTROLNET_FILES if f not in files]
     if missing:
-        raise DownloadError(f"{repo_id} looks like a ControlNet but has no {' nor '.join(missing)} (csdiff reads safetensors only)")
+        raise DownloadError(
+            f"{repo_id} looks like a ControlNet but has no {' nor '.join(missing)} (csdiff reads safetensors only)"
+        )
     return list(CONTROLNET_FILES)
 
 
@@ -161,11 +174,18 @@ def check_hub_reachable(endpoint: str, timeout: float = PROBE_TIMEOUT_S) -> None
     try:
         socket.create_connection((url.hostname, port), timeout=timeout).close()
     except OSError as err:
-        raise DownloadError(f"cannot reach the Hugging Face hub at {endpoint} ({err}): run this on a machine with network access") from None
+        raise DownloadError(
+            f"cannot reach the Hugging Face hub at {endpoint} ({err}): run this on a machine with network access"
+        ) from None
 
 
 def _hub_error(repo_id: str, err: Exception) -> DownloadError:
-    from huggingface_hub.errors import GatedRepoError, OfflineModeIsEnabled, RepositoryNotFoundError, RevisionNotFoundError
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        OfflineModeIsEnabled,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
 
     if isinstance(err, OfflineModeIsEnabled):
         why = "HF_HUB_OFFLINE is set: run this on a machine with network access (and without HF_HUB_OFFLINE)"
@@ -208,7 +228,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("repo_id", help="hub id, e.g. stable-diffusion-v1-5/stable-diffusion-v1-5")
     parser.add_argument("--out", required=True, type=Path, help="local folder to fill")
     parser.add_argument("--revision", default=None, help="branch, tag or commit (default: main)")
-    parser.add_argument("--file", default=None, help="for a repository of several LoRA files: the one to fetch (name or path in the repo)")
+    parser.add_argument(
+        "--file",
+        default=None,
+        help="for a repository of several LoRA files: the one to fetch (name or path in the repo)",
+    )
     args = parser.parse_args(argv)
     try:
         kind, path = download(args.repo_id, args.out, args.revision, args.file)

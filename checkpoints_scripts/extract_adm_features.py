@@ -36,21 +36,29 @@ from csdiff.data.reading import read_image  # noqa: E402
 from csdiff.data.scarce import DDPMSegDataModule  # noqa: E402
 from csdiff.data.transforms import to_tensor  # noqa: E402
 
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", required=True, help="guided-diffusion checkpoint (lsun_horse.pt, lsun_bedroom.pt)")
+    parser.add_argument(
+        "--checkpoint", required=True, help="guided-diffusion checkpoint (lsun_horse.pt, lsun_bedroom.pt)"
+    )
     parser.add_argument("--root", required=True, help="the dataset's folder (holding real/train and real/test)")
     parser.add_argument("--dataset", required=True, choices=["horse21", "bedroom28"])
     parser.add_argument("--output", required=True, type=Path, help="the feature folder to write (created if missing)")
-    parser.add_argument("--blocks", type=int, nargs="+", default=list(PAPER_BLOCKS), help="output_blocks indices (default: 5 6 7 8 12)")
+    parser.add_argument(
+        "--blocks", type=int, nargs="+", default=list(PAPER_BLOCKS), help="output_blocks indices (default: 5 6 7 8 12)"
+    )
     parser.add_argument("--timestep", type=int, default=50, help="diffusion step t of the noised image (default 50)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the one noise map all images share (default 0)")
     parser.add_argument(
-        "--config", default="lsun256",
+        "--config",
+        default="lsun256",
         help="the checkpoint's architecture: lsun256 (the LSUN models) or a JSON file of csdiff.backbone.adm.ADMConfig fields",
     )
     parser.add_argument("--batch_size", type=int, default=1, help="images per UNet call (default 1)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="default: cuda when available")
+    parser.add_argument(
+        "--device", default="cuda" if torch.cuda.is_available() else "cpu", help="default: cuda when available"
+    )
     args = parser.parse_args(argv)
     if args.batch_size < 1:
         parser.error(f"--batch_size must be at least 1, got {args.batch_size}")
@@ -79,11 +87,18 @@ def main(argv: list[str] | None = None) -> int:
     """Returns the exit status: 0 written, 2 refused (one line on stderr says why)."""
     args = parse_args(argv)
     try:
-        extractor = ADMFeatureExtractor(args.checkpoint, args.blocks, args.timestep, args.seed, load_config(args.config))
+        extractor = ADMFeatureExtractor(
+            args.checkpoint, args.blocks, args.timestep, args.seed, load_config(args.config)
+        )
         extractor.to(args.device)
         items = DDPMSegDataModule(root=args.root, dataset=args.dataset).feature_images()
         written, present = write_feature_folder(
-            extractor, items, args.output, read, args.batch_size, lambda batches: tqdm(batches, desc="ADM features", unit="batch"),
+            extractor,
+            items,
+            args.output,
+            read,
+            args.batch_size,
+            lambda batches: tqdm(batches, desc="ADM features", unit="batch"),
         )
     except (ValueError, BackboneNotAvailableError) as err:  # checkpoint, config, dataset or folder refused
         print(f"error: {' '.join(str(err).split())}", file=sys.stderr)

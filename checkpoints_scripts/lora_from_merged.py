@@ -45,14 +45,24 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--base", required=True, help="the model the LoRA was merged into (tiny, a diffusers folder, a .ckpt/.safetensors)")
+    parser.add_argument(
+        "--base",
+        required=True,
+        help="the model the LoRA was merged into (tiny, a diffusers folder, a .ckpt/.safetensors)",
+    )
     parser.add_argument("--merged", required=True, help="the merged model (same kinds of model string)")
     parser.add_argument("--rank", required=True, type=int, help="LoRA rank (clipped per layer to min(out, in·k·k))")
     parser.add_argument("--output", required=True, type=Path, help="the kohya .safetensors LoRA to write")
-    parser.add_argument("--base_model", default=None, help="diffusers folder configuring single-file checkpoints (default: BASE)")
-    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="dtype of the written factors (default float32)")
     parser.add_argument(
-        "--min_change", type=float, default=0.0,
+        "--base_model", default=None, help="diffusers folder configuring single-file checkpoints (default: BASE)"
+    )
+    parser.add_argument(
+        "--dtype", default="float32", choices=sorted(DTYPES), help="dtype of the written factors (default float32)"
+    )
+    parser.add_argument(
+        "--min_change",
+        type=float,
+        default=0.0,
         help="skip layers whose relative change ‖ΔW‖/‖W‖ is at most this (default 0: only equal weights are skipped)",
     )
     args = parser.parse_args(argv)
@@ -81,7 +91,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     base_model = args.base_model or (None if _single_file(args.base) else args.base)
     if base_model is None and (_single_file(args.base) or _single_file(args.merged)):
-        print("error: single-file checkpoints need --base_model FOLDER (a diffusers folder of their family)", file=sys.stderr)
+        print(
+            "error: single-file checkpoints need --base_model FOLDER (a diffusers folder of their family)",
+            file=sys.stderr,
+        )
         return 2
     try:
         base, merged = _models(args.base, base_model), _models(args.merged, base_model)
@@ -94,14 +107,22 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {args.merged} does not have the architecture of the base {args.base}: {err}", file=sys.stderr)
         return 2
     if not plan.changed:
-        print(f"error: {args.merged} and {args.base} have equal UNet and text-encoder layers: there is no LoRA to factor", file=sys.stderr)
+        print(
+            f"error: {args.merged} and {args.base} have equal UNet and text-encoder layers: there is no LoRA to factor",
+            file=sys.stderr,
+        )
         return 2
     start = time.perf_counter()
-    factors = factor_all(plan, args.rank, DTYPES[args.dtype], lambda layers: tqdm(layers, desc="factoring", unit="module"))
+    factors = factor_all(
+        plan, args.rank, DTYPES[args.dtype], lambda layers: tqdm(layers, desc="factoring", unit="module")
+    )
     seconds = time.perf_counter() - start
     summary = summarize(factors)
     metadata = {
-        "csdiff_tool": "lora_from_merged", "csdiff_base": args.base, "csdiff_merged": args.merged, "csdiff_rank": str(args.rank),
+        "csdiff_tool": "lora_from_merged",
+        "csdiff_base": args.base,
+        "csdiff_merged": args.merged,
+        "csdiff_rank": str(args.rank),
         "csdiff_relative_errors": json.dumps({kind: s.error for kind, s in summary.items()}),
     }
     sdxl = "text_encoder_2" in base
@@ -114,7 +135,9 @@ def main(argv: list[str] | None = None) -> int:
     print(format_summary(summary))
     if plan.not_factorable:
         shown = ", ".join(plan.not_factorable[:4]) + (", …" if len(plan.not_factorable) > 4 else "")
-        print(f"warning: {len(plan.not_factorable)} other changed tensors cannot be carried by a LoRA and are left out: {shown}")
+        print(
+            f"warning: {len(plan.not_factorable)} other changed tensors cannot be carried by a LoRA and are left out: {shown}"
+        )
     print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB, {args.dtype})")
     return 0
 

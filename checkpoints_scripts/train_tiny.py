@@ -39,7 +39,9 @@ def shapes_batch(rng: np.random.Generator, batch: int, size: int) -> tuple[torch
 
 def cosine(opt: torch.optim.Optimizer, steps: int) -> torch.optim.lr_scheduler.LambdaLR:
     """Cosine decay to 5% of the base rate: short runs still end converged."""
-    return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.05 + 0.95 * 0.5 * (1 + np.cos(np.pi * min(s, steps) / steps)))
+    return torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: 0.05 + 0.95 * 0.5 * (1 + np.cos(np.pi * min(s, steps) / steps))
+    )
 
 
 def log(stage: str, step: int, total: int, loss: float, start: float) -> None:
@@ -109,8 +111,11 @@ def train(args) -> None:
     tokenizer = CLIPTokenizer.from_pretrained(work / "tokenizer")
     assert len(tokenizer) == vocab_size, "tokenizer files were not read"
     text_config = CLIPTextConfig(
-        vocab_size=vocab_size, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, **tiny.TEXT_CONFIG,
+        vocab_size=vocab_size,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **tiny.TEXT_CONFIG,
     )
     text_encoder = CLIPTextModel(text_config).eval().requires_grad_(False)  # seeded random init, frozen
 
@@ -149,13 +154,23 @@ def train(args) -> None:
         module.to(torch.float16).save_pretrained(sd_dir / name, safe_serialization=True)
     tiny.save_text_encoder(text_encoder.to(torch.float16), sd_dir / "text_encoder")
     PNDMScheduler.from_config(tiny.SCHEDULER_CONFIG).save_pretrained(sd_dir / "scheduler")
-    (sd_dir / "model_index.json").write_text(json.dumps({
-        "_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.42.1",
-        "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
-        "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
-        "scheduler": ["diffusers", "PNDMScheduler"], "safety_checker": [None, None], "feature_extractor": [None, None],
-        "requires_safety_checker": False,
-    }, indent=2))
+    (sd_dir / "model_index.json").write_text(
+        json.dumps(
+            {
+                "_class_name": "StableDiffusionPipeline",
+                "_diffusers_version": "0.42.1",
+                "unet": ["diffusers", "UNet2DConditionModel"],
+                "vae": ["diffusers", "AutoencoderKL"],
+                "text_encoder": ["transformers", "CLIPTextModel"],
+                "tokenizer": ["transformers", "CLIPTokenizer"],
+                "scheduler": ["diffusers", "PNDMScheduler"],
+                "safety_checker": [None, None],
+                "feature_extractor": [None, None],
+                "requires_safety_checker": False,
+            },
+            indent=2,
+        )
+    )
     controlnet.to(torch.float16).save_pretrained(cn_dir, safe_serialization=True)
     out.mkdir(parents=True, exist_ok=True)
     for src in (sd_dir, cn_dir):
@@ -169,9 +184,13 @@ def train(args) -> None:
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default=str(tiny.WEIGHTS_DIR), help="folder that receives tiny-sd/ and tiny-controlnet-canny/")
+    p.add_argument(
+        "--out", default=str(tiny.WEIGHTS_DIR), help="folder that receives tiny-sd/ and tiny-controlnet-canny/"
+    )
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--vae", help="reuse this trained VAE folder (e.g. csdiff/backbone/weights/tiny-sd/vae) instead of training one")
+    p.add_argument(
+        "--vae", help="reuse this trained VAE folder (e.g. csdiff/backbone/weights/tiny-sd/vae) instead of training one"
+    )
     p.add_argument("--size", type=int, default=tiny.TINY_IMG_SIZE)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--vae_steps", type=int, default=2500)

@@ -27,7 +27,14 @@ DEBUG_ENV = "CSDIFF_DEBUG"
 def config_error_line(text: str) -> str:
     """The essence of a jsonargparse error: the innermost key and its first concrete problem."""
     keys = re.findall(r'Parser key "([^"]+)"', text)
-    vague = ("Does not validate", "Subtypes:", "Errors:", "Given value", "Problem with given class_path", "Expected a <class 'NoneType'>")
+    vague = (
+        "Does not validate",
+        "Subtypes:",
+        "Errors:",
+        "Given value",
+        "Problem with given class_path",
+        "Expected a <class 'NoneType'>",
+    )
     problems = [line.strip(" -") for line in text.splitlines() if line.strip() and not any(v in line for v in vague)]
     problems = [p for p in problems if not p.startswith("Parser key")] or [text.strip().splitlines()[0]]
     where = f"invalid value for {'.'.join(keys)}: " if keys else ""
@@ -58,7 +65,9 @@ def run_layers(argv: list[str]) -> int:
     parser = _parser("layers", "List every valid activation name of a model, with its shape at an image size.")
     parser.add_argument("--model", type=str, default="tiny", help="hub id, local folder, single file, or `tiny`")
     parser.add_argument("--base_model", type=str | None, default=None, help="configuration folder for single files")
-    parser.add_argument("--img_size", type=int | None, default=None, help="image side (default: the model's native size)")
+    parser.add_argument(
+        "--img_size", type=int | None, default=None, help="image side (default: the model's native size)"
+    )
     parser.add_argument("--format", type=str, default="table", choices=["table", "json"])
     cfg = parser.parse_args(argv)
     from csdiff.backbone.listing import list_layers
@@ -75,7 +84,11 @@ def run_layers(argv: list[str]) -> int:
     print(f"{'name':<{width}}  {'C x H x W':>18}  module")
     for r in rows:
         print(f"{r.name:<{width}}  {' x '.join(map(str, r.shape)):>18}  {r.module}")
-    count = f"{len(rows) - 1} activation names (+ up_cross)" if rows[-1].name == "up_cross" else f"{len(rows)} activation names"
+    count = (
+        f"{len(rows) - 1} activation names (+ up_cross)"
+        if rows[-1].name == "up_cross"
+        else f"{len(rows)} activation names"
+    )
     print(f"{count} for {cfg.model} at img_size {img_size}; named sets: legacy, practical")
     return 0
 
@@ -108,21 +121,47 @@ def run_extract(argv: list[str]) -> int:
     from csdiff.data.segmentation import ImageFolderDataset
     from csdiff.tasks.options import VariantOptions
 
-    parser = _parser("extract", "Extract diffusion features of images into a feature folder (fp16 safetensors, one file per image, manifest.json).")
+    parser = _parser(
+        "extract",
+        "Extract diffusion features of images into a feature folder (fp16 safetensors, one file per image, manifest.json).",
+    )
     # variants as the tasks type them (plain dicts, every key checked): the extractor's
     # dataclass types would make jsonargparse turn nested LoRAs/ControlNets into class specs
     parser.add_class_arguments(DiffusionFeatureExtractor, "extractor", instantiate=False, skip={"variants"})
-    parser.add_argument("--extractor.variants", type=list[VariantOptions] | None, default=None,
-                        help="one dict per variant (name, prompt, seed, loras, controlnets, denoise_from, weights)")
-    parser.add_subclass_arguments(LightningModule, "model", required=False, instantiate=False,
-                                  help="a task whose backbone, variants and layers make the extractor (from a `csdiff fit` config)")
-    parser.add_subclass_arguments(LightningDataModule, "data", required=False,
-                                  help="a datamodule whose images to extract (from a `csdiff fit` config)")
+    parser.add_argument(
+        "--extractor.variants",
+        type=list[VariantOptions] | None,
+        default=None,
+        help="one dict per variant (name, prompt, seed, loras, controlnets, denoise_from, weights)",
+    )
+    parser.add_subclass_arguments(
+        LightningModule,
+        "model",
+        required=False,
+        instantiate=False,
+        help="a task whose backbone, variants and layers make the extractor (from a `csdiff fit` config)",
+    )
+    parser.add_subclass_arguments(
+        LightningDataModule,
+        "data",
+        required=False,
+        help="a datamodule whose images to extract (from a `csdiff fit` config)",
+    )
     parser.add_class_arguments(Trainer, "trainer", instantiate=False)
-    parser.add_argument("--seed_everything", type=bool | int | None, default=None, help="read from task configs; unused (features use the variants' seeds)")
+    parser.add_argument(
+        "--seed_everything",
+        type=bool | int | None,
+        default=None,
+        help="read from task configs; unused (features use the variants' seeds)",
+    )
     parser.add_argument("--ckpt_path", type=str | None, default=None, help="read from task configs; unused")
     parser.add_argument("--input", type=str | None, default=None, help="an image file or a folder of images")
-    parser.add_argument("--output", type=str | None, default=None, help="feature folder (default with a datamodule: its `features` folder)")
+    parser.add_argument(
+        "--output",
+        type=str | None,
+        default=None,
+        help="feature folder (default with a datamodule: its `features` folder)",
+    )
     parser.add_argument("--batch_size", type=int, default=1)
     parser.add_argument("--num_workers", type=int, default=0)
     parser.add_argument("--overwrite", type=bool, default=False, help="recompute files that already exist")
@@ -139,10 +178,14 @@ def run_extract(argv: list[str]) -> int:
         items = list(zip(output_names(dataset.paths, dataset.root), dataset.paths))
     elif datamodule is not None:
         if not hasattr(datamodule, "feature_images"):
-            raise DataError(f"{type(datamodule).__name__} does not list images for extraction; extract its image folder with --input")
+            raise DataError(
+                f"{type(datamodule).__name__} does not list images for extraction; extract its image folder with --input"
+            )
         items = datamodule.feature_images()
     else:
-        raise DataError("nothing to extract: give --input FOLDER, or --config with a data section (a `csdiff fit` config)")
+        raise DataError(
+            "nothing to extract: give --input FOLDER, or --config with a data section (a `csdiff fit` config)"
+        )
     output = cfg.output or getattr(datamodule, "features", None)
     if output is None:
         raise DataError("give --output FOLDER for the feature files")
@@ -152,11 +195,15 @@ def run_extract(argv: list[str]) -> int:
     trainer_options = {k: cfg.trainer[k] for k in ("accelerator", "devices", "strategy", "num_nodes")}
     if cfg.device is not None:
         kind, _, index = cfg.device.partition(":")
-        trainer_options.update(accelerator="gpu" if kind == "cuda" else kind, devices=[int(index)] if index else 1, strategy="auto")
+        trainer_options.update(
+            accelerator="gpu" if kind == "cuda" else kind, devices=[int(index)] if index else 1, strategy="auto"
+        )
     if not isinstance(trainer_options["strategy"], str):
         raise ValueError("give --trainer.strategy as a name (e.g. ddp) for extraction")
     extractor = DiffusionFeatureExtractor(**kwargs)
-    written, present = extract_to_folder(extractor, items, output, trainer_options, cfg.batch_size, cfg.num_workers, cfg.overwrite)
+    written, present = extract_to_folder(
+        extractor, items, output, trainer_options, cfg.batch_size, cfg.num_workers, cfg.overwrite
+    )
     from lightning.pytorch.utilities import rank_zero_only
 
     if rank_zero_only.rank == 0:
@@ -169,11 +216,14 @@ def run_scarce_splits(argv: list[str]) -> int:
     import argparse
 
     parser = argparse.ArgumentParser(
-        prog="csdiff scarce-splits", description=run_scarce_splits.__doc__,
+        prog="csdiff scarce-splits",
+        description=run_scarce_splits.__doc__,
         epilog="Other options (e.g. --trainer.max_epochs 10) go to every `csdiff fit`.",
     )
     parser.add_argument("--config", required=True, help="a label-scarce `csdiff fit` config (configs/scarce_*.yaml)")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4], help="split seeds (default: the paper's 5)")
+    parser.add_argument(
+        "--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4], help="split seeds (default: the paper's 5)"
+    )
     known, overrides = parser.parse_known_args(argv)
     from csdiff.splits import run_splits
 
@@ -191,7 +241,10 @@ def run_visualize(argv: list[str]) -> int:
 OWN_VERBS: dict[str, tuple[Callable[[list[str]], int], str]] = {
     "layers": (run_layers, "list activation names and shapes of a model"),
     "extract": (run_extract, "extract features of images or of a config's dataset into a feature folder"),
-    "visualize": (run_visualize, "PCA pictures of a config's features per layer and variant beside t = 0; attention maps"),
+    "visualize": (
+        run_visualize,
+        "PCA pictures of a config's features per layer and variant beside t = 0; attention maps",
+    ),
     "scarce-splits": (run_scarce_splits, "fit + test a label-scarce config on 5 random splits, mean ± std"),
 }
 
@@ -232,8 +285,16 @@ def run_lightning(argv: list[str] | None):
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
     from csdiff.resume import (
-        DEFAULT_LOGGER, KEYWORDS, CheckpointError, SaveLastOnStop, StopPredicting, check_checkpoint_file, locate_last,
-        logger_root, read_checkpoint, sigterm_interruption,
+        DEFAULT_LOGGER,
+        KEYWORDS,
+        CheckpointError,
+        SaveLastOnStop,
+        StopPredicting,
+        check_checkpoint_file,
+        locate_last,
+        logger_root,
+        read_checkpoint,
+        sigterm_interruption,
     )
 
     class CSDiffCLI(LightningCLI):
@@ -248,7 +309,9 @@ def run_lightning(argv: list[str] | None):
             subcommand = self.config.subcommand
             # what the command line and config files give, without defaults: compared with a checkpoint's hyperparameters
             given = parser.parse_args(args, defaults=False)[subcommand].get("model")
-            self._given_model = given.init_args.as_dict() if isinstance(given, Namespace) and given.get("init_args") else {}
+            self._given_model = (
+                given.init_args.as_dict() if isinstance(given, Namespace) and given.get("init_args") else {}
+            )
             config = self.config[subcommand]
             ckpt = config.get("ckpt_path")
             if ckpt == "last":
@@ -334,7 +397,9 @@ def run_lightning(argv: list[str] | None):
             if logger is None or logger is True:
                 root = config.trainer.get("default_root_dir") or "."
                 init = {"save_dir": root, "name": "lightning_logs", "version": version}
-                update = {self.config.subcommand: {"trainer": {"logger": {"class_path": DEFAULT_LOGGER, "init_args": init}}}}
+                update = {
+                    self.config.subcommand: {"trainer": {"logger": {"class_path": DEFAULT_LOGGER, "init_args": init}}}
+                }
                 self.config = self.parser.parse_object(update, self.config)
             else:
                 logger.init_args.version = version
@@ -404,7 +469,9 @@ def run_lightning(argv: list[str] | None):
             self._say_start()
             self._require_checkpoint()
             self._before_run()
-            self.trainer.callbacks.append(StopPredicting("the files written are complete; run the same command again to write them all"))
+            self.trainer.callbacks.append(
+                StopPredicting("the files written are complete; run the same command again to write them all")
+            )
 
     if not {"-h", "--help"} & set(sys.argv[1:] if argv is None else argv):
         # short class names (`--model SegmentationTask --data ADE20KDataModule`) resolve among imported
@@ -435,7 +502,9 @@ def config_file_error(argv: list[str]) -> str | None:
     takes) or a YAML syntax error, with the file, line and column jsonargparse would drop."""
     import yaml
 
-    files = [b for a, b in zip(argv, argv[1:]) if a == "--config"] + [a.split("=", 1)[1] for a in argv if a.startswith("--config=")]
+    files = [b for a, b in zip(argv, argv[1:]) if a == "--config"] + [
+        a.split("=", 1)[1] for a in argv if a.startswith("--config=")
+    ]
     for name in files:
         if not Path(name).is_file():
             try:

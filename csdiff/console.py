@@ -17,7 +17,11 @@ from typing import Any
 
 # rank-zero info lines of Lightning that say nothing about this run
 _SILENCED_PREFIXES = ("💡 Tip", "GPU available:", "TPU available:", "HPU available:", "Seed set to")
-_LIGHTNING_LOGGERS = ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero", "lightning.fabric.utilities.seed")
+_LIGHTNING_LOGGERS = (
+    "lightning.pytorch.utilities.rank_zero",
+    "lightning.fabric.utilities.rank_zero",
+    "lightning.fabric.utilities.seed",
+)
 # deprecations inside third-party code (not the user's to act on)
 _SILENCED_WARNINGS = (
     r"`isinstance\(treespec, LeafSpec\)` is deprecated",
@@ -57,7 +61,9 @@ def start_line(verb: str, model: Any, trainer: Any) -> str:
     if extractor is not None:
         parts.append(f"{extractor.spec.model} ({extractor.family.name})")
         parts.append("variants " + ", ".join(v.name for v in extractor.variants))
-        parts.append(f"layers {', '.join(extractor.layers)}" if len(extractor.layers) <= 4 else f"{len(extractor.layers)} layers")
+        parts.append(
+            f"layers {', '.join(extractor.layers)}" if len(extractor.layers) <= 4 else f"{len(extractor.layers)} layers"
+        )
     parts.append(f"{trainer.strategy.root_device.type} ×{trainer.num_devices * trainer.num_nodes}")
     if extractor is not None:
         parts.append(str(extractor.dtype).removeprefix("torch."))
@@ -71,7 +77,10 @@ def fit_end_line(trainer: Any) -> str:
     best = trainer.checkpoint_callback
     if best is not None:
         if best.monitor is not None and best.best_model_score is not None:
-            parts.append(f"best {best.monitor} {float(best.best_model_score):.4f}" + (f" ({best.best_model_path})" if best.best_model_path else ""))
+            parts.append(
+                f"best {best.monitor} {float(best.best_model_score):.4f}"
+                + (f" ({best.best_model_path})" if best.best_model_path else "")
+            )
         if best.last_model_path:
             parts.append(f"last {best.last_model_path}")
     logger = trainer.logger

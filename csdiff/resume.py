@@ -94,7 +94,9 @@ def check_checkpoint_file(path: str | Path, hint: str = CKPT_PATH_HINT) -> None:
     except pickle.UnpicklingError:
         return
     except Exception as err:
-        raise CheckpointError(f"{path} is not a readable Lightning checkpoint ({type(err).__name__}: {err}); {hint}") from err
+        raise CheckpointError(
+            f"{path} is not a readable Lightning checkpoint ({type(err).__name__}: {err}); {hint}"
+        ) from err
     if not isinstance(content, dict) or "state_dict" not in content:
         raise CheckpointError(f"{path} is a PyTorch file but not a Lightning checkpoint (it has no state_dict); {hint}")
 
@@ -209,19 +211,25 @@ class SaveLastOnStop(StopRequests):
             if not (callback.save_last and callback.dirpath):
                 continue
             if callback._last_global_step_saved != trainer.global_step or not Path(callback.last_model_path).is_file():
-                callback.last_model_path = str(Path(callback.dirpath) / LAST)  # saved state: a resumed run keeps writing here
+                callback.last_model_path = str(
+                    Path(callback.dirpath) / LAST
+                )  # saved state: a resumed run keeps writing here
                 trainer.save_checkpoint(callback.last_model_path)
             paths.append(callback.last_model_path)
         return paths
 
-    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         signum = agreed_signal(trainer, self.received(trainer))
         if signum is not None:
             raise FitInterrupted(trainer.current_epoch, trainer.global_step, self.save_last(trainer), signum)
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
         if isinstance(exception, SIGTERMException) and trainer.state.fn == "fit":
-            self.stopped = FitInterrupted(trainer.current_epoch, trainer.global_step, self.save_last(trainer), signal.SIGTERM)
+            self.stopped = FitInterrupted(
+                trainer.current_epoch, trainer.global_step, self.save_last(trainer), signal.SIGTERM
+            )
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.save_last(trainer)
@@ -244,7 +252,15 @@ class StopPredicting(StopRequests):
         self.hint = hint
         self.batches = 0
 
-    def on_predict_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+    def on_predict_batch_end(
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
         self.batches += 1
         signum = self.received(trainer)
         if signum is not None:

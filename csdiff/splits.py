@@ -60,7 +60,9 @@ def _csv(runs: list[dict], classes: list[str]) -> str:
     writer = csv.writer(buffer)
     writer.writerow(["seed", "mIoU", "mIoU_present", *classes])
     for r in runs:
-        writer.writerow([r["seed"], f"{r['mIoU']:.6f}", f"{r['mIoU_present']:.6f}", *(f"{r['IoU'][c]:.6f}" for c in classes)])
+        writer.writerow(
+            [r["seed"], f"{r['mIoU']:.6f}", f"{r['mIoU_present']:.6f}", *(f"{r['IoU'][c]:.6f}" for c in classes)]
+        )
     return buffer.getvalue()
 
 

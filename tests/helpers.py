@@ -35,7 +35,10 @@ def ldm_unet_path(diffusers_path: str) -> str:
 
 
 def write_kohya_lora(
-    path: Path, modules: dict[str, tuple[torch.Tensor, torch.Tensor, float]], prefix: str = "lora_unet", ldm: bool = False
+    path: Path,
+    modules: dict[str, tuple[torch.Tensor, torch.Tensor, float]],
+    prefix: str = "lora_unet",
+    ldm: bool = False,
 ) -> Path:
     """A kohya-style file: {name}.lora_down.weight (r, in), {name}.lora_up.weight (out, r), {name}.alpha."""
     tensors = {}
@@ -72,7 +75,9 @@ FEATURE_RTOL = 1e-4
 FP16_RTOL = 2e-3
 
 
-def assert_close_up_to_rounding(got: torch.Tensor, want: torch.Tensor, rel: float = FEATURE_RTOL, msg: str = "") -> None:
+def assert_close_up_to_rounding(
+    got: torch.Tensor, want: torch.Tensor, rel: float = FEATURE_RTOL, msg: str = ""
+) -> None:
     """Equal up to float32 reordering: ``|got - want| <= rel · max|want|`` everywhere."""
     assert got.shape == want.shape, f"{msg} shapes {tuple(got.shape)} vs {tuple(want.shape)}"
     scale = want.detach().abs().max().float().item()
@@ -88,12 +93,15 @@ def locon_targets(unet: torch.nn.Module, text_encoder: torch.nn.Module | None = 
     """What kohya's LoCon adapts: every Linear and Conv2d in the UNet's attention and ResNet
     blocks and samplers (3×3 convs included), and the text encoder's Linear layers."""
     unet_paths = [
-        name for name, m in unet.named_modules()
+        name
+        for name, m in unet.named_modules()
         if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)) and any(f".{b}." in f".{name}." for b in LOCON_BLOCKS)
     ]
     out = {"unet": unet_paths}
     if text_encoder is not None:
-        out["text_encoder"] = [n for n, m in text_encoder.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n]
+        out["text_encoder"] = [
+            n for n, m in text_encoder.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n
+        ]
     return out
 
 

@@ -64,7 +64,7 @@ def _rename_children(rest: str, table: dict[str, str], where: str) -> str:
     """Rename the leading module path of ``rest`` (e.g. ``conv1.weight``) through ``table``."""
     for src, dst in table.items():
         if rest.startswith(src + "."):
-            return dst + rest[len(src):]
+            return dst + rest[len(src) :]
     raise KeyError(f"no LDM name for {where}.{rest}")
 
 
@@ -152,7 +152,7 @@ def _convert(state_dict: dict[str, torch.Tensor], prefixes, out_prefix: str, wha
     for key, tensor in state_dict.items():
         for src, dst, table in ordered:
             if key.startswith(src + "."):
-                rest = key[len(src) + 1:]
+                rest = key[len(src) + 1 :]
                 new_rest = rest if table is None else _rename_children(rest, table, f"{what}.{src}")
                 out[out_prefix + dst + "." + new_rest] = tensor
                 break
@@ -161,8 +161,13 @@ def _convert(state_dict: dict[str, torch.Tensor], prefixes, out_prefix: str, wha
     return out
 
 
-_OPEN_CLIP_LAYER = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "self_attn.out_proj": "attn.out_proj",
-                    "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj"}
+_OPEN_CLIP_LAYER = {
+    "layer_norm1": "ln_1",
+    "layer_norm2": "ln_2",
+    "self_attn.out_proj": "attn.out_proj",
+    "mlp.fc1": "mlp.c_fc",
+    "mlp.fc2": "mlp.c_proj",
+}
 
 
 def _hf_clip(text_encoder, prefix: str) -> dict[str, torch.Tensor]:
@@ -176,7 +181,9 @@ def _hf_clip(text_encoder, prefix: str) -> dict[str, torch.Tensor]:
 
 def _open_clip(text_encoder, prefix: str) -> dict[str, torch.Tensor]:
     """A transformers CLIP text encoder in OpenCLIP's names (q, k, v fused into ``in_proj``)."""
-    sd = {k.removeprefix("text_model."): v for k, v in text_encoder.state_dict().items() if not k.endswith("position_ids")}
+    sd = {
+        k.removeprefix("text_model."): v for k, v in text_encoder.state_dict().items() if not k.endswith("position_ids")
+    }
     out = {
         prefix + "token_embedding.weight": sd.pop("embeddings.token_embedding.weight"),
         prefix + "positional_embedding": sd.pop("embeddings.position_embedding.weight"),
@@ -188,7 +195,9 @@ def _open_clip(text_encoder, prefix: str) -> dict[str, torch.Tensor]:
     for i in range(text_encoder.config.num_hidden_layers):
         layer, block = f"encoder.layers.{i}.", f"{prefix}transformer.resblocks.{i}."
         for kind in ("weight", "bias"):
-            out[block + f"attn.in_proj_{kind}"] = torch.cat([sd.pop(layer + f"self_attn.{p}_proj.{kind}") for p in "qkv"])
+            out[block + f"attn.in_proj_{kind}"] = torch.cat(
+                [sd.pop(layer + f"self_attn.{p}_proj.{kind}") for p in "qkv"]
+            )
             for src, dst in _OPEN_CLIP_LAYER.items():
                 out[block + f"{dst}.{kind}"] = sd.pop(layer + f"{src}.{kind}")
     if sd:
@@ -196,7 +205,9 @@ def _open_clip(text_encoder, prefix: str) -> dict[str, torch.Tensor]:
     return out
 
 
-def diffusers_to_ldm_state_dict(unet, vae, text_encoder, text_encoder_2=None, open_clip: bool = False) -> dict[str, torch.Tensor]:
+def diffusers_to_ldm_state_dict(
+    unet, vae, text_encoder, text_encoder_2=None, open_clip: bool = False
+) -> dict[str, torch.Tensor]:
     """One state dict with the original key names of the whole model (UNet, VAE, text encoders).
 
     SD 1.x by default; ``open_clip=True`` writes the text encoder as SD 2.x's OpenCLIP; a

@@ -21,9 +21,15 @@ def variants(tmp_path_factory):
     path = tmp_path_factory.mktemp("lora") / "lora.safetensors"
     g = torch.Generator().manual_seed(0)
     module = "down_blocks.1.resnets.0.conv1"
-    write_kohya_lora(path, {module: (torch.randn(4, 32, 3, 3, generator=g) * 0.1, torch.randn(64, 4, 1, 1, generator=g) * 0.1, 4.0)})
+    write_kohya_lora(
+        path, {module: (torch.randn(4, 32, 3, 3, generator=g) * 0.1, torch.randn(64, 4, 1, 1, generator=g) * 0.1, 4.0)}
+    )
     canny = ControlNet("tiny-controlnet-canny")
-    return [Variant("plain", PROMPT), Variant("canny", PROMPT, controlnets=[canny]), Variant("lora", PROMPT, loras=[LoRA(str(path))], controlnets=[canny])]
+    return [
+        Variant("plain", PROMPT),
+        Variant("canny", PROMPT, controlnets=[canny]),
+        Variant("lora", PROMPT, loras=[LoRA(str(path))], controlnets=[canny]),
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +53,9 @@ def test_channels_last_equals_plain(variants, reference):
     images, ref = reference
     extractor = DiffusionFeatureExtractor("tiny", LAYERS, img_size=64, variants=variants, channels_last=True)
     assert extractor.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
-    assert next(iter(extractor.controlnets.values())).controlnet_cond_embedding.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    assert next(iter(extractor.controlnets.values())).controlnet_cond_embedding.conv_in.weight.is_contiguous(
+        memory_format=torch.channels_last
+    )
     assert_same(extractor(images), ref, exact=False)
 
 

@@ -41,11 +41,19 @@ from csdiff.backbone.loading import BackboneNotAvailableError
 
 # small widths, the LSUN structure: resblock up/down, scale-shift norm, attention at 16² and 8²
 # with 4 heads of 16 channels (the legacy qkv order matters), a channel change, learned sigma
-TINY = ADMConfig(image_size=32, model_channels=32, channel_mult=(1, 2, 2), num_res_blocks=2,
-                 attention_resolutions=(16, 8), num_head_channels=16, learn_sigma=True)
+TINY = ADMConfig(
+    image_size=32,
+    model_channels=32,
+    channel_mult=(1, 2, 2),
+    num_res_blocks=2,
+    attention_resolutions=(16, 8),
+    num_head_channels=16,
+    learn_sigma=True,
+)
 
 
 # --- guided-diffusion's structure, weights and forward, by hand ------------------------------------
+
 
 def guided_structure(cfg: ADMConfig) -> tuple[list, list, list, int]:
     """input_blocks, middle_block, output_blocks as lists of layers, and the last width, as
@@ -121,7 +129,10 @@ def adm_state_dict(cfg: ADMConfig, seed: int = 0, device: str = "cpu") -> dict[s
             conv(f"{name}.proj_out", spec[1], spec[1], k=1, dims=1)
 
     inputs, middle, outputs, ch = guided_structure(cfg)
-    sd["time_embed.0.weight"], sd["time_embed.0.bias"] = rand((emb, cfg.model_channels), cfg.model_channels**-0.5), rand((emb,), 0.1)
+    sd["time_embed.0.weight"], sd["time_embed.0.bias"] = (
+        rand((emb, cfg.model_channels), cfg.model_channels**-0.5),
+        rand((emb,), 0.1),
+    )
     sd["time_embed.2.weight"], sd["time_embed.2.bias"] = rand((emb, emb), emb**-0.5), rand((emb,), 0.1)
     for group, blocks in (("input_blocks", inputs), ("output_blocks", outputs)):
         for n, layers in enumerate(blocks):
@@ -145,7 +156,9 @@ def res_block(sd: dict, name: str, x: Tensor, emb: Tensor, updown: str | None) -
     elif updown == "down":
         h, x = F.avg_pool2d(h, 2, 2), F.avg_pool2d(x, 2, 2)
     h = F.conv2d(h, sd[f"{name}.in_layers.2.weight"], sd[f"{name}.in_layers.2.bias"], padding=1)
-    scale, shift = F.linear(F.silu(emb), sd[f"{name}.emb_layers.1.weight"], sd[f"{name}.emb_layers.1.bias"])[..., None, None].chunk(2, dim=1)
+    scale, shift = F.linear(F.silu(emb), sd[f"{name}.emb_layers.1.weight"], sd[f"{name}.emb_layers.1.bias"])[
+        ..., None, None
+    ].chunk(2, dim=1)
     h = group_norm(sd, f"{name}.out_layers.0", h) * (1 + scale) + shift
     h = F.conv2d(F.silu(h), sd[f"{name}.out_layers.3.weight"], sd[f"{name}.out_layers.3.bias"], padding=1)
     if f"{name}.skip_connection.weight" in sd:
@@ -176,8 +189,11 @@ def timestep_embedding(t: Tensor, dim: int) -> Tensor:
 def guided_forward(sd: dict, cfg: ADMConfig, x: Tensor, t: Tensor) -> tuple[list[Tensor], Tensor]:
     """Every output block's output, and the model output, as guided-diffusion computes them."""
     inputs, middle, outputs, _ = guided_structure(cfg)
-    emb = F.linear(F.silu(F.linear(timestep_embedding(t, cfg.model_channels), sd["time_embed.0.weight"], sd["time_embed.0.bias"])),
-                   sd["time_embed.2.weight"], sd["time_embed.2.bias"])
+    emb = F.linear(
+        F.silu(F.linear(timestep_embedding(t, cfg.model_channels), sd["time_embed.0.weight"], sd["time_embed.0.bias"])),
+        sd["time_embed.2.weight"],
+        sd["time_embed.2.bias"],
+    )
 
     def run(prefix: str, layers: list, h: Tensor) -> Tensor:
         for k, spec in enumerate(layers):
@@ -225,10 +241,13 @@ def tiny_checkpoint(tmp_path_factory) -> tuple[Path, dict[str, Tensor]]:
 
 # --- loading ------------------------------------------------------------------------------------
 
+
 def test_loaded_unet_computes_what_guided_diffusion_computes(tiny_checkpoint):
     path, sd = tiny_checkpoint
     unet = load_adm_unet(path, TINY)
-    assert not any(p.is_meta for p in unet.parameters()) and sum(p.numel() for p in unet.parameters()) == sum(t.numel() for t in sd.values())
+    assert not any(p.is_meta for p in unet.parameters()) and sum(p.numel() for p in unet.parameters()) == sum(
+        t.numel() for t in sd.values()
+    )
     x, t = images(2, 32), torch.tensor([50, 700])
     _, want = guided_forward(sd, TINY, x, t)
     with torch.no_grad():
@@ -257,8 +276,14 @@ def test_features_are_upsampled_and_concatenated_as_ddpm_segmentation_does(tiny_
     got = extractor.upsampled(x)
     noise = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     blocks, _ = guided_forward(sd, TINY, guided_q_sample(x, 200, noise), torch.full((3,), 200))
-    want = torch.cat([F.interpolate(blocks[i], size=(32, 32), mode="bilinear") for i in (1, 4, 7)], dim=1)  # block order
-    assert got.shape == (3, 64 + 64 + 32, 32, 32) and extractor.layers == ["output_blocks.01", "output_blocks.04", "output_blocks.07"]
+    want = torch.cat(
+        [F.interpolate(blocks[i], size=(32, 32), mode="bilinear") for i in (1, 4, 7)], dim=1
+    )  # block order
+    assert got.shape == (3, 64 + 64 + 32, 32, 32) and extractor.layers == [
+        "output_blocks.01",
+        "output_blocks.04",
+        "output_blocks.07",
+    ]
     assert_close_up_to_rounding(got, want)
     alone = extractor.upsampled(x[1:2])  # an image's features do not depend on its batch
     assert_close_up_to_rounding(alone, got[1:2])
@@ -277,11 +302,22 @@ def test_a_checkpoint_of_another_shape_or_architecture_is_refused(tiny_checkpoin
         return message
 
     wrong = dict(sd, **{"output_blocks.4.0.in_layers.2.weight": torch.zeros(64, 96, 3, 3)})
-    assert "output_blocks.4.0.in_layers.2.weight has shape (64, 96, 3, 3), this architecture needs (64, 128, 3, 3)" in refusal(wrong)
-    assert "unexpected key label_emb.weight" in refusal(dict(sd, **{"label_emb.weight": torch.zeros(1000, 128)}))  # class-conditional
-    assert "no tensor middle_block.1.qkv.bias" in refusal({k: v for k, v in sd.items() if k != "middle_block.1.qkv.bias"})
-    assert "input_blocks.0.0.weight has shape (64, 3, 3, 3)" in refusal(adm_state_dict(replace(TINY, model_channels=64)))  # wider
-    assert "input_blocks.3.0.in_layers.2.weight has shape (64, 32, 3, 3)" in refusal(adm_state_dict(replace(TINY, num_res_blocks=1)))
+    assert (
+        "output_blocks.4.0.in_layers.2.weight has shape (64, 96, 3, 3), this architecture needs (64, 128, 3, 3)"
+        in refusal(wrong)
+    )
+    assert "unexpected key label_emb.weight" in refusal(
+        dict(sd, **{"label_emb.weight": torch.zeros(1000, 128)})
+    )  # class-conditional
+    assert "no tensor middle_block.1.qkv.bias" in refusal(
+        {k: v for k, v in sd.items() if k != "middle_block.1.qkv.bias"}
+    )
+    assert "input_blocks.0.0.weight has shape (64, 3, 3, 3)" in refusal(
+        adm_state_dict(replace(TINY, model_channels=64))
+    )  # wider
+    assert "input_blocks.3.0.in_layers.2.weight has shape (64, 32, 3, 3)" in refusal(
+        adm_state_dict(replace(TINY, num_res_blocks=1))
+    )
     assert "this architecture needs" in refusal(sd, replace(TINY, learn_sigma=False))  # 3 outputs, not 6
     (tmp_path / "junk.pt").write_text("not a checkpoint")
     with pytest.raises(ADMCheckpointError, match="junk.pt is not a readable PyTorch checkpoint"):
@@ -293,14 +329,20 @@ def test_a_missing_checkpoint_says_where_to_download_it_and_where_to_put_it(tmp_
     with pytest.raises(BackboneNotAvailableError) as err:
         ADMFeatureExtractor(path)
     message = str(err.value)
-    assert str(path) in message and "https://openaipublic.blob.core.windows.net/diffusion/jul-2021/lsun_horse.pt" in message
+    assert (
+        str(path) in message
+        and "https://openaipublic.blob.core.windows.net/diffusion/jul-2021/lsun_horse.pt" in message
+    )
 
 
 def test_the_lsun_models_give_2816_channels_without_allocating_weights():
     shapes = feature_shapes(LSUN_256, PAPER_BLOCKS)
     assert shapes == {
-        "output_blocks.05": (1024, 32, 32), "output_blocks.06": (512, 32, 32), "output_blocks.07": (512, 32, 32),
-        "output_blocks.08": (512, 64, 64), "output_blocks.12": (256, 128, 128),
+        "output_blocks.05": (1024, 32, 32),
+        "output_blocks.06": (512, 32, 32),
+        "output_blocks.07": (512, 32, 32),
+        "output_blocks.08": (512, 64, 64),
+        "output_blocks.12": (256, 128, 128),
     }
     assert sum(c for c, _, _ in shapes.values()) == 2816
     # the whole key map at LSUN size, on shapes only: every guided-diffusion tensor of an LSUN model
@@ -315,8 +357,15 @@ def test_the_lsun_models_give_2816_channels_without_allocating_weights():
 # --- the feature folder -----------------------------------------------------------------------------
 
 # image size 256 as the datasets; attention only at 8² so that the CPU test stays small
-SMALL_256 = ADMConfig(image_size=256, model_channels=32, channel_mult=(1, 1, 1, 1, 1, 2), num_res_blocks=1,
-                      attention_resolutions=(8,), num_head_channels=32, learn_sigma=True)
+SMALL_256 = ADMConfig(
+    image_size=256,
+    model_channels=32,
+    channel_mult=(1, 1, 1, 1, 1, 2),
+    num_res_blocks=1,
+    attention_resolutions=(8,),
+    num_head_channels=32,
+    learn_sigma=True,
+)
 
 
 def test_the_script_writes_a_folder_the_label_scarce_datamodule_reads(tmp_path, capsys):
@@ -329,8 +378,28 @@ def test_the_script_writes_a_folder_the_label_scarce_datamodule_reads(tmp_path, 
     torch.save(adm_state_dict(SMALL_256, seed=4), checkpoint)
     config.write_text(json.dumps(asdict(SMALL_256)))
     out = tmp_path / "ddpm"
-    args = ["--checkpoint", str(checkpoint), "--config", str(config), "--root", str(root), "--dataset", "horse21",
-            "--output", str(out), "--blocks", "8", "3", "6", "--timestep", "100", "--batch_size", "2", "--device", "cpu"]
+    args = [
+        "--checkpoint",
+        str(checkpoint),
+        "--config",
+        str(config),
+        "--root",
+        str(root),
+        "--dataset",
+        "horse21",
+        "--output",
+        str(out),
+        "--blocks",
+        "8",
+        "3",
+        "6",
+        "--timestep",
+        "100",
+        "--batch_size",
+        "2",
+        "--device",
+        "cpu",
+    ]
     assert script.main(args) == 0
     assert "wrote 3 feature files" in capsys.readouterr().out
     files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*.safetensors"))
@@ -338,7 +407,9 @@ def test_the_script_writes_a_folder_the_label_scarce_datamodule_reads(tmp_path, 
 
     # the datamodule reads it as extra features beside (here made-up) gated ones
     gated = FeatureFolder(tmp_path / "gated")
-    dm = DDPMSegDataModule(root=str(root), dataset="horse21", features=str(gated.folder), extra_features=str(out), check=False)
+    dm = DDPMSegDataModule(
+        root=str(root), dataset="horse21", features=str(gated.folder), extra_features=str(out), check=False
+    )
     for name, _ in dm.feature_images():
         gated.write(name, {"plain": {"x": torch.randn(4, 8, 8)}})
     dm.setup("fit")
@@ -347,10 +418,16 @@ def test_the_script_writes_a_folder_the_label_scarce_datamodule_reads(tmp_path, 
     bank = dm.bank([name for name, _, _ in train])
     assert dm.extra == ["ddpm"] and bank.extra_channels == 32 + 32 + 32
     g = torch.Generator().manual_seed(0)
-    image, y, x = torch.randint(0, 2, (500,), generator=g), torch.randint(0, 256, (500,), generator=g), torch.randint(0, 256, (500,), generator=g)
+    image, y, x = (
+        torch.randint(0, 2, (500,), generator=g),
+        torch.randint(0, 256, (500,), generator=g),
+        torch.randint(0, 256, (500,), generator=g),
+    )
     _, extra = bank.gather(image, y, x)
     extractor = ADMFeatureExtractor(checkpoint, blocks=[3, 6, 8], timestep=100, seed=0, config=SMALL_256)
-    want = extractor.upsampled(torch.stack([script.read(str(path)) for _, path, _ in train]))  # collect_features, by hand
+    want = extractor.upsampled(
+        torch.stack([script.read(str(path)) for _, path, _ in train])
+    )  # collect_features, by hand
     assert_close_up_to_rounding(extra, want[image, :, y, x], rel=FP16_RTOL)
 
     # run again: nothing to do; other settings: refused, the folder untouched

@@ -54,7 +54,9 @@ def _independent_capture(unet, latent, emb, **unet_kwargs):
     seen, handles = {}, []
     for path, module in unet.named_modules():
         handles.append(module.register_forward_hook(lambda m, a, o, p=path: seen.__setitem__(p, o)))
-        handles.append(module.register_forward_pre_hook(lambda m, a, p=path: seen.__setitem__(p + "<in", a[0]) if a else None))
+        handles.append(
+            module.register_forward_pre_hook(lambda m, a, p=path: seen.__setitem__(p + "<in", a[0]) if a else None)
+        )
     unet(latent, 50, encoder_hidden_states=emb, **unet_kwargs)
     for h in handles:
         h.remove()
@@ -108,7 +110,10 @@ def test_map_processor_matches_default_attention(tiny_parts):
     ref = unet(latent, 50, encoder_hidden_states=emb).sample
     maps = [n for n, a in enumerate_activations(unet).items() if a.kind.endswith("map")]
     with ActivationCapture(unet, maps):
-        assert all(isinstance(unet.get_submodule(enumerate_activations(unet)[n].module).processor, AttentionMapProcessor) for n in maps)
+        assert all(
+            isinstance(unet.get_submodule(enumerate_activations(unet)[n].module).processor, AttentionMapProcessor)
+            for n in maps
+        )
         got = unet(latent, 50, encoder_hidden_states=emb).sample
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
     # only the requested layers got the processor, and it is removed afterwards
@@ -148,14 +153,21 @@ def test_ddim_step_matches_diffusers_scheduler(images):
 def test_denoise_chain_runs_guided_steps(images):
     calls = []
     ex = make(["up-level1-upsampler-out"], variants=[Variant("chain", PROMPT, denoise_from=60)])
-    handle = ex.unet.register_forward_pre_hook(lambda m, a, k: calls.append(int(a[1]) if len(a) > 1 else int(k["timestep"])), with_kwargs=True)
+    handle = ex.unet.register_forward_pre_hook(
+        lambda m, a, k: calls.append(int(a[1]) if len(a) > 1 else int(k["timestep"])), with_kwargs=True
+    )
     ex(images[:1])
     handle.remove()
     assert calls == list(range(60, 50, -1)) + [50]
 
 
 def test_controlnet_changes_up_blocks_not_down_blocks(images):
-    layers = ["down-level1-repeat1-res-out", "down-level2-downsampler-out", "up-level1-upsampler-out", "up-level3-repeat2-vit-out"]
+    layers = [
+        "down-level1-repeat1-res-out",
+        "down-level2-downsampler-out",
+        "up-level1-upsampler-out",
+        "up-level3-repeat2-vit-out",
+    ]
     canny = ControlNet("tiny-controlnet-canny")
     ex = make(layers, variants=[Variant("plain", PROMPT), Variant("canny", PROMPT, controlnets=[canny])])
     f = ex(images)
@@ -167,7 +179,11 @@ def test_controlnet_changes_up_blocks_not_down_blocks(images):
 
 def test_controlnet_call_shared_only_when_inputs_identical(images):
     canny = ControlNet("tiny-controlnet-canny")
-    variants = [Variant("a", PROMPT, controlnets=[canny]), Variant("b", PROMPT, controlnets=[canny]), Variant("c", PROMPT, seed=1, controlnets=[canny])]
+    variants = [
+        Variant("a", PROMPT, controlnets=[canny]),
+        Variant("b", PROMPT, controlnets=[canny]),
+        Variant("c", PROMPT, seed=1, controlnets=[canny]),
+    ]
     ex = make(["up-level1-upsampler-out"], variants=variants)
     calls = []
     ex.controlnets["cn0"].register_forward_hook(lambda *a: calls.append(1))
@@ -178,7 +194,9 @@ def test_controlnet_call_shared_only_when_inputs_identical(images):
 
 def test_seeds_reproducible_and_distinct(images):
     layer = "up-level2-upsampler-out"
-    ex = make([layer], variants=[Variant("s0", PROMPT, seed=0), Variant("s0b", PROMPT, seed=0), Variant("s1", PROMPT, seed=1)])
+    ex = make(
+        [layer], variants=[Variant("s0", PROMPT, seed=0), Variant("s0b", PROMPT, seed=0), Variant("s1", PROMPT, seed=1)]
+    )
     a, b = ex(images), ex(images)
     torch.testing.assert_close(a["s0"][layer], b["s0"][layer], atol=0, rtol=0)
     torch.testing.assert_close(a["s0"][layer], a["s0b"][layer], atol=0, rtol=0)
@@ -272,18 +290,28 @@ def test_reduced_precision_close_to_float32(images, dtype):
     assert rel < 0.05, f"{dtype} features differ by {rel:.3f}"
 
 
-@pytest.mark.parametrize("layers,ran,skipped", [
-    (["up-level0-upsampler-out", "up-level2-upsampler-out", "up-level1-upsampler-out"], "up_blocks.2", ["up_blocks.3", "conv_out"]),
-    (["legacy", UP_CROSS], "up_blocks.3", ["conv_out"]),
-    (["down-level1-repeat0-vit-block0-cross-map"], "down_blocks.1", ["mid_block", "up_blocks.0", "conv_out"]),
-])
+@pytest.mark.parametrize(
+    "layers,ran,skipped",
+    [
+        (
+            ["up-level0-upsampler-out", "up-level2-upsampler-out", "up-level1-upsampler-out"],
+            "up_blocks.2",
+            ["up_blocks.3", "conv_out"],
+        ),
+        (["legacy", UP_CROSS], "up_blocks.3", ["conv_out"]),
+        (["down-level1-repeat0-vit-block0-cross-map"], "down_blocks.1", ["mid_block", "up_blocks.0", "conv_out"]),
+    ],
+)
 def test_unet_stops_after_the_last_requested_layer_with_equal_features(images, layers, ran, skipped):
     """The extraction call skips every block after the last requested activation; the features
     equal those of a full UNet call with the same hooks (up to float32 rounding)."""
     variants = [Variant("plain", PROMPT), Variant("canny", PROMPT, controlnets=[ControlNet("tiny-controlnet-canny")])]
     ex = make(layers, variants=variants, batch_variants=False)  # one call per variant, as by hand below
     calls = {path: 0 for path in [ran, *skipped]}
-    handles = [ex.unet.get_submodule(p).register_forward_pre_hook(lambda *a, p=p: calls.__setitem__(p, calls[p] + 1)) for p in calls]
+    handles = [
+        ex.unet.get_submodule(p).register_forward_pre_hook(lambda *a, p=p: calls.__setitem__(p, calls[p] + 1))
+        for p in calls
+    ]
     early = ex(images)
     assert all(calls[p] == 0 for p in skipped) and calls[ran] == 2, calls  # never started; once per variant
     for h in handles:
@@ -314,18 +342,27 @@ def test_batched_variants_equal_one_call_per_variant(images, tmp_path):
 
     module = "up_blocks.2.attentions.0.transformer_blocks.0.attn1.to_q"
     g = torch.Generator().manual_seed(0)
-    write_kohya_lora(tmp_path / "lora.safetensors", {module: (torch.randn(4, 64, generator=g) * 0.3, torch.randn(64, 4, generator=g) * 0.3, 4.0)})
+    write_kohya_lora(
+        tmp_path / "lora.safetensors",
+        {module: (torch.randn(4, 64, generator=g) * 0.3, torch.randn(64, 4, generator=g) * 0.3, 4.0)},
+    )
     canny = ControlNet("tiny-controlnet-canny")
     long = ", ".join(["a red circle and a blue square on a striped background"] * 12)
     variants = [
-        Variant("plain", PROMPT), Variant("seed1", "a photo", seed=1), Variant("canny", PROMPT, controlnets=[canny]),
-        Variant("chain", PROMPT, denoise_from=53, controlnets=[canny]), Variant("lora", PROMPT, loras=[LoRA(str(tmp_path / "lora.safetensors"))]),
+        Variant("plain", PROMPT),
+        Variant("seed1", "a photo", seed=1),
+        Variant("canny", PROMPT, controlnets=[canny]),
+        Variant("chain", PROMPT, denoise_from=53, controlnets=[canny]),
+        Variant("lora", PROMPT, loras=[LoRA(str(tmp_path / "lora.safetensors"))]),
         Variant("long", long),
     ]
     layers = ["up-level1-upsampler-out", "up-level2-repeat1-vit-block0-cross-map", UP_CROSS]
     at_t = []
     batched = make(layers, variants=variants)
-    handle = batched.unet.register_forward_pre_hook(lambda m, a, k: at_t.append(a[0].shape[0]) if int(a[1] if len(a) > 1 else k["timestep"]) == 50 else None, with_kwargs=True)
+    handle = batched.unet.register_forward_pre_hook(
+        lambda m, a, k: at_t.append(a[0].shape[0]) if int(a[1] if len(a) > 1 else k["timestep"]) == 50 else None,
+        with_kwargs=True,
+    )
     together = batched(images)
     handle.remove()
     assert sorted(at_t) == [3, 3, 12]  # (plain, seed1, canny, chain) × 3 images; lora; long
@@ -378,7 +415,11 @@ def test_variant_sample_is_each_variants_own_seeded_posterior_sample(images):
         posterior = ex.vae.encode(images).latent_dist
     eps = (f["b"][layer] / ex.vae.config.scaling_factor - posterior.mean) / posterior.std
     torch.testing.assert_close(eps, eps[:1].expand_as(eps), atol=1e-2, rtol=0)  # one map for every image (up to / std)
-    assert 0.8 < eps.std().item() < 1.2 and (eps - (shared["a"][layer] / ex.vae.config.scaling_factor - posterior.mean) / posterior.std).abs().max() > 0.1
+    assert (
+        0.8 < eps.std().item() < 1.2
+        and (eps - (shared["a"][layer] / ex.vae.config.scaling_factor - posterior.mean) / posterior.std).abs().max()
+        > 0.1
+    )
 
 
 def test_difts_ensemble_has_a_fresh_posterior_sample_and_noise_per_member_and_image(images):
@@ -409,7 +450,9 @@ def test_difts_ensemble_has_a_fresh_posterior_sample_and_noise_per_member_and_im
     handle.remove()
     for member, expected in zip(members, reference):
         assert_close_up_to_rounding(got[member.name][layer], expected, msg=member.name)
-    ensemble, _ = CorrespondenceHead(expected.shape[1], len(members), head="nn", fusion="mean")([got[m.name][layer] for m in members])
+    ensemble, _ = CorrespondenceHead(expected.shape[1], len(members), head="nn", fusion="mean")(
+        [got[m.name][layer] for m in members]
+    )
     assert_close_up_to_rounding(ensemble, torch.stack(reference).mean(0))  # DIFT's mean over members
     twice = ex(images[:1].expand(2, -1, -1, -1))["m0"][layer]
     assert (twice[0] - twice[1]).abs().max() > 1e-3  # fresh per image: two copies differ, as DIFT's members do

@@ -11,9 +11,16 @@ import pytest
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
-@pytest.mark.parametrize("script,args,expect", [
-    ("startup.py", ["--configs", str(BENCHMARKS.parent / "configs" / "seg_ade20k_public.yaml")], "seg_ade20k_public.yaml"),
-])
+@pytest.mark.parametrize(
+    "script,args,expect",
+    [
+        (
+            "startup.py",
+            ["--configs", str(BENCHMARKS.parent / "configs" / "seg_ade20k_public.yaml")],
+            "seg_ade20k_public.yaml",
+        ),
+    ],
+)
 def test_benchmark_runs(script, args, expect, monkeypatch, capsys, two_threads):
     monkeypatch.setattr(sys, "argv", [script, *args])
     runpy.run_path(str(BENCHMARKS / script), run_name="__main__")
@@ -29,7 +36,17 @@ def test_run_all_quick_runs_every_script_and_writes_the_results(tmp_path, monkey
     runpy.run_path(str(BENCHMARKS / "run_all.py"), run_name="__main__")
     text = out.read_text()
     assert "FAILED" not in text and "FAILED" not in capsys.readouterr().out
-    for table in ("(b) ADE20K's 3 variants", "**step**", "segmentation", "warm is", "peak RSS after test", "compile+channels_last", "UNet calls per pair", "one merged checkpoint costs", "answer in under 2 s"):
+    for table in (
+        "(b) ADE20K's 3 variants",
+        "**step**",
+        "segmentation",
+        "warm is",
+        "peak RSS after test",
+        "compile+channels_last",
+        "UNet calls per pair",
+        "one merged checkpoint costs",
+        "answer in under 2 s",
+    ):
         assert table in text, table
     assert text.rstrip().endswith("kept remark") and text.count("## Notes") == 1
 
@@ -44,7 +61,10 @@ def test_run_all_only_reruns_one_script_and_keeps_the_other_sections(tmp_path, m
     runpy.run_path(str(BENCHMARKS / "run_all.py"), run_name="__main__")
     text = out.read_text()
     assert "old extraction table" in text and "old early-stop table" not in text and "stopped s" in text
-    assert "Written by `python benchmarks/run_all.py --quick` on 2026-01-01: CPU. Rerun with `--only` unet_early_stop.py on" in text
+    assert (
+        "Written by `python benchmarks/run_all.py --quick` on 2026-01-01: CPU. Rerun with `--only` unet_early_stop.py on"
+        in text
+    )
     assert text.rstrip().endswith("kept remark")
     monkeypatch.setattr(sys, "argv", ["run_all.py", "--quick", "--only", "nonexistent.py", "--output", str(out)])
     with pytest.raises(SystemExit):

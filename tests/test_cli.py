@@ -58,16 +58,32 @@ def _images(folder: Path, n: int) -> None:
 def test_extract_writes_one_file_per_image_and_skips_done(tmp_path, capsys):
     _images(tmp_path / "in" / "sub", 3)
     args = [
-        "extract", "--extractor.model", "tiny", "--extractor.img_size", "64",
-        "--extractor.layers", '["up-level1-upsampler-out", "up_cross"]',
-        "--extractor.variants", '[{"name": "plain", "prompt": "a photo"}, {"name": "s1", "seed": 1}]',
-        "--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"), "--batch_size", "2",
+        "extract",
+        "--extractor.model",
+        "tiny",
+        "--extractor.img_size",
+        "64",
+        "--extractor.layers",
+        '["up-level1-upsampler-out", "up_cross"]',
+        "--extractor.variants",
+        '[{"name": "plain", "prompt": "a photo"}, {"name": "s1", "seed": 1}]',
+        "--input",
+        str(tmp_path / "in"),
+        "--output",
+        str(tmp_path / "out"),
+        "--batch_size",
+        "2",
     ]
     assert main(args) == 0
     files = sorted((tmp_path / "out" / "sub").glob("*.safetensors"))
     assert [f.name for f in files] == ["img0.safetensors", "img1.safetensors", "img2.safetensors"]
     with safe_open(str(files[0]), "pt") as f:
-        assert set(f.keys()) == {"plain/up-level1-upsampler-out", "plain/up_cross", "s1/up-level1-upsampler-out", "s1/up_cross"}
+        assert set(f.keys()) == {
+            "plain/up-level1-upsampler-out",
+            "plain/up_cross",
+            "s1/up-level1-upsampler-out",
+            "s1/up_cross",
+        }
         tensor = f.get_tensor("plain/up-level1-upsampler-out")
         assert tuple(tensor.shape) == (64, 4, 4) and str(tensor.dtype) == "torch.float16"
         meta = json.loads(f.metadata()["csdiff"])
@@ -97,18 +113,21 @@ print(json.dumps([code, sorted(m for m in ("torch", "lightning", "transformers",
 """
 
 
-@pytest.mark.parametrize("args,code,may_load", [
-    (["--help"], 0, []),
-    (["frobnicate"], 2, []),
-    (["layers", "--help"], 0, []),
-    (["layers", "--formt", "json"], 2, []),
-    (["scarce-splits", "--help"], 0, []),
-    (["fit", "--config", "no/such/config.yaml"], 2, []),  # the config file is checked before any heavy import
-    (["fit", "--config", "{trainer: {max_epochs: [1}}"], 2, []),  # not a file, nor inline YAML
-    # LightningCLI's parser is built from the Trainer's signature: Lightning (and with it torch and, through
-    # torchmetrics, transformers) is the floor; the tasks and diffusers are not loaded for help
-    (["fit", "--help"], 0, ["lightning", "torch", "transformers"]),
-])
+@pytest.mark.parametrize(
+    "args,code,may_load",
+    [
+        (["--help"], 0, []),
+        (["frobnicate"], 2, []),
+        (["layers", "--help"], 0, []),
+        (["layers", "--formt", "json"], 2, []),
+        (["scarce-splits", "--help"], 0, []),
+        (["fit", "--config", "no/such/config.yaml"], 2, []),  # the config file is checked before any heavy import
+        (["fit", "--config", "{trainer: {max_epochs: [1}}"], 2, []),  # not a file, nor inline YAML
+        # LightningCLI's parser is built from the Trainer's signature: Lightning (and with it torch and, through
+        # torchmetrics, transformers) is the floor; the tasks and diffusers are not loaded for help
+        (["fit", "--help"], 0, ["lightning", "torch", "transformers"]),
+    ],
+)
 def test_help_and_argument_errors_load_only_what_they_need(args, code, may_load):
     """Start-up (issue 19.8): `--help` and argument errors answer before heavy modules load.
     benchmarks/cli_startup.py times these; here, which modules each path imports."""
@@ -138,8 +157,20 @@ def test_killed_extract_leaves_only_complete_files_and_resumes(tmp_path):
     _images(tmp_path / "in", 12)
     out = tmp_path / "out"
     cmd = [
-        sys.executable, "-m", "csdiff", "extract", "--extractor.model", "tiny", "--extractor.img_size", "128",
-        "--extractor.layers", '["legacy", "up_cross"]', "--input", str(tmp_path / "in"), "--output", str(out),
+        sys.executable,
+        "-m",
+        "csdiff",
+        "extract",
+        "--extractor.model",
+        "tiny",
+        "--extractor.img_size",
+        "128",
+        "--extractor.layers",
+        '["legacy", "up_cross"]',
+        "--input",
+        str(tmp_path / "in"),
+        "--output",
+        str(out),
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -163,8 +194,19 @@ def test_killed_extract_leaves_only_complete_files_and_resumes(tmp_path):
 
 def _extract_args(folder: Path, out: Path) -> list[str]:
     return [
-        "extract", "--extractor.model", "tiny", "--extractor.img_size", "64", "--extractor.layers", '["up-level1-upsampler-out"]',
-        "--input", str(folder), "--output", str(out), "--device", "cpu",
+        "extract",
+        "--extractor.model",
+        "tiny",
+        "--extractor.img_size",
+        "64",
+        "--extractor.layers",
+        '["up-level1-upsampler-out"]',
+        "--input",
+        str(folder),
+        "--output",
+        str(out),
+        "--device",
+        "cpu",
     ]
 
 
@@ -212,5 +254,12 @@ def test_fit_says_what_runs_and_where_results_went_and_nothing_else(tmp_path, ca
     assert start and "tiny (sd)" in start[0] and "variants plain, canny" in start[0] and "cpu ×1" in start[0], out
     end = [line for line in out.splitlines() if line.startswith("csdiff fit: done")]
     assert end and "last.ckpt" in end[0] and f"tensorboard --logdir {tmp_path / 'logs'}" in end[0], out
-    for noise in ("💡 Tip", "GPU available", "TPU available", "LeafSpec", "Seed set to", "eval mode at the start of training"):
+    for noise in (
+        "💡 Tip",
+        "GPU available",
+        "TPU available",
+        "LeafSpec",
+        "Seed set to",
+        "eval mode at the start of training",
+    ):
         assert noise not in out + err, noise

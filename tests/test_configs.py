@@ -27,9 +27,26 @@ TASKS = {
 
 def test_configs_exist():
     names = {p.name for p in CONFIGS}
-    assert {"quickstart.yaml", "seg_ade20k.yaml", "seg_ade20k_public.yaml", "seg_cityscapes.yaml", "seg_cityscapes_public.yaml"} <= names
-    assert {"corr_spair.yaml", "corr_spair_nn.yaml", "corr_spair_public.yaml", "corr_spair_nn_public.yaml", "corr_spair_zeroshot.yaml"} <= names
-    assert {"scarce_horse21.yaml", "scarce_bedroom28.yaml", "scarce_horse21_public.yaml", "scarce_bedroom28_public.yaml"} <= names
+    assert {
+        "quickstart.yaml",
+        "seg_ade20k.yaml",
+        "seg_ade20k_public.yaml",
+        "seg_cityscapes.yaml",
+        "seg_cityscapes_public.yaml",
+    } <= names
+    assert {
+        "corr_spair.yaml",
+        "corr_spair_nn.yaml",
+        "corr_spair_public.yaml",
+        "corr_spair_nn_public.yaml",
+        "corr_spair_zeroshot.yaml",
+    } <= names
+    assert {
+        "scarce_horse21.yaml",
+        "scarce_bedroom28.yaml",
+        "scarce_horse21_public.yaml",
+        "scarce_bedroom28_public.yaml",
+    } <= names
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.name)
@@ -45,21 +62,32 @@ def _tiny_lora(path: Path) -> str:
     """A small kohya LoRA for the tiny UNet (stands in for the paper's dataset LoRAs)."""
     g = torch.Generator().manual_seed(len(path.name))
     module = "up_blocks.2.attentions.0.transformer_blocks.0.attn1.to_q"
-    write_kohya_lora(path, {module: (torch.randn(4, 64, generator=g) * 0.1, torch.randn(64, 4, generator=g) * 0.1, 4.0)})
+    write_kohya_lora(
+        path, {module: (torch.randn(4, 64, generator=g) * 0.1, torch.randn(64, 4, generator=g) * 0.1, 4.0)}
+    )
     return str(path)
 
 
-PAPER_CONFIGS = [c for c in CONFIGS if c.name not in ("quickstart.yaml", "lora_quickstart.yaml")]  # the quickstarts: tiny, CPU
+PAPER_CONFIGS = [
+    c for c in CONFIGS if c.name not in ("quickstart.yaml", "lora_quickstart.yaml")
+]  # the quickstarts: tiny, CPU
 # random-sd15 stands in for SD 1.5: the configs of other families (SD 2.1, SDXL) are instantiated
 # with it (no model call) but run on the tiny models of their own family (tests/test_families.py).
-SD15_CONFIGS = [c for c in PAPER_CONFIGS if "stable-diffusion-v1-5" in yaml.safe_load(c.read_text())["model"]["init_args"]["backbone"]["model"]]
+SD15_CONFIGS = [
+    c
+    for c in PAPER_CONFIGS
+    if "stable-diffusion-v1-5" in yaml.safe_load(c.read_text())["model"]["init_args"]["backbone"]["model"]
+]
 # Every config runs on tiny and is instantiated at SD 1.5 size (float16). At SD size, one run per
 # code path: a `_public` config is its paper config less the LoRA variants, Bedroom-28 differs
 # from Horse-21 in its data only, the LoRA-training configs in their images only, and
 # corr_spair_nn.yaml from corr_spair.yaml in its parameter-free head only.
 SD15_RUNS = [
-    c for c in SD15_CONFIGS
-    if not c.stem.endswith("_public") and "bedroom28" not in c.stem and c.name != "corr_spair_nn.yaml"
+    c
+    for c in SD15_CONFIGS
+    if not c.stem.endswith("_public")
+    and "bedroom28" not in c.stem
+    and c.name != "corr_spair_nn.yaml"
     and (not c.name.startswith("lora_") or c.name == "lora_ade20k.yaml")
 ]
 
@@ -73,14 +101,18 @@ def _trains(config: dict) -> bool:
 def _substitute_models(model: dict, tmp: Path, backbone: str, controlnet: str, lora) -> None:
     """Point a config's backbone, ControlNets and LoRA placeholders at models that exist here."""
     model["backbone"]["model"] = backbone
-    for i, variant in enumerate([*model.get("variants", []), *([model["attention_variant"]] if model.get("attention_variant") else [])]):
+    for i, variant in enumerate(
+        [*model.get("variants", []), *([model["attention_variant"]] if model.get("attention_variant") else [])]
+    ):
         for cn in variant.get("controlnets", []):
             cn["model"] = controlnet
         for j, entry in enumerate(variant.get("loras", [])):
             entry["path"] = lora(tmp / f"lora_{i}_{j}.safetensors", seed=10 * i + j)
 
 
-def _substitute_tiny(config: dict, tmp: Path, backbone: str = "tiny", controlnet: str = "tiny-controlnet-canny", lora=None) -> dict:
+def _substitute_tiny(
+    config: dict, tmp: Path, backbone: str = "tiny", controlnet: str = "tiny-controlnet-canny", lora=None
+) -> dict:
     """Same config, another backbone (tiny by default) at img_size 64 in float32, generated LoRAs,
     fake data, a couple of steps."""
     model = config["model"]["init_args"]
@@ -104,14 +136,24 @@ def _substitute_tiny(config: dict, tmp: Path, backbone: str = "tiny", controlnet
     elif section["class_path"].endswith("DDPMSegDataModule"):
         root = make_fake_ddpmseg(tmp / data["dataset"], data["dataset"], num_train=2, num_test=1)
         data.update(root=str(root), features=str(tmp / "features"))
-        if data.pop("extra_features", None) is not None:  # ADM features: tests/test_adm.py writes a folder and the datamodule reads it
+        if (
+            data.pop("extra_features", None) is not None
+        ):  # ADM features: tests/test_adm.py writes a folder and the datamodule reads it
             model["extra_channels"] = 0
     elif section["class_path"].endswith("QuickstartDataModule"):
         data.update(root=str(tmp / "quickstart" / "ADEChallengeData2016"), num_train=4, num_val=1, size=64)
     config["data"]["init_args"]["num_workers"] = 0
     trainer = config["trainer"]
     trainer["precision"] = "32-true"  # the LoRA configs' 16-mixed is for GPUs
-    trainer.update(max_steps=2, max_epochs=-1, limit_val_batches=1, limit_test_batches=1, enable_progress_bar=False, accelerator="cpu", devices=1)
+    trainer.update(
+        max_steps=2,
+        max_epochs=-1,
+        limit_val_batches=1,
+        limit_test_batches=1,
+        enable_progress_bar=False,
+        accelerator="cpu",
+        devices=1,
+    )
     trainer.update(val_check_interval=2, check_val_every_n_epoch=None)  # validate after the 2 steps
     trainer["logger"]["init_args"]["save_dir"] = str(tmp / "logs")
     for callback in trainer["callbacks"]:
@@ -157,7 +199,9 @@ def sd15_lora_unet():
 
 
 @pytest.mark.parametrize("config", PAPER_CONFIGS, ids=lambda p: p.name)
-def test_paper_config_instantiates_at_sd15_size_in_its_dtype_without_running_the_model(config, tmp_path, sd15_lora_unet, two_threads, free_after):
+def test_paper_config_instantiates_at_sd15_size_in_its_dtype_without_running_the_model(
+    config, tmp_path, sd15_lora_unet, two_threads, free_after
+):
     """The config's own img_size (512) and dtype (float16; float32 where the reference ran
     float32: DIFT's setting): the constructor must not extract."""
     import importlib
@@ -171,7 +215,11 @@ def test_paper_config_instantiates_at_sd15_size_in_its_dtype_without_running_the
     lora = lambda path, seed: str(write_random_lora(path, sd15_lora_unet, seed=seed))  # noqa: E731
     _substitute_models(model, tmp_path, "random-sd15", "random-sd15-controlnet-canny", lora)
     dtype = model["backbone"]["dtype"]
-    assert (dtype == "float16" or config.name == "corr_spair_zeroshot_sd21.yaml") and model["backbone"]["img_size"] in (512, 768, 1024)
+    assert (dtype == "float16" or config.name == "corr_spair_zeroshot_sd21.yaml") and model["backbone"]["img_size"] in (
+        512,
+        768,
+        1024,
+    )
     module, name = text["model"]["class_path"].rsplit(".", 1)
     task_class = getattr(importlib.import_module(module), name)
     heavy = (UNet2DConditionModel, ControlNetModel, Encoder)  # Encoder: the VAE's, which `vae.encode` runs
@@ -192,7 +240,11 @@ def test_paper_config_instantiates_at_sd15_size_in_its_dtype_without_running_the
         assert {p.dtype for p in task.adapter_parameters().values()} == {torch.float32} and task.img_size == 512
         return
     assert {p.dtype for p in task.extractor.unet.parameters()} == {getattr(torch, dtype)}
-    if name == "SegmentationTask" and model["layers"] == ["up-level0-upsampler-out", "up-level1-upsampler-out", "up-level2-upsampler-out"]:
+    if name == "SegmentationTask" and model["layers"] == [
+        "up-level0-upsampler-out",
+        "up-level1-upsampler-out",
+        "up-level2-upsampler-out",
+    ]:
         assert task.levels == ["up-level2-upsampler-out", "up-level1-upsampler-out", "up-level0-upsampler-out"]
         assert task.gate.in_channels == (640, 1280, 1280)  # SD 1.5 at 512: 640@64², 1280@32², 1280@16²
     elif name == "ScarceSegmentationTask":  # the paper's label-scarce features: legacy + up_cross, per variant
@@ -234,7 +286,10 @@ def test_paper_config_runs_with_random_sd15(config, tmp_path, sd15_lora_unet, tw
     lora = lambda path, seed: str(write_random_lora(path, sd15_lora_unet, seed=seed))  # noqa: E731
     config_dict = _substitute_tiny(text, tmp_path, "random-sd15", "random-sd15-controlnet-canny", lora)
     model = config_dict["model"]["init_args"]
-    for variant in [*model.get("variants", []), *([model["attention_variant"]] if model.get("attention_variant") else [])]:
+    for variant in [
+        *model.get("variants", []),
+        *([model["attention_variant"]] if model.get("attention_variant") else []),
+    ]:
         if variant.get("denoise_from") is not None:
             variant["denoise_from"] = model["backbone"]["timestep"] + 1
     trainer = config_dict["trainer"]

@@ -9,9 +9,9 @@ import pytest
 import torch
 import yaml
 from diffusers import UNet2DConditionModel
-from transformers import CLIPTextModel
 from helpers import load_script
 from torch._subclasses.fake_tensor import FakeTensor
+from transformers import CLIPTextModel
 
 from csdiff.cli import main, run_lightning
 
@@ -109,9 +109,15 @@ def test_test_scores_the_test_split_with_a_per_category_and_per_difficulty_table
     assert 0 <= metrics["test/pck_bbox_point"] <= 1 and "test/pck_img_image" in metrics
     table = (Path(tested.trainer.log_dir) / "test_pck.txt").read_text()
     assert all(c in table for c in ("bird", "cat", "dog", "bbox/point", "img/image"))
-    rows = {tuple(line.split()[:2]): line.split() for line in table.splitlines() if line.split()[:1] in (["vp_var"], ["sc_var"], ["truncn"], ["occln"])}
+    rows = {
+        tuple(line.split()[:2]): line.split()
+        for line in table.splitlines()
+        if line.split()[:1] in (["vp_var"], ["sc_var"], ["truncn"], ["occln"])
+    }
     for flag in ("vp_var", "sc_var", "truncn", "occln"):
-        assert sum(int(row[-1]) for key, row in rows.items() if key[0] == flag) == 6  # every test pair has a level of each
+        assert (
+            sum(int(row[-1]) for key, row in rows.items() if key[0] == flag) == 6
+        )  # every test pair has a level of each
     acc = EventAccumulator(tested.trainer.logger.log_dir)
     acc.Reload()
     hard = acc.Scalars("test/vp_var_hard/pck_bbox_point")[-1].value
@@ -152,7 +158,9 @@ def test_predict_on_two_folders_of_images(fitted, tmp_path):
     records = sorted((out / "keypoints").rglob("*.json"))
     assert [r.name for r in records] == ["one.json", "sub_two.json"]
     record = json.loads(records[0].read_text())
-    assert len(record["source_points"]) == len(record["predicted_target_points"]) == 64 and "target_points" not in record
+    assert (
+        len(record["source_points"]) == len(record["predicted_target_points"]) == 64 and "target_points" not in record
+    )
 
 
 def test_zero_shot_test_runs_without_a_checkpoint_and_fit_is_refused(tmp_path, capsys):
@@ -173,12 +181,24 @@ def test_the_loss_falls_when_the_head_trains_on_fixed_descriptors(tmp_path):
     data = SPairDataModule(str(root), img_size=64)
     data.setup("fit")
     pairs = collate_pairs([data.datasets["train"][i] for i in range(6)])
-    task = CorrespondenceTask(backbone={"model": "tiny", "img_size": 64}, layers=["up-level1-upsampler-out", "up-level2-upsampler-out"],
-                              variants=[{"name": "a", "prompt": "a photo"}, {"name": "b", "prompt": "a photo", "seed": 1}], head="conv")
+    task = CorrespondenceTask(
+        backbone={"model": "tiny", "img_size": 64},
+        layers=["up-level1-upsampler-out", "up-level2-upsampler-out"],
+        variants=[{"name": "a", "prompt": "a photo"}, {"name": "b", "prompt": "a photo", "seed": 1}],
+        head="conv",
+    )
     with torch.no_grad():
         feats = task.extractor(torch.cat([pairs["src_image"], pairs["trg_image"]]))
-    stacks = [torch.cat([torch.nn.functional.interpolate(feats[v][n], size=(task.grid,) * 2, mode="bilinear") for n in task.layer_names], 1)
-              for v in task.variant_names]
+    stacks = [
+        torch.cat(
+            [
+                torch.nn.functional.interpolate(feats[v][n], size=(task.grid,) * 2, mode="bilinear")
+                for n in task.layer_names
+            ],
+            1,
+        )
+        for v in task.variant_names
+    ]
     opt = torch.optim.AdamW(task.head.parameters(), lr=1e-3)
 
     def loss() -> torch.Tensor:
@@ -208,7 +228,15 @@ def test_ddp_test_equals_single_process(tmp_path):
     config = spair_config(tmp_path, "corr_spair_zeroshot.yaml", feature_cache=None)
     values = {}
     for run, extra in (("single", []), ("ddp", DDP)):
-        csdiff(tmp_path, "test", "--config", str(config), "--trainer.logger.init_args.save_dir", str(tmp_path / run), *extra)
+        csdiff(
+            tmp_path,
+            "test",
+            "--config",
+            str(config),
+            "--trainer.logger.init_args.save_dir",
+            str(tmp_path / run),
+            *extra,
+        )
         values[run] = {k: v for k, v in scalars(tmp_path / run).items() if k.startswith("test/pck")}
     assert values["ddp"] and values["ddp"] == values["single"]
 
@@ -226,10 +254,19 @@ def test_val360_recipe_keeps_the_best_of_every_validation(tmp_path):
     plain = [{"name": "fine_s0", "prompt": "a photo", "seed": 0}, {"name": "fine_s1", "prompt": "a photo", "seed": 1}]
     config = spair_config(tmp_path, "corr_spair_public.yaml", variants=plain, attention_variant=None)
     lists = {split: str(tmp_path / "SPair-71k" / "dhf" / f"spair_71k_{split}.json") for split in ("train", "val")}
-    cli = run_lightning([
-        "fit", "--config", str(config), "--data.init_args.pair_lists", json.dumps(lists),
-        "--data.init_args.pairs_per_epoch", "4", "--trainer.val_check_interval", "2",
-    ])
+    cli = run_lightning(
+        [
+            "fit",
+            "--config",
+            str(config),
+            "--data.init_args.pair_lists",
+            json.dumps(lists),
+            "--data.init_args.pairs_per_epoch",
+            "4",
+            "--trainer.val_check_interval",
+            "2",
+        ]
+    )
     assert cli.datamodule.datasets["val"].pairs[0].src_size is None  # read from the DHF list
     acc = EventAccumulator(cli.trainer.logger.log_dir)
     acc.Reload()
@@ -238,7 +275,9 @@ def test_val360_recipe_keeps_the_best_of_every_validation(tmp_path):
     for key in ("pck_img_point", "pck_bbox_point"):
         series = acc.Scalars(f"val/{key}")
         top = max(series, key=lambda event: event.value)  # max1 / max2 of the paper's code
-        assert best.best[key][0] == pytest.approx(top.value) and acc.Scalars(f"val_best/{key}")[-1].value == pytest.approx(top.value)
+        assert best.best[key][0] == pytest.approx(top.value) and acc.Scalars(f"val_best/{key}")[
+            -1
+        ].value == pytest.approx(top.value)
     text = (Path(cli.trainer.log_dir) / "val_best_pck.txt").read_text()
     assert "best of 4 validations" in text and f"pck_bbox_point: {100 * best.best['pck_bbox_point'][0]:.2f}" in text
 
@@ -252,8 +291,12 @@ def test_difts_setting_config_runs_with_per_category_prompts(tmp_path):
     config = yaml.safe_load((ROOT / "configs" / "corr_spair_zeroshot_sd21.yaml").read_text())
     init = config["model"]["init_args"]
     assert init["backbone"] == {
-        "model": "stabilityai/stable-diffusion-2-1", "img_size": 768, "timestep": 261, "dtype": "float32",
-        "latent": "variant_sample", "fresh_noise": True,
+        "model": "stabilityai/stable-diffusion-2-1",
+        "img_size": 768,
+        "timestep": 261,
+        "dtype": "float32",
+        "latent": "variant_sample",
+        "fresh_noise": True,
     }
     assert init["layers"] == ["up-level1-upsampler-out"] and (init["fusion"], init["head"]) == ("mean", "nn")
     assert len(init["variants"]) == 8 and {v["prompt"] for v in init["variants"]} == {"a photo of a {category}"}
@@ -266,22 +309,36 @@ def test_difts_setting_config_runs_with_per_category_prompts(tmp_path):
 
     handle = torch.nn.modules.module.register_module_forward_pre_hook(record)
     try:
-        tested = run_lightning(["test", "--config", str(spair_config(tmp_path, "corr_spair_zeroshot_sd21.yaml", feature_cache=None))])
+        tested = run_lightning(
+            ["test", "--config", str(spair_config(tmp_path, "corr_spair_zeroshot_sd21.yaml", feature_cache=None))]
+        )
     finally:
         handle.remove()
     assert "test/pck_bbox_point" in tested.trainer.callback_metrics
     encoded = [tested.model.extractor.tokenizer.decode(ids, skip_special_tokens=True) for ids in token_ids]
-    assert sorted(encoded) == ["a photo of a bird", "a photo of a cat", "a photo of a dog"]  # once per category of the test pairs
+    assert sorted(encoded) == [
+        "a photo of a bird",
+        "a photo of a cat",
+        "a photo of a dog",
+    ]  # once per category of the test pairs
 
 
 def test_per_pair_prompts_and_fresh_noise_refuse_a_feature_cache(tmp_path):
     from csdiff.tasks import CorrespondenceTask
 
-    common = {"backbone": {"model": "tiny", "img_size": 64}, "fusion": "mean", "head": "nn", "feature_cache": str(tmp_path)}
+    common = {
+        "backbone": {"model": "tiny", "img_size": 64},
+        "fusion": "mean",
+        "head": "nn",
+        "feature_cache": str(tmp_path),
+    }
     with pytest.raises(ValueError, match=r"variants \['a'\] have per-category prompts: set feature_cache: null"):
         CorrespondenceTask(variants=[{"name": "a", "prompt": "a photo of a {category}"}], **common)
     with pytest.raises(ValueError, match="fresh_noise draws new noise on every call"):
-        CorrespondenceTask(variants=[{"name": "a", "prompt": "a photo"}], **{**common, "backbone": {"model": "tiny", "fresh_noise": True}})
+        CorrespondenceTask(
+            variants=[{"name": "a", "prompt": "a photo"}],
+            **{**common, "backbone": {"model": "tiny", "fresh_noise": True}},
+        )
     with pytest.raises(ValueError, match=r"prompt fields \['colour'\] are not known; a pair fills \['category'\]"):
         CorrespondenceTask(variants=[{"name": "a", "prompt": "a {colour} photo"}], **{**common, "feature_cache": None})
 
@@ -291,9 +348,15 @@ def test_category_prompts_refuse_pairs_without_a_category(tmp_path):
     "a photo of a unknown", so it stops with one line instead."""
     from csdiff.tasks import CorrespondenceTask
 
-    task = CorrespondenceTask(backbone={"model": "tiny", "img_size": 64}, fusion="mean", head="nn",
-                              variants=[{"name": "a", "prompt": "a photo of a {category}"}])
+    task = CorrespondenceTask(
+        backbone={"model": "tiny", "img_size": 64},
+        fusion="mean",
+        head="nn",
+        variants=[{"name": "a", "prompt": "a photo of a {category}"}],
+    )
     images = torch.zeros(2, 3, 64, 64)
     assert task.descriptors(images, None, ["cat", "dog"])[0].shape[0] == 2
-    with pytest.raises(ValueError, match=r"variants \['a'\] prompt with \{category\}, but pairs from predict_folders have no category"):
+    with pytest.raises(
+        ValueError, match=r"variants \['a'\] prompt with \{category\}, but pairs from predict_folders have no category"
+    ):
         task.descriptors(images, None, ["unknown", "unknown"])

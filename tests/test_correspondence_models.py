@@ -24,7 +24,9 @@ def test_rescale_points_round_trips_and_maps_pixel_centres():
     p = torch.tensor([[0.0, 0.0], [99.0, 49.0]])
     q = rescale_points(p, (50, 100), (512, 512))
     torch.testing.assert_close(rescale_points(q, (512, 512), (50, 100)), p)
-    torch.testing.assert_close(rescale_points(torch.tensor([[-0.5, -0.5]]), (50, 100), (5, 10)), torch.tensor([[-0.5, -0.5]]))
+    torch.testing.assert_close(
+        rescale_points(torch.tensor([[-0.5, -0.5]]), (50, 100), (5, 10)), torch.tensor([[-0.5, -0.5]])
+    )
 
 
 def test_chunked_matching_equals_dense_matching():
@@ -55,8 +57,20 @@ def test_info_nce_by_hand():
     trg = torch.tensor([[2.0, 0.0], [1.0, 1.0]])
     tau = 0.5
     s = F.normalize(src, dim=1) @ F.normalize(trg, dim=1).t() / tau  # [[2, 1.414], [0, 1.414]]
-    forward = -(math.log(math.exp(s[0, 0]) / (math.exp(s[0, 0]) + math.exp(s[0, 1]))) + math.log(math.exp(s[1, 1]) / (math.exp(s[1, 0]) + math.exp(s[1, 1])))) / 2
-    backward = -(math.log(math.exp(s[0, 0]) / (math.exp(s[0, 0]) + math.exp(s[1, 0]))) + math.log(math.exp(s[1, 1]) / (math.exp(s[0, 1]) + math.exp(s[1, 1])))) / 2
+    forward = (
+        -(
+            math.log(math.exp(s[0, 0]) / (math.exp(s[0, 0]) + math.exp(s[0, 1])))
+            + math.log(math.exp(s[1, 1]) / (math.exp(s[1, 0]) + math.exp(s[1, 1])))
+        )
+        / 2
+    )
+    backward = (
+        -(
+            math.log(math.exp(s[0, 0]) / (math.exp(s[0, 0]) + math.exp(s[1, 0])))
+            + math.log(math.exp(s[1, 1]) / (math.exp(s[0, 1]) + math.exp(s[1, 1])))
+        )
+        / 2
+    )
     torch.testing.assert_close(info_nce(src, trg, tau), torch.tensor((forward + backward) / 2))
 
 

@@ -77,19 +77,54 @@ def test_fit_and_extract_stop_on_a_truncated_image(tmp_path, capsys):
     root = make_fake_ade20k(tmp_path / "ADEChallengeData2016", n_train=2, n_val=1, size=(64, 80))
     cut = _truncate(sorted((root / "images" / "training").glob("*"))[0])
     config = {
-        "trainer": {"accelerator": "cpu", "max_steps": 1, "limit_val_batches": 1, "enable_progress_bar": False, "logger": False,
-                    "default_root_dir": str(tmp_path)},
-        "model": {"class_path": "csdiff.tasks.SegmentationTask", "init_args": {
-            "num_classes": 150, "backbone": {"model": "tiny", "img_size": 64}, "head_channels": 16, "aux_channels": 8,
-            "slide_crop": 64, "slide_stride": 64}},
-        "data": {"class_path": "csdiff.data.ADE20KDataModule", "init_args": {
-            "root": str(root), "crop_size": 64, "scale": [128, 64], "eval_resize": ["short", 64], "batch_size": 2}},
+        "trainer": {
+            "accelerator": "cpu",
+            "max_steps": 1,
+            "limit_val_batches": 1,
+            "enable_progress_bar": False,
+            "logger": False,
+            "default_root_dir": str(tmp_path),
+        },
+        "model": {
+            "class_path": "csdiff.tasks.SegmentationTask",
+            "init_args": {
+                "num_classes": 150,
+                "backbone": {"model": "tiny", "img_size": 64},
+                "head_channels": 16,
+                "aux_channels": 8,
+                "slide_crop": 64,
+                "slide_stride": 64,
+            },
+        },
+        "data": {
+            "class_path": "csdiff.data.ADE20KDataModule",
+            "init_args": {
+                "root": str(root),
+                "crop_size": 64,
+                "scale": [128, 64],
+                "eval_resize": ["short", 64],
+                "batch_size": 2,
+            },
+        },
     }
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
     assert main(["fit", "--config", str(tmp_path / "config.yaml")]) == 1
     line = capsys.readouterr().err.strip().splitlines()[-1]
     assert f"image file {cut} is truncated" in line
-    code = main(["extract", "--extractor.model", "tiny", "--extractor.img_size", "64", "--input", str(cut.parent),
-                 "--output", str(tmp_path / "features"), "--trainer.enable_progress_bar", "false"])
+    code = main(
+        [
+            "extract",
+            "--extractor.model",
+            "tiny",
+            "--extractor.img_size",
+            "64",
+            "--input",
+            str(cut.parent),
+            "--output",
+            str(tmp_path / "features"),
+            "--trainer.enable_progress_bar",
+            "false",
+        ]
+    )
     line = capsys.readouterr().err.strip().splitlines()[-1]
     assert code == 1 and f"image file {cut} is truncated" in line

@@ -29,7 +29,6 @@ from csdiff.data.samplers import EpochSampler
 from csdiff.data.synthetic import SHAPE_CLASSES, render_shapes
 from csdiff.data.transforms import pad_to, random_crop, random_flip, random_resize, resize_short_side
 
-
 make_fake_ade20k = load_script("make_fake_ade20k").make_fake_ade20k
 make_fake_cityscapes = load_script("make_fake_cityscapes").make_fake_cityscapes
 

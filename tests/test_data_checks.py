@@ -71,7 +71,9 @@ def _fit_config(root: Path, work: Path) -> dict:
     with a callback that records whether a training step started."""
     config = base_config(root, work)
     del config["trainer"]["limit_val_batches"]
-    config["trainer"]["callbacks"] = [{"class_path": f"{__name__}.StepRecorder", "init_args": {"path": str(work / "stepped")}}]
+    config["trainer"]["callbacks"] = [
+        {"class_path": f"{__name__}.StepRecorder", "init_args": {"path": str(work / "stepped")}}
+    ]
     return config
 
 

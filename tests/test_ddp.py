@@ -38,7 +38,9 @@ class FrozenBackboneProbe(Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         backbone = {id(p) for p in pl_module.extractor.parameters()}
         trainable = [n for n, p in pl_module.extractor.named_parameters() if p.requires_grad]
-        optimized = [p for opt in trainer.optimizers for group in opt.param_groups for p in group["params"] if id(p) in backbone]
+        optimized = [
+            p for opt in trainer.optimizers for group in opt.param_groups for p in group["params"] if id(p) in backbone
+        ]
         if trainable or optimized:
             raise AssertionError(f"backbone parameters trainable {trainable[:3]} or optimized ({len(optimized)})")
         with open(os.environ[PROBE_ENV], "a") as f:
@@ -112,7 +114,9 @@ def csdiff(work: Path, verb: str, *args: str) -> None:
         text=True,
         timeout=600,
     )
-    assert proc.returncode == 0, f"csdiff {verb} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    assert proc.returncode == 0, (
+        f"csdiff {verb} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    )
 
 
 def quick_args(work: Path, run: str, eval_batch_size: int = 1) -> list[str]:
@@ -173,8 +177,16 @@ def fitted(tmp_path_factory):
 
     work = tmp_path_factory.mktemp("ddp")
     write_random_lora(work / "lora.safetensors", load_sd_components("tiny").unet)
-    csdiff(work, "fit", *quick_args(work, "fit", eval_batch_size=2), *DDP,
-           "--trainer.max_epochs", "1", "--trainer.check_val_every_n_epoch", "1")
+    csdiff(
+        work,
+        "fit",
+        *quick_args(work, "fit", eval_batch_size=2),
+        *DDP,
+        "--trainer.max_epochs",
+        "1",
+        "--trainer.check_val_every_n_epoch",
+        "1",
+    )
     (ckpt,) = (work / "fit").rglob("last.ckpt")
     checked = sorted((work / "frozen.txt").read_text().split("\n")[:-1])
     assert checked == ["0 1", "0 2", "1 1", "1 2"]  # both ranks, every step

@@ -55,8 +55,14 @@ def test_paper_code_class_rule():
     assert paper.class_rule == "paper_code" and paper.class_names == BEDROOM.class_names
     assert get_spec("bedroom28") == BEDROOM and BEDROOM.class_rule == "ddpm_segmentation"
     horse = get_spec("horse21", "paper_code")
-    assert (horse.num_classes, horse.ignore_index, horse.scored_classes) == (HORSE.num_classes, HORSE.ignore_index, HORSE.scored_classes)
-    with pytest.raises(ValueError, match=r"unknown class_rule 'paper'; choose one of \['ddpm_segmentation', 'paper_code'\]"):
+    assert (horse.num_classes, horse.ignore_index, horse.scored_classes) == (
+        HORSE.num_classes,
+        HORSE.ignore_index,
+        HORSE.scored_classes,
+    )
+    with pytest.raises(
+        ValueError, match=r"unknown class_rule 'paper'; choose one of \['ddpm_segmentation', 'paper_code'\]"
+    ):
         get_spec("bedroom28", "paper")
 
 
@@ -71,7 +77,9 @@ def test_paper_code_rule_reads_class_28_as_ignored(tmp_path):
     assert np.array_equal(read_ddpmseg_label(path, BEDROOM), label)  # DDPM-segmentation's rule: 28 is a class
     label[0, 0] = 29
     np.save(path, label)
-    with pytest.raises(DataError, match=r"holds values 29 outside bedroom28's class ids 0\.\.27 \(ignore value 255, 28\)"):
+    with pytest.raises(
+        DataError, match=r"holds values 29 outside bedroom28's class ids 0\.\.27 \(ignore value 255, 28\)"
+    ):
         read_ddpmseg_label(path, get_spec("bedroom28", "paper_code"))
 
 

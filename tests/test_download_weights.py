@@ -10,39 +10,78 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import load_script
 import yaml
+from helpers import load_script
 
 from csdiff.backbone.loading import SNAPSHOT_SUBFOLDERS, WEIGHT_SUBFOLDERS, weights_fingerprint
-
-
 
 dw = load_script("download_weights", "checkpoints_scripts")
 
 SD15 = [  # stable-diffusion-v1-5/stable-diffusion-v1-5
-    ".gitattributes", "README.md", "model_index.json", "v1-5-pruned.safetensors", "v1-5-pruned-emaonly.safetensors",
-    "v1-5-pruned-emaonly.ckpt", "v1-inference.yaml", "feature_extractor/preprocessor_config.json",
-    "safety_checker/config.json", "safety_checker/model.safetensors", "safety_checker/model.fp16.safetensors",
+    ".gitattributes",
+    "README.md",
+    "model_index.json",
+    "v1-5-pruned.safetensors",
+    "v1-5-pruned-emaonly.safetensors",
+    "v1-5-pruned-emaonly.ckpt",
+    "v1-inference.yaml",
+    "feature_extractor/preprocessor_config.json",
+    "safety_checker/config.json",
+    "safety_checker/model.safetensors",
+    "safety_checker/model.fp16.safetensors",
     "scheduler/scheduler_config.json",
-    "text_encoder/config.json", "text_encoder/model.safetensors", "text_encoder/model.fp16.safetensors", "text_encoder/pytorch_model.bin",
-    "tokenizer/merges.txt", "tokenizer/special_tokens_map.json", "tokenizer/tokenizer_config.json", "tokenizer/vocab.json",
-    "unet/config.json", "unet/diffusion_pytorch_model.safetensors", "unet/diffusion_pytorch_model.fp16.safetensors",
-    "unet/diffusion_pytorch_model.non_ema.safetensors", "unet/diffusion_pytorch_model.bin",
-    "vae/config.json", "vae/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.fp16.safetensors",
+    "text_encoder/config.json",
+    "text_encoder/model.safetensors",
+    "text_encoder/model.fp16.safetensors",
+    "text_encoder/pytorch_model.bin",
+    "tokenizer/merges.txt",
+    "tokenizer/special_tokens_map.json",
+    "tokenizer/tokenizer_config.json",
+    "tokenizer/vocab.json",
+    "unet/config.json",
+    "unet/diffusion_pytorch_model.safetensors",
+    "unet/diffusion_pytorch_model.fp16.safetensors",
+    "unet/diffusion_pytorch_model.non_ema.safetensors",
+    "unet/diffusion_pytorch_model.bin",
+    "vae/config.json",
+    "vae/diffusion_pytorch_model.safetensors",
+    "vae/diffusion_pytorch_model.fp16.safetensors",
 ]
 SD15_READ = [
-    "model_index.json", "scheduler/scheduler_config.json", "text_encoder/config.json", "text_encoder/model.safetensors",
-    "tokenizer/merges.txt", "tokenizer/special_tokens_map.json", "tokenizer/tokenizer_config.json", "tokenizer/vocab.json",
-    "unet/config.json", "unet/diffusion_pytorch_model.safetensors", "vae/config.json", "vae/diffusion_pytorch_model.safetensors",
+    "model_index.json",
+    "scheduler/scheduler_config.json",
+    "text_encoder/config.json",
+    "text_encoder/model.safetensors",
+    "tokenizer/merges.txt",
+    "tokenizer/special_tokens_map.json",
+    "tokenizer/tokenizer_config.json",
+    "tokenizer/vocab.json",
+    "unet/config.json",
+    "unet/diffusion_pytorch_model.safetensors",
+    "vae/config.json",
+    "vae/diffusion_pytorch_model.safetensors",
 ]
 SDXL_EXTRA = [  # stabilityai/stable-diffusion-xl-base-1.0 adds these (among others)
-    "sd_xl_base_1.0.safetensors", "text_encoder_2/config.json", "text_encoder_2/model.safetensors",
-    "text_encoder_2/model.fp16.safetensors", "tokenizer_2/merges.txt", "tokenizer_2/vocab.json",
-    "vae_1_0/config.json", "vae_1_0/diffusion_pytorch_model.safetensors", "vae_decoder/model.onnx",
+    "sd_xl_base_1.0.safetensors",
+    "text_encoder_2/config.json",
+    "text_encoder_2/model.safetensors",
+    "text_encoder_2/model.fp16.safetensors",
+    "tokenizer_2/merges.txt",
+    "tokenizer_2/vocab.json",
+    "vae_1_0/config.json",
+    "vae_1_0/diffusion_pytorch_model.safetensors",
+    "vae_decoder/model.onnx",
 ]
 CONTROLNET = [  # lllyasviel/control_v11p_sd15_canny
-    ".gitattributes", "README.md", "config.json", "diffusion_pytorch_model.bin", "diffusion_pytorch_model.fp16.bin",
-    "diffusion_pytorch_model.fp16.safetensors", "diffusion_pytorch_model.safetensors", "images/input.png", "images/image_out.png",
+    ".gitattributes",
+    "README.md",
+    "config.json",
+    "diffusion_pytorch_model.bin",
+    "diffusion_pytorch_model.fp16.bin",
+    "diffusion_pytorch_model.fp16.safetensors",
+    "diffusion_pytorch_model.safetensors",
+    "images/input.png",
+    "images/image_out.png",
 ]
 LORAS = [".gitattributes", "README.md", "style/style_v1.safetensors", "style/style_v2.safetensors", "preview.png"]
 
@@ -51,7 +90,12 @@ def test_pipeline_fetches_the_components_csdiff_loads_without_duplicates():
     assert dw.select_files("sd15", SD15) == ("pipeline", SD15_READ)
     kind, files = dw.select_files("sdxl", SD15 + SDXL_EXTRA)
     assert kind == "pipeline"
-    assert set(files) - set(SD15_READ) == {"text_encoder_2/config.json", "text_encoder_2/model.safetensors", "tokenizer_2/merges.txt", "tokenizer_2/vocab.json"}
+    assert set(files) - set(SD15_READ) == {
+        "text_encoder_2/config.json",
+        "text_encoder_2/model.safetensors",
+        "tokenizer_2/merges.txt",
+        "tokenizer_2/vocab.json",
+    }
 
 
 def test_pipeline_without_safetensors_weights_is_refused():
@@ -66,15 +110,24 @@ def _fill(folder: Path, files: list[str]) -> None:
         (folder / name).write_bytes(name.encode() * 3)  # content fixed by the name: equal across folders
 
 
-@pytest.mark.parametrize(("files", "subfolders"), [(SD15 + SDXL_EXTRA, WEIGHT_SUBFOLDERS), (CONTROLNET, None)], ids=["pipeline", "controlnet"])
+@pytest.mark.parametrize(
+    ("files", "subfolders"),
+    [(SD15 + SDXL_EXTRA, WEIGHT_SUBFOLDERS), (CONTROLNET, None)],
+    ids=["pipeline", "controlnet"],
+)
 def test_downloaded_folder_has_the_fingerprint_of_the_hub_id(files, subfolders, tmp_path):
     """A checkpoint trained on the hub id runs with the downloaded folder: the two hold the
     same weight files as far as the fingerprint reads them (the hub id's snapshot patterns
     are those of csdiff.backbone.loading)."""
     from huggingface_hub.utils import filter_repo_objects
 
-    allow = ["*.json", "*.txt", "*.safetensors"] if subfolders is None else (
-        ["model_index.json"] + [f"{s}/*.{ext}" for s in SNAPSHOT_SUBFOLDERS for ext in ("json", "txt", "safetensors")]
+    allow = (
+        ["*.json", "*.txt", "*.safetensors"]
+        if subfolders is None
+        else (
+            ["model_index.json"]
+            + [f"{s}/*.{ext}" for s in SNAPSHOT_SUBFOLDERS for ext in ("json", "txt", "safetensors")]
+        )
     )
     hub = list(filter_repo_objects(files, allow_patterns=allow, ignore_patterns=["*.fp16.*", "*non_ema*", "*.ema.*"]))
     _fill(tmp_path / "hub", hub)
@@ -92,12 +145,17 @@ def test_controlnet_fetches_its_config_and_safetensors_weights():
 
 
 def test_lora_repo_fetches_the_one_file_asked():
-    assert dw.select_files("one", ["README.md", "pytorch_lora_weights.safetensors"]) == ("lora", ["pytorch_lora_weights.safetensors"])
+    assert dw.select_files("one", ["README.md", "pytorch_lora_weights.safetensors"]) == (
+        "lora",
+        ["pytorch_lora_weights.safetensors"],
+    )
     with pytest.raises(dw.DownloadError, match=r"holds 2 \.safetensors files .*style_v1.*style_v2.*--file NAME"):
         dw.select_files("several", LORAS)
     assert dw.select_files("several", LORAS, "style_v2.safetensors") == ("lora", ["style/style_v2.safetensors"])
     assert dw.select_files("several", LORAS, "style/style_v1.safetensors") == ("lora", ["style/style_v1.safetensors"])
-    with pytest.raises(dw.DownloadError, match="no .safetensors file 'v3.safetensors'; its .safetensors files: style/style_v1"):
+    with pytest.raises(
+        dw.DownloadError, match="no .safetensors file 'v3.safetensors'; its .safetensors files: style/style_v1"
+    ):
         dw.select_files("several", LORAS, "v3.safetensors")
     twins = ["a/x.safetensors", "b/x.safetensors"]
     with pytest.raises(dw.DownloadError, match="several files named 'x.safetensors'"):

@@ -24,19 +24,36 @@ def base_config(root: Path, work: Path) -> dict:
     return {
         "seed_everything": 0,
         "trainer": {
-            "accelerator": "cpu", "devices": 1, "max_steps": 1, "max_epochs": -1, "limit_val_batches": 1,
-            "enable_progress_bar": False, "logger": False, "default_root_dir": str(work),
+            "accelerator": "cpu",
+            "devices": 1,
+            "max_steps": 1,
+            "max_epochs": -1,
+            "limit_val_batches": 1,
+            "enable_progress_bar": False,
+            "logger": False,
+            "default_root_dir": str(work),
         },
         "model": {
             "class_path": "csdiff.tasks.SegmentationTask",
             "init_args": {
-                "num_classes": 150, "backbone": {"model": "tiny", "img_size": 64}, "variants": [{"name": "plain"}],
-                "head_channels": 16, "aux_channels": 8, "slide_crop": 64, "slide_stride": 64,
+                "num_classes": 150,
+                "backbone": {"model": "tiny", "img_size": 64},
+                "variants": [{"name": "plain"}],
+                "head_channels": 16,
+                "aux_channels": 8,
+                "slide_crop": 64,
+                "slide_stride": 64,
             },
         },
         "data": {
             "class_path": "csdiff.data.ADE20KDataModule",
-            "init_args": {"root": str(root), "crop_size": 64, "scale": [128, 64], "eval_resize": ["short", 64], "batch_size": 2},
+            "init_args": {
+                "root": str(root),
+                "crop_size": 64,
+                "scale": [128, 64],
+                "eval_resize": ["short", 64],
+                "batch_size": 2,
+            },
         },
     }
 
@@ -148,7 +165,9 @@ def test_missing_lora_file(setup, capsys):
 
 def test_lora_adapting_zero_modules(setup, capsys):
     _, config, work = setup
-    path = write_kohya_lora(work / "alien.safetensors", {"some.block.that.does.not.exist": (torch.zeros(2, 8), torch.zeros(8, 2), 2.0)})
+    path = write_kohya_lora(
+        work / "alien.safetensors", {"some.block.that.does.not.exist": (torch.zeros(2, 8), torch.zeros(8, 2), 2.0)}
+    )
     config["model"]["init_args"]["variants"] = [{"name": "l", "loras": [{"path": str(path)}]}]
     code, line = run(config, work, capsys)
     assert code == 1 and "alien.safetensors" in line and "zero modules" in line
@@ -160,7 +179,9 @@ def test_weights_not_available_offline(setup, capsys, where):
     if where == "backbone":
         config["model"]["init_args"]["backbone"]["model"] = OFFLINE_ID
     else:
-        config["model"]["init_args"]["variants"] = [{"name": "c", "controlnets": [{"model": "lllyasviel/sd-controlnet-canny"}]}]
+        config["model"]["init_args"]["variants"] = [
+            {"name": "c", "controlnets": [{"model": "lllyasviel/sd-controlnet-canny"}]}
+        ]
     code, line = run(config, work, capsys)
     wanted = OFFLINE_ID if where == "backbone" else "lllyasviel/sd-controlnet-canny"
     assert code == 1 and wanted in line and "folder" in line
@@ -209,7 +230,11 @@ def test_checkpoint_for_another_dataset(trained, capsys, tmp_path):
     state["hyper_parameters"]["num_classes"] = 4
     torch.save(state, ckpt)
     code, line = run(config, work, capsys, "test", ["--ckpt_path", str(ckpt)])
-    assert code == 1 and f"checkpoint {ckpt} was trained with other options" in line and "num_classes: 4 (checkpoint) vs 150 (config)" in line
+    assert (
+        code == 1
+        and f"checkpoint {ckpt} was trained with other options" in line
+        and "num_classes: 4 (checkpoint) vs 150 (config)" in line
+    )
 
 
 def test_debug_env_gives_the_traceback(setup, capsys, monkeypatch):
@@ -227,7 +252,13 @@ def test_exit_code_and_single_line_in_a_subprocess(setup):
     path.write_text(yaml.safe_dump(config))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     env.pop("CSDIFF_DEBUG", None)
-    proc = subprocess.run([sys.executable, "-m", "csdiff", "fit", "--config", str(path)], capture_output=True, text=True, env=env, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "csdiff", "fit", "--config", str(path)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert proc.returncode == 1
     errors = [line for line in proc.stderr.splitlines() if line.startswith("csdiff: error:")]
     assert len(errors) == 1 and "nowhere" in errors[0]

@@ -8,9 +8,9 @@ import shutil
 from pathlib import Path
 
 import pytest
-from helpers import load_script
 import torch
 import yaml
+from helpers import load_script
 from safetensors.torch import load_file
 from test_segmentation_cli import quick_args, quick_config
 
@@ -19,8 +19,6 @@ from csdiff.resume import CheckpointError
 from csdiff.tasks import SegmentationTask
 from csdiff.tasks.checkpoints import CheckpointMismatchError
 from csdiff.tasks.export import TASK_FILE, WEIGHTS_FILE, read_exported_head
-
-
 
 export_script = load_script("export_head", "checkpoints_scripts")
 
@@ -136,7 +134,9 @@ def test_head_with_another_backbone_config_is_refused(trained, exported, tmp_pat
     task["model"]["init_args"]["backbone"]["timestep"] = 100
     (edited / TASK_FILE).write_text(yaml.safe_dump(task, sort_keys=False))
     # the config says 100 too (a config differing from the task's arguments is refused before)
-    assert main(["test", *quick_args(work), "--ckpt_path", str(edited), "--model.init_args.backbone.timestep", "100"]) == 1
+    assert (
+        main(["test", *quick_args(work), "--ckpt_path", str(edited), "--model.init_args.backbone.timestep", "100"]) == 1
+    )
     line = capsys.readouterr().err.strip().splitlines()[-1]
     assert "the checkpoint was trained with other features: timestep: 50 (checkpoint) vs 100 (now)" in line
     backbone = dict(task["model"]["init_args"]["backbone"])

@@ -58,8 +58,13 @@ def test_every_sd2_name_equals_an_independent_hook(sd2):
 
 def test_sd2_noise_at_exactly_t_and_its_v_chain(sd2, images):
     folder, _ = sd2
-    ex = DiffusionFeatureExtractor(str(folder), ["unet-in"], img_size=64, timestep=50,
-                                   variants=[Variant("plain", "a photo"), Variant("chain", "a photo", denoise_from=53)])
+    ex = DiffusionFeatureExtractor(
+        str(folder),
+        ["unet-in"],
+        img_size=64,
+        timestep=50,
+        variants=[Variant("plain", "a photo"), Variant("chain", "a photo", denoise_from=53)],
+    )
     got = ex(images)
     z = ex.encode_images(images)
     noise = torch.randn((1, 4, 8, 8), generator=torch.Generator().manual_seed(0)).expand(2, -1, -1, -1)
@@ -76,8 +81,11 @@ def test_sd2_noise_at_exactly_t_and_its_v_chain(sd2, images):
 def test_sd2_controlnet_and_lora_change_features(sd2, images, tmp_path):
     folder, controlnet = sd2
     lora = write_random_lora(tmp_path / "l.safetensors", load_sd_components(str(folder)).unet)
-    variants = [Variant("plain", "a photo"), Variant("canny", "a photo", controlnets=[ControlNet(str(controlnet))]),
-                Variant("lora", "a photo", loras=[LoRA(str(lora))])]
+    variants = [
+        Variant("plain", "a photo"),
+        Variant("canny", "a photo", controlnets=[ControlNet(str(controlnet))]),
+        Variant("lora", "a photo", loras=[LoRA(str(lora))]),
+    ]
     f = DiffusionFeatureExtractor(str(folder), LAYERS, img_size=64, variants=variants)(images)
     for name in ("canny", "lora"):
         assert (f[name]["up-level1-upsampler-out"] - f["plain"]["up-level1-upsampler-out"]).abs().max() > 1e-4, name
@@ -88,7 +96,9 @@ def test_segmentation_fit_on_sd2_through_the_cli(sd2, tmp_path):
     from test_configs import _run, _substitute_tiny
 
     folder, controlnet = sd2
-    config = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs" / "seg_ade20k_sd21_public.yaml").read_text())
+    config = yaml.safe_load(
+        (Path(__file__).resolve().parents[1] / "configs" / "seg_ade20k_sd21_public.yaml").read_text()
+    )
     lora = lambda path, seed: str(path)  # noqa: E731  (the public config has no LoRA)
     cli, score = _run(_substitute_tiny(config, tmp_path, str(folder), str(controlnet), lora), tmp_path / "sd2.yaml")
     assert score in cli.trainer.callback_metrics
@@ -133,16 +143,24 @@ def test_timestep_zero_without_noise_sees_the_clean_latent(images):
     ex = DiffusionFeatureExtractor("tiny", ["unet-in"], img_size=64, timestep=0, noise=False)
     torch.testing.assert_close(ex(images)["plain"]["unet-in"], ex.encode_images(images), atol=0, rtol=0)
     with pytest.raises(ValueError, match="denoise_from"):
-        DiffusionFeatureExtractor("tiny", ["unet-in"], img_size=64, noise=False, variants=[Variant("c", denoise_from=60)])
+        DiffusionFeatureExtractor(
+            "tiny", ["unet-in"], img_size=64, noise=False, variants=[Variant("c", denoise_from=60)]
+        )
 
 
 # --- what csdiff does not support ----------------------------------------------------------------
 
 
-@pytest.mark.parametrize("pipeline,parts", [
-    ("PixArtAlphaPipeline", ["transformer", "vae", "text_encoder", "tokenizer", "scheduler"]),
-    ("FluxPipeline", ["transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler"]),
-])
+@pytest.mark.parametrize(
+    "pipeline,parts",
+    [
+        ("PixArtAlphaPipeline", ["transformer", "vae", "text_encoder", "tokenizer", "scheduler"]),
+        (
+            "FluxPipeline",
+            ["transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler"],
+        ),
+    ],
+)
 def test_unsupported_architectures_name_the_supported_families(tmp_path, pipeline, parts):
     folder = tmp_path / pipeline
     for part in parts:
@@ -180,7 +198,9 @@ def test_every_sdxl_name_equals_an_independent_hook(sdxl):
     from csdiff.backbone.prompts import encode_prompt_sdxl
 
     parts = load_sd_components(str(sdxl[0]))
-    emb, pooled = encode_prompt_sdxl((parts.tokenizer, parts.tokenizer_2), (parts.text_encoder, parts.text_encoder_2), "a photo")
+    emb, pooled = encode_prompt_sdxl(
+        (parts.tokenizer, parts.tokenizer_2), (parts.text_encoder, parts.text_encoder_2), "a photo"
+    )
     added = {"text_embeds": pooled.expand(2, -1), "time_ids": torch.tensor([[64.0, 64, 0, 0, 64, 64]]).expand(2, -1)}
     assert_every_name_equals_an_independent_hook(parts, emb.expand(2, -1, -1), added_cond_kwargs=added)
 
@@ -190,8 +210,13 @@ def test_sdxl_text_conditioning_is_the_pipelines(sdxl):
     from csdiff.backbone.prompts import encode_prompt_sdxl
 
     parts = load_sd_components(str(sdxl[0]))
-    emb, pooled = encode_prompt_sdxl((parts.tokenizer, parts.tokenizer_2), (parts.text_encoder, parts.text_encoder_2), "a red circle")
-    ids = [t("a red circle", padding="max_length", max_length=77, return_tensors="pt").input_ids for t in (parts.tokenizer, parts.tokenizer_2)]
+    emb, pooled = encode_prompt_sdxl(
+        (parts.tokenizer, parts.tokenizer_2), (parts.text_encoder, parts.text_encoder_2), "a red circle"
+    )
+    ids = [
+        t("a red circle", padding="max_length", max_length=77, return_tensors="pt").input_ids
+        for t in (parts.tokenizer, parts.tokenizer_2)
+    ]
     h1 = parts.text_encoder(ids[0], output_hidden_states=True).hidden_states[-2]
     out2 = parts.text_encoder_2(ids[1], output_hidden_states=True)
     torch.testing.assert_close(emb, torch.cat([h1, out2.hidden_states[-2]], dim=-1))
@@ -200,8 +225,11 @@ def test_sdxl_text_conditioning_is_the_pipelines(sdxl):
 
 def test_sdxl_noise_chain_and_controlnet(sdxl, images):
     folder, controlnet = sdxl
-    variants = [Variant("plain", "a photo"), Variant("canny", "a photo", controlnets=[ControlNet(str(controlnet))]),
-                Variant("chain", "a photo", denoise_from=53)]
+    variants = [
+        Variant("plain", "a photo"),
+        Variant("canny", "a photo", controlnets=[ControlNet(str(controlnet))]),
+        Variant("chain", "a photo", denoise_from=53),
+    ]
     ex = DiffusionFeatureExtractor(str(folder), ["unet-in", "up-level0-upsampler-out"], img_size=64, variants=variants)
     f = ex(images)
     z = ex.encode_images(images)
@@ -216,9 +244,13 @@ def test_sdxl_time_ids_default_to_the_image_and_are_configurable(sdxl, images):
     folder, _ = sdxl
     seen = []
     default = DiffusionFeatureExtractor(str(folder), ["up-level0-upsampler-out"], img_size=64)
-    custom = DiffusionFeatureExtractor(str(folder), ["up-level0-upsampler-out"], img_size=64, time_ids=[1024, 768, 0, 0, 64, 64])
+    custom = DiffusionFeatureExtractor(
+        str(folder), ["up-level0-upsampler-out"], img_size=64, time_ids=[1024, 768, 0, 0, 64, 64]
+    )
     for ex in (default, custom):
-        handle = ex.unet.register_forward_pre_hook(lambda m, a, k: seen.append(k["added_cond_kwargs"]["time_ids"][0].tolist()), with_kwargs=True)
+        handle = ex.unet.register_forward_pre_hook(
+            lambda m, a, k: seen.append(k["added_cond_kwargs"]["time_ids"][0].tolist()), with_kwargs=True
+        )
         out = ex(images)["plain"]["up-level0-upsampler-out"]
         handle.remove()
     assert seen == [[64, 64, 0, 0, 64, 64], [1024, 768, 0, 0, 64, 64]]
@@ -241,10 +273,18 @@ def test_sdxl_kohya_lora_reaches_unet_and_both_text_encoders(sdxl, images, tmp_p
     tensors = {}
     for key, width in parts.items():
         n_in, n_out = (width, width) if isinstance(width, int) else width
-        tensors.update({f"{key}.lora_down.weight": torch.randn(4, n_in, generator=g) * 0.3,
-                        f"{key}.lora_up.weight": torch.randn(n_out, 4, generator=g) * 0.3, f"{key}.alpha": torch.tensor(4.0)})
+        tensors.update(
+            {
+                f"{key}.lora_down.weight": torch.randn(4, n_in, generator=g) * 0.3,
+                f"{key}.lora_up.weight": torch.randn(n_out, 4, generator=g) * 0.3,
+                f"{key}.alpha": torch.tensor(4.0),
+            }
+        )
     save_file(tensors, str(tmp_path / "sdxl_lora.safetensors"))
-    variants = [Variant("lora", "a photo", loras=[LoRA(str(tmp_path / "sdxl_lora.safetensors"))]), Variant("plain", "a photo")]
+    variants = [
+        Variant("lora", "a photo", loras=[LoRA(str(tmp_path / "sdxl_lora.safetensors"))]),
+        Variant("plain", "a photo"),
+    ]
     ex = DiffusionFeatureExtractor(str(folder), ["up-level0-upsampler-out"], img_size=64, variants=variants)
     f = ex(images)
     name = next(iter(ex.loras.adapters.values()))
@@ -252,7 +292,9 @@ def test_sdxl_kohya_lora_reaches_unet_and_both_text_encoders(sdxl, images, tmp_p
     assert (ex.prompt_embedding("a photo", ((name, 1.0),)) - ex.prompt_embedding("a photo", ())).abs().max() > 1e-3
     assert (f["lora"]["up-level0-upsampler-out"] - f["plain"]["up-level0-upsampler-out"]).abs().max() > 1e-4
     assert not any(p.requires_grad for p in ex.parameters())
-    plain = DiffusionFeatureExtractor(str(folder), ["up-level0-upsampler-out"], img_size=64, variants=[Variant("plain", "a photo")])
+    plain = DiffusionFeatureExtractor(
+        str(folder), ["up-level0-upsampler-out"], img_size=64, variants=[Variant("plain", "a photo")]
+    )
     torch.testing.assert_close(plain(images)["plain"]["up-level0-upsampler-out"], f["plain"]["up-level0-upsampler-out"])
 
 
@@ -260,22 +302,36 @@ def test_segmentation_fit_on_sdxl_through_the_cli(sdxl, tmp_path):
     from test_configs import _run, _substitute_tiny
 
     folder, controlnet = sdxl
-    config = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs" / "seg_ade20k_sdxl_public.yaml").read_text())
-    cli, score = _run(_substitute_tiny(config, tmp_path, str(folder), str(controlnet), lambda path, seed: str(path)), tmp_path / "sdxl.yaml")
+    config = yaml.safe_load(
+        (Path(__file__).resolve().parents[1] / "configs" / "seg_ade20k_sdxl_public.yaml").read_text()
+    )
+    cli, score = _run(
+        _substitute_tiny(config, tmp_path, str(folder), str(controlnet), lambda path, seed: str(path)),
+        tmp_path / "sdxl.yaml",
+    )
     assert score in cli.trainer.callback_metrics
-    assert set(cli.model.levels) == {"up-level0-upsampler-out", "up-level1-upsampler-out", "up-level1-repeat2-vit-out"}  # SDXL's legacy
+    assert set(cli.model.levels) == {
+        "up-level0-upsampler-out",
+        "up-level1-upsampler-out",
+        "up-level1-repeat2-vit-out",
+    }  # SDXL's legacy
 
 
 def test_layers_verb_lists_each_familys_names_and_shapes(sd2, sdxl, capsys):
     from csdiff.cli import main
 
-    for folder, native, probe, shape in ((sd2[0], 64, "up-level3-repeat2-vit-out", [32, 8, 8]), (sdxl[0], 128, "up-level0-repeat2-vit-block2-out", [64, 4, 4])):
+    for folder, native, probe, shape in (
+        (sd2[0], 64, "up-level3-repeat2-vit-out", [32, 8, 8]),
+        (sdxl[0], 128, "up-level0-repeat2-vit-block2-out", [64, 4, 4]),
+    ):
         assert main(["layers", "--model", str(folder), "--format", "json"]) == 0
         rows = {r["name"]: r["shape"] for r in json.loads(capsys.readouterr().out)}
         assert rows[probe] == shape and rows["up_cross"] == [154, native // 8, native // 8], folder
 
 
-@pytest.mark.parametrize("config_name,family", [("corr_spair_sdxl_public.yaml", "sdxl"), ("corr_spair_sd21_public.yaml", "sd2")])
+@pytest.mark.parametrize(
+    "config_name,family", [("corr_spair_sdxl_public.yaml", "sdxl"), ("corr_spair_sd21_public.yaml", "sd2")]
+)
 def test_correspondence_config_runs_on_its_family(config_name, family, sd2, sdxl, tmp_path):
     """The SDXL and SD 2.1 correspondence configs on tiny models of their own family: gate,
     attention feature (`up_cross` from that family's up-levels), denoising chains, PCK."""
@@ -283,7 +339,10 @@ def test_correspondence_config_runs_on_its_family(config_name, family, sd2, sdxl
 
     folder, controlnet = sdxl if family == "sdxl" else sd2
     config = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs" / config_name).read_text())
-    cli, score = _run(_substitute_tiny(config, tmp_path, str(folder), str(controlnet), lambda path, seed: str(path)), tmp_path / config_name)
+    cli, score = _run(
+        _substitute_tiny(config, tmp_path, str(folder), str(controlnet), lambda path, seed: str(path)),
+        tmp_path / config_name,
+    )
     assert score in cli.trainer.callback_metrics
 
 
@@ -295,16 +354,20 @@ def test_sdxl_diffusers_lora_folder_loads_and_acts(sdxl, images, tmp_path):
     folder, _ = sdxl
     module = "up_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
     g = torch.Generator().manual_seed(3)
-    layers = {f"{module}.lora_A.weight": torch.randn(4, 64, generator=g) * 0.3, f"{module}.lora_B.weight": torch.randn(64, 4, generator=g) * 0.3}
+    layers = {
+        f"{module}.lora_A.weight": torch.randn(4, 64, generator=g) * 0.3,
+        f"{module}.lora_B.weight": torch.randn(64, 4, generator=g) * 0.3,
+    }
     config = LoraConfig(r=4, lora_alpha=4, target_modules=[module]).to_dict()
-    StableDiffusionXLPipeline.save_lora_weights(tmp_path / "lora", unet_lora_layers=layers, unet_lora_adapter_metadata=config)
+    StableDiffusionXLPipeline.save_lora_weights(
+        tmp_path / "lora", unet_lora_layers=layers, unet_lora_adapter_metadata=config
+    )
     variants = [Variant("lora", "a photo", loras=[LoRA(str(tmp_path / "lora"))]), Variant("plain", "a photo")]
     ex = DiffusionFeatureExtractor(str(folder), ["up-level0-upsampler-out"], img_size=64, variants=variants)
     f = ex(images)
     assert len(ex.loras.in_unet) == 1 and not ex.loras.in_text_encoder
     assert (f["lora"]["up-level0-upsampler-out"] - f["plain"]["up-level0-upsampler-out"]).abs().max() > 1e-4
     assert not any(p.requires_grad for p in ex.parameters())
-
 
 
 # --- single files and long prompts, per family -------------------------------------------------
@@ -315,14 +378,15 @@ def test_single_file_checkpoint_loads_as_its_folder(family, sd2, sdxl, images, t
     """An SD 2.x (OpenCLIP text encoder) or SDXL (sgm conditioner, label_emb) checkpoint in one
     file, in the original key names, loads into the same weights and features as its folder;
     the base folder of another family is refused with the reason."""
-    from safetensors.torch import save_file
-
     from ldm_format import diffusers_to_ldm_state_dict
+    from safetensors.torch import save_file
 
     folder, other = (sd2[0], sdxl[0]) if family == "sd2" else (sdxl[0], sd2[0])
     ref = load_sd_components(str(folder), load_vae_decoder=True)
     path = tmp_path / f"{family}-merged.safetensors"
-    save_file(diffusers_to_ldm_state_dict(ref.unet, ref.vae, ref.text_encoder, ref.text_encoder_2, open_clip=True), str(path))
+    save_file(
+        diffusers_to_ldm_state_dict(ref.unet, ref.vae, ref.text_encoder, ref.text_encoder_2, open_clip=True), str(path)
+    )
     parts = load_sd_components(str(path), base_model=str(folder), load_vae_decoder=True)
     for part in ("unet", "vae", "text_encoder", "text_encoder_2"):  # every weight, bit for bit
         want = dict(getattr(ref, part).named_parameters()) if getattr(ref, part) is not None else {}
@@ -348,7 +412,9 @@ def test_sdxl_long_prompt_windows(sdxl, images):
 
     parts = load_sd_components(str(sdxl[0]))
     long = ", ".join(["a red circle and a blue square on a striped background"] * 12)
-    emb, pooled = encode_prompt_sdxl((parts.tokenizer, parts.tokenizer_2), (parts.text_encoder, parts.text_encoder_2), long)
+    emb, pooled = encode_prompt_sdxl(
+        (parts.tokenizer, parts.tokenizer_2), (parts.text_encoder, parts.text_encoder_2), long
+    )
     windows = [prompt_windows(t, long) for t in (parts.tokenizer, parts.tokenizer_2)]
     n = windows[0].shape[0]
     assert n >= 2 and emb.shape == (1, 77 * n, 32 + 48)
@@ -358,7 +424,9 @@ def test_sdxl_long_prompt_windows(sdxl, images):
         torch.testing.assert_close(emb[:, 77 * i : 77 * (i + 1)], torch.cat([h1, out2.hidden_states[-2]], dim=-1))
         if i == 0:
             torch.testing.assert_close(pooled, out2.text_embeds)
-    ex = DiffusionFeatureExtractor(str(sdxl[0]), ["up_cross"], img_size=64, variants=[Variant("long", long), Variant("short", "a photo")])
+    ex = DiffusionFeatureExtractor(
+        str(sdxl[0]), ["up_cross"], img_size=64, variants=[Variant("long", long), Variant("short", "a photo")]
+    )
     f = ex(images)
     assert f["long"]["up_cross"].shape == f["short"]["up_cross"].shape == (2, 154, 8, 8)
     assert (f["long"]["up_cross"] - f["short"]["up_cross"]).abs().max() > 1e-4

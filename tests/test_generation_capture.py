@@ -18,9 +18,14 @@ def pipe(tiny_parts):
     """A text-to-image pipeline on the tiny model; latents out, so no VAE decoder is needed."""
     p = tiny_parts
     pipe = StableDiffusionPipeline(
-        vae=p.vae, text_encoder=p.text_encoder, tokenizer=p.tokenizer, unet=p.unet,
-        scheduler=DDIMScheduler.from_config(p.scheduler.config), safety_checker=None,
-        feature_extractor=None, requires_safety_checker=False,
+        vae=p.vae,
+        text_encoder=p.text_encoder,
+        tokenizer=p.tokenizer,
+        unet=p.unet,
+        scheduler=DDIMScheduler.from_config(p.scheduler.config),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -28,16 +33,19 @@ def pipe(tiny_parts):
 
 def _generate(pipe, **kwargs) -> torch.Tensor:
     return pipe(
-        "a photo of shapes", num_inference_steps=4, height=64, width=64, output_type="latent",
-        generator=torch.Generator().manual_seed(0), **kwargs,
+        "a photo of shapes",
+        num_inference_steps=4,
+        height=64,
+        width=64,
+        output_type="latent",
+        generator=torch.Generator().manual_seed(0),
+        **kwargs,
     ).images
 
 
 def _attachments(pipe) -> tuple:
     """Every hook on every UNet module, the attention processors and the scheduler's own attributes."""
-    hooks = tuple(
-        (name, tuple(m._forward_hooks), tuple(m._forward_pre_hooks)) for name, m in pipe.unet.named_modules()
-    )
+    hooks = tuple((name, tuple(m._forward_hooks), tuple(m._forward_pre_hooks)) for name, m in pipe.unet.named_modules())
     processors = tuple((k, id(v)) for k, v in pipe.unet.attn_processors.items())
     return hooks, processors, tuple(sorted(vars(pipe.scheduler)))
 
@@ -122,4 +130,6 @@ def test_a_failure_caught_inside_the_context_does_not_spoil_the_next_generation(
         handle.remove()
         again = _generate(pipe)
     assert torch.equal(again, plain)
-    assert sorted(cap.features) == [0, 2] and cap.features[0][LAYERS[0]].shape[0] == 2  # nothing left of the failed call
+    assert (
+        sorted(cap.features) == [0, 2] and cap.features[0][LAYERS[0]].shape[0] == 2
+    )  # nothing left of the failed call

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import assert_close_up_to_rounding, shapes_images
+from ldm_format import diffusers_to_ldm_state_dict
 from safetensors.torch import save_file
 
 from csdiff.backbone.loading import (
@@ -24,8 +26,6 @@ from csdiff.backbone.loading import (
     resolve_model_folder,
 )
 from csdiff.backbone.tiny import TINY_SD_DIR
-from ldm_format import diffusers_to_ldm_state_dict
-from helpers import assert_close_up_to_rounding, shapes_images
 
 HUB_ID = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 PARTS = ("unet", "vae", "text_encoder")
@@ -126,7 +126,9 @@ def test_ldm_export_uses_original_names(tiny_full):
             assert weight.ndim == 4 and weight.shape[2:] == (1, 1) and weight.shape[0] == weight.shape[1]
         assert vae + f"{part}.mid.attn_1.norm.weight" in state
     assert not any(".resnets." in k or "down_blocks" in k or "up_blocks" in k for k in state)  # no diffusers names
-    assert not any(k.startswith(vae) and ("to_out" in k or "group_norm" in k or "shortcut" in k and "nin_" not in k) for k in state)
+    assert not any(
+        k.startswith(vae) and ("to_out" in k or "group_norm" in k or "shortcut" in k and "nin_" not in k) for k in state
+    )
 
 
 # --- single-file checkpoints -------------------------------------------------------------------
@@ -171,7 +173,9 @@ def test_single_file_features_equal_folder_features(single_files):
 
     layers = ["up-level1-upsampler-out"]
     images = shapes_images(2, 64)
-    from_file = DiffusionFeatureExtractor(model=str(single_files["safetensors"]), base_model="tiny", layers=layers, img_size=64)
+    from_file = DiffusionFeatureExtractor(
+        model=str(single_files["safetensors"]), base_model="tiny", layers=layers, img_size=64
+    )
     from_folder = DiffusionFeatureExtractor(model="tiny", layers=layers, img_size=64)
     a = from_file(images)["plain"][layers[0]]
     b = from_folder(images)["plain"][layers[0]]
@@ -229,7 +233,7 @@ def test_hub_id_unreachable_endpoint_fails_fast(tmp_path):
     )
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     assert lines, f"no result (rc={proc.returncode}):\n{proc.stdout}\n{proc.stderr[-3000:]}"
-    result = json.loads(lines[-1][len("RESULT "):])
+    result = json.loads(lines[-1][len("RESULT ") :])
     assert result["error"] == "BackboneNotAvailableError", result
     assert result["elapsed"] < 10, result
     assert HUB_ID in result["message"] and "folder" in result["message"]

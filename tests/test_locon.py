@@ -102,13 +102,20 @@ def ldm_named(modules: dict, unet_config) -> dict[str, torch.Tensor]:
     """The LoCon under A1111/LDM UNet names (``lora_unet_input_blocks_4_0_in_layers_2``), named by the
     test's own LDM map (tests/ldm_format.py), not csdiff's."""
     prefixes = unet_prefix_map(unet_config)
-    renamed = {_convert({f"{p}.weight": None}, prefixes, "", "unet").popitem()[0].removesuffix(".weight"): pair
-               for p, pair in modules["unet"].items()}
+    renamed = {
+        _convert({f"{p}.weight": None}, prefixes, "", "unet").popitem()[0].removesuffix(".weight"): pair
+        for p, pair in modules["unet"].items()
+    }
     tensors = kohya_tensors({"text_encoder": modules["text_encoder"]})
     for ldm, (down, up, alpha) in renamed.items():
         name = f"lora_unet_{ldm.replace('.', '_')}"
-        tensors.update({f"{name}.lora_down.weight": down, f"{name}.alpha": torch.tensor(alpha),
-                        f"{name}.lora_up.weight": up[:, :, None, None] if down.ndim == 4 else up})
+        tensors.update(
+            {
+                f"{name}.lora_down.weight": down,
+                f"{name}.alpha": torch.tensor(alpha),
+                f"{name}.lora_up.weight": up[:, :, None, None] if down.ndim == 4 else up,
+            }
+        )
     return tensors
 
 
@@ -146,7 +153,8 @@ def test_load_check_catches_a_misplaced_or_extra_module(tiny_locon, tiny_run):
     tampered = {"unet": {**modules["unet"], q: (down, -up, alpha)}, "text_encoder": modules["text_encoder"]}
     del tampered["unet"][conv]
     assert lora_module._misloaded(name, tampered, models) == [
-        f"unet.{conv} adapted but not in the file", f"unet.{q} holds other weights than the file's",
+        f"unet.{conv} adapted but not in the file",
+        f"unet.{q} holds other weights than the file's",
     ]
 
 
@@ -165,47 +173,81 @@ Q = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"  # (3
 
 def _pair(name: str, shape: tuple[int, ...], rank: int = 4) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(len(name))
-    return {f"{name}.lora_down.weight": torch.randn(rank, *shape[1:], generator=g),
-            f"{name}.lora_up.weight": torch.randn(shape[0], rank, *(1,) * (len(shape) - 2), generator=g),
-            f"{name}.alpha": torch.tensor(float(rank))}
+    return {
+        f"{name}.lora_down.weight": torch.randn(rank, *shape[1:], generator=g),
+        f"{name}.lora_up.weight": torch.randn(shape[0], rank, *(1,) * (len(shape) - 2), generator=g),
+        f"{name}.alpha": torch.tensor(float(rank)),
+    }
 
 
 def _loha() -> dict[str, torch.Tensor]:
-    return {f"{CONV}.hada_w1_a": torch.randn(32, 4), f"{CONV}.hada_w1_b": torch.randn(4, 288),
-            f"{CONV}.hada_w2_a": torch.randn(32, 4), f"{CONV}.hada_w2_b": torch.randn(4, 288), f"{CONV}.alpha": torch.tensor(4.0),
-            **_pair(Q, (32, 32))}
+    return {
+        f"{CONV}.hada_w1_a": torch.randn(32, 4),
+        f"{CONV}.hada_w1_b": torch.randn(4, 288),
+        f"{CONV}.hada_w2_a": torch.randn(32, 4),
+        f"{CONV}.hada_w2_b": torch.randn(4, 288),
+        f"{CONV}.alpha": torch.tensor(4.0),
+        **_pair(Q, (32, 32)),
+    }
 
 
 def _lokr() -> dict[str, torch.Tensor]:
-    return {f"{CONV}.lokr_w1": torch.randn(4, 4), f"{CONV}.lokr_w2": torch.randn(8, 72), f"{CONV}.alpha": torch.tensor(4.0)}
+    return {
+        f"{CONV}.lokr_w1": torch.randn(4, 4),
+        f"{CONV}.lokr_w2": torch.randn(8, 72),
+        f"{CONV}.alpha": torch.tensor(4.0),
+    }
 
 
 REFUSED = {
     # file -> (tensors, words the message must hold)
     "loha": (_loha, ["LyCORIS LoHa", f"{CONV}.hada_w1_a", "(4 keys)"]),
     "lokr": (_lokr, ["LyCORIS LoKr", f"{CONV}.lokr_w1", f"{CONV}.lokr_w2", "(2 keys)"]),
-    "dora": (lambda: {**_pair(Q, (32, 32)), f"{Q}.dora_scale": torch.ones(1, 32)}, ["DoRA", f"{Q}.dora_scale", "(1 key)"]),
-    "unknown_suffix": (lambda: {**_pair(Q, (32, 32)), f"{Q}.lora_gate.weight": torch.ones(4)},
-                       ["keys csdiff does not apply", f"{Q}.lora_gate.weight", "(1 key)"]),
-    "unknown_module": (lambda: {**_pair(Q, (32, 32)), **_pair(f"{CONV}x", (32, 32, 3, 3)), **_pair("lora_te_text_model_nowhere", (64, 64))},
-                       ["names modules this backbone does not have", f"{CONV}x.alpha", "lora_te_text_model_nowhere.alpha", "(6 keys)"]),
-    "wrong_shape": (lambda: {**_pair(Q, (32, 32)), **_pair(CONV, (32, 32, 1, 1))}, ["does not fit", CONV, "(32, 32, 3, 3)"]),
+    "dora": (
+        lambda: {**_pair(Q, (32, 32)), f"{Q}.dora_scale": torch.ones(1, 32)},
+        ["DoRA", f"{Q}.dora_scale", "(1 key)"],
+    ),
+    "unknown_suffix": (
+        lambda: {**_pair(Q, (32, 32)), f"{Q}.lora_gate.weight": torch.ones(4)},
+        ["keys csdiff does not apply", f"{Q}.lora_gate.weight", "(1 key)"],
+    ),
+    "unknown_module": (
+        lambda: {
+            **_pair(Q, (32, 32)),
+            **_pair(f"{CONV}x", (32, 32, 3, 3)),
+            **_pair("lora_te_text_model_nowhere", (64, 64)),
+        },
+        ["names modules this backbone does not have", f"{CONV}x.alpha", "lora_te_text_model_nowhere.alpha", "(6 keys)"],
+    ),
+    "wrong_shape": (
+        lambda: {**_pair(Q, (32, 32)), **_pair(CONV, (32, 32, 1, 1))},
+        ["does not fit", CONV, "(32, 32, 3, 3)"],
+    ),
     "diffusers_unknown_module": (
-        lambda: {"unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.weight": torch.randn(4, 32),
-                 "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_B.weight": torch.randn(32, 4),
-                 "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn9.to_q.lora_A.weight": torch.randn(4, 32),
-                 "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn9.to_q.lora_B.weight": torch.randn(32, 4)},
-        ["did not load as written", "unet: 2 modules named, 1 adapted"]),
+        lambda: {
+            "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.weight": torch.randn(4, 32),
+            "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_B.weight": torch.randn(32, 4),
+            "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn9.to_q.lora_A.weight": torch.randn(4, 32),
+            "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn9.to_q.lora_B.weight": torch.randn(32, 4),
+        },
+        ["did not load as written", "unet: 2 modules named, 1 adapted"],
+    ),
     "diffusers_alpha": (  # diffusers ignores it (scaling 1 instead of 2)
-        lambda: {"unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.weight": torch.randn(4, 32),
-                 "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_B.weight": torch.randn(32, 4),
-                 "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.alpha": torch.tensor(8.0)},
-        ["keys csdiff does not apply", "attn1.to_q.alpha", "(1 key)"]),
+        lambda: {
+            "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.weight": torch.randn(4, 32),
+            "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_B.weight": torch.randn(32, 4),
+            "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.alpha": torch.tensor(8.0),
+        },
+        ["keys csdiff does not apply", "attn1.to_q.alpha", "(1 key)"],
+    ),
     "diffusers_unknown_key": (
-        lambda: {"unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.weight": torch.randn(4, 32),
-                 "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_B.weight": torch.randn(32, 4),
-                 "vae.encoder.conv_in.lora_A.weight": torch.randn(4, 27)},
-        ["keys csdiff does not apply", "vae.encoder.conv_in.lora_A.weight", "(1 key)"]),
+        lambda: {
+            "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.weight": torch.randn(4, 32),
+            "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_B.weight": torch.randn(32, 4),
+            "vae.encoder.conv_in.lora_A.weight": torch.randn(4, 27),
+        },
+        ["keys csdiff does not apply", "vae.encoder.conv_in.lora_A.weight", "(1 key)"],
+    ),
 }
 
 
@@ -232,8 +274,13 @@ def test_refused_whole_in_one_line_naming_the_keys(kind, fresh_parts, tmp_path):
 
 # attention block (1×1 proj_in/out, attention and feed-forward linears), a resnet with its 1×1
 # shortcut, both samplers and a 1280-wide mid resnet (3×3 convs, time_emb_proj)
-SD15_PARTS = ("down_blocks.1.attentions.0.", "down_blocks.1.resnets.0.", "down_blocks.1.downsamplers.",
-              "up_blocks.1.upsamplers.", "mid_block.resnets.0.")
+SD15_PARTS = (
+    "down_blocks.1.attentions.0.",
+    "down_blocks.1.resnets.0.",
+    "down_blocks.1.downsamplers.",
+    "up_blocks.1.upsamplers.",
+    "mid_block.resnets.0.",
+)
 
 
 def test_locon_at_sd15_widths_equals_the_hand_merge(two_threads, images, tmp_path):
@@ -242,12 +289,21 @@ def test_locon_at_sd15_widths_equals_the_hand_merge(two_threads, images, tmp_pat
     tiny). One extractor (two SD-size models would double the memory): its plain variant, with
     adapters switched off, runs again once the LoCon is merged by hand into its base weights."""
     unet = random_unet(torch.float32)  # the extractor's UNet weights (seeded), to size the LoCon
-    modules = {"unet": {p: v for p, v in random_locon(unet, rank=4, alpha=2.0, seed=12)["unet"].items() if p.startswith(SD15_PARTS)}}
+    modules = {
+        "unet": {
+            p: v for p, v in random_locon(unet, rank=4, alpha=2.0, seed=12)["unet"].items() if p.startswith(SD15_PARTS)
+        }
+    }
     del unet
     kinds = {tuple(down.shape[2:]) for down, _, _ in modules["unet"].values()}
     assert kinds == {(), (1, 1), (3, 3)} and len(modules["unet"]) == 21
-    assert {"down_blocks.1.downsamplers.0.conv", "up_blocks.1.upsamplers.0.conv", "mid_block.resnets.0.time_emb_proj",
-            "down_blocks.1.resnets.0.conv_shortcut", "down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k"} <= set(modules["unet"])
+    assert {
+        "down_blocks.1.downsamplers.0.conv",
+        "up_blocks.1.upsamplers.0.conv",
+        "mid_block.resnets.0.time_emb_proj",
+        "down_blocks.1.resnets.0.conv_shortcut",
+        "down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k",
+    } <= set(modules["unet"])
     path = save_kohya_lora(tmp_path / "locon_sd15.safetensors", modules)
     variants = [Variant("locon", PROMPT, loras=[LoRA(str(path), SCALE)]), Variant("plain", PROMPT)]
     ex = DiffusionFeatureExtractor("random-sd15", LAYERS[1:], img_size=64, variants=variants)

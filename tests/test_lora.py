@@ -102,7 +102,9 @@ def assert_features_equal(got: dict, ref: dict, exact: bool = False) -> None:
 
 def assert_features_differ(a: dict, b: dict, layers=LAYERS) -> None:
     for name in layers:
-        assert (a[name] - b[name]).abs().max() > 1e-3, f"{name}: the LoRA has no visible effect, the test would be vacuous"
+        assert (a[name] - b[name]).abs().max() > 1e-3, (
+            f"{name}: the LoRA has no visible effect, the test would be vacuous"
+        )
 
 
 # --- shared fixtures ---
@@ -223,10 +225,12 @@ def diffusers_lora(tmp_path_factory, tiny_parts):
 
 @pytest.fixture(scope="module")
 def diffusers_run(diffusers_lora, images):
-    ex = make([
-        Variant("folder", PROMPT, loras=[LoRA(diffusers_lora["folder"], 1.0)]),
-        Variant("file", PROMPT, loras=[LoRA(diffusers_lora["file"], 0.5)]),
-    ])
+    ex = make(
+        [
+            Variant("folder", PROMPT, loras=[LoRA(diffusers_lora["folder"], 1.0)]),
+            Variant("file", PROMPT, loras=[LoRA(diffusers_lora["file"], 0.5)]),
+        ]
+    )
     return ex, ex(images)
 
 
@@ -273,7 +277,9 @@ def te_lora(tmp_path_factory, ref):
 @pytest.fixture(scope="module")
 def te_run(te_lora, images):
     # one UNet call per variant: the plain variant is compared bit for bit with a plain extractor
-    ex = make([Variant("te", PROMPT, loras=[LoRA(te_lora["path"], 0.5)]), Variant("plain", PROMPT)], batch_variants=False)
+    ex = make(
+        [Variant("te", PROMPT, loras=[LoRA(te_lora["path"], 0.5)]), Variant("plain", PROMPT)], batch_variants=False
+    )
     return ex, ex(images)
 
 
@@ -285,7 +291,10 @@ def test_text_encoder_lora_changes_only_its_variant_prompt(te_lora, te_run, ref,
     deltas = kohya_deltas(te_lora["lora"], 0.5)
     with merged(ref.text_encoder, deltas):
         expected = encode_prompt(ref.tokenizer, ref.text_encoder, PROMPT)
-    plain_emb, te_emb = ex.prompt_embedding(PROMPT, ()), ex.prompt_embedding(PROMPT, ((name, 0.5),))  # both cached above
+    plain_emb, te_emb = (
+        ex.prompt_embedding(PROMPT, ()),
+        ex.prompt_embedding(PROMPT, ((name, 0.5),)),
+    )  # both cached above
     torch.testing.assert_close(te_emb, expected, atol=2e-5, rtol=1e-5)
     assert (te_emb - plain_emb).abs().max() > 1e-3
     torch.testing.assert_close(plain_emb, encode_prompt(ref.tokenizer, ref.text_encoder, PROMPT), atol=0, rtol=0)

@@ -38,7 +38,9 @@ def run(capsys, *argv: str) -> tuple[int, str, str]:
     return code, captured.out, captured.err
 
 
-ROW = re.compile(r"^(?P<kind>\S.*?)\s{2,}(?P<n>\d+)\s+(?P<rank>\d+)\s+(?P<error>\S+)\s+(?P<worst>\S+)\s+(?P<where>\S+)$")
+ROW = re.compile(
+    r"^(?P<kind>\S.*?)\s{2,}(?P<n>\d+)\s+(?P<rank>\d+)\s+(?P<error>\S+)\s+(?P<worst>\S+)\s+(?P<where>\S+)$"
+)
 
 
 def printed_errors(out: str) -> dict[str, tuple[int, int, float]]:
@@ -104,22 +106,34 @@ def test_full_rank_lora_equals_the_merged_model(full_rank, merged4, images):
         assert down.shape[0] == min(up.shape[0], down[0].numel()) == up.shape[1], key
         assert tensors[key.replace("lora_down.weight", "alpha")].item() == down.shape[0]  # alpha = rank: scale 1
         assert down.ndim == up.ndim  # LoCon layout: (r, in, k, k) and (out, r, 1, 1) for convolutions
-    ex = DiffusionFeatureExtractor("tiny", LAYERS, img_size=64,
-                                   variants=[Variant("lora", PROMPT, loras=[LoRA(str(path))]), Variant("plain", PROMPT)])
+    ex = DiffusionFeatureExtractor(
+        "tiny",
+        LAYERS,
+        img_size=64,
+        variants=[Variant("lora", PROMPT, loras=[LoRA(str(path))]), Variant("plain", PROMPT)],
+    )
     got = ex(images)
     name = ex.loras.load(str(path))
-    n_adapted = sum(isinstance(m, BaseTunerLayer) and name in m.lora_A for m in [*ex.unet.modules(), *ex.text_encoder.modules()])
+    n_adapted = sum(
+        isinstance(m, BaseTunerLayer) and name in m.lora_A for m in [*ex.unet.modules(), *ex.text_encoder.modules()]
+    )
     assert n_adapted == 289
-    want = DiffusionFeatureExtractor(str(merged4), LAYERS, img_size=64, variants=[Variant("plain", PROMPT)])(images)["plain"]
+    want = DiffusionFeatureExtractor(str(merged4), LAYERS, img_size=64, variants=[Variant("plain", PROMPT)])(images)[
+        "plain"
+    ]
     for layer in LAYERS:
         assert_close_up_to_rounding(got["lora"][layer], want[layer], rel=1e-4, msg=layer)
-        assert (got["plain"][layer] - want[layer]).abs().max() > 1e-2 * want[layer].abs().max(), "vacuous: the merge changes nothing"
+        assert (got["plain"][layer] - want[layer]).abs().max() > 1e-2 * want[layer].abs().max(), (
+            "vacuous: the merge changes nothing"
+        )
 
 
 def test_rank_of_the_lora_recovers_it_up_to_the_merge_rounding(merged4, tmp_path, capsys):
     """Rank 4 recovers the rank-4 UNet deltas to float32 rounding; the text encoder's float16 merge
     leaves a noise floor that no rank-4 LoRA holds (as with the paper's float16 checkpoints)."""
-    code, out, err = run(capsys, "--base", "tiny", "--merged", str(merged4), "--rank", "4", "--output", str(tmp_path / "r4.safetensors"))
+    code, out, err = run(
+        capsys, "--base", "tiny", "--merged", str(merged4), "--rank", "4", "--output", str(tmp_path / "r4.safetensors")
+    )
     assert code == 0, err
     errors = printed_errors(out)
     for kind in ("attention linear", "linear", "conv3x3", "conv1x1"):
@@ -127,7 +141,9 @@ def test_rank_of_the_lora_recovers_it_up_to_the_merge_rounding(merged4, tmp_path
     assert 1e-5 < errors["text-encoder linear"][2] < 2e-2
 
 
-def independent_errors(base: dict[str, torch.nn.Module], merged: dict[str, torch.nn.Module], rank: int) -> dict[str, tuple[int, float]]:
+def independent_errors(
+    base: dict[str, torch.nn.Module], merged: dict[str, torch.nn.Module], rank: int
+) -> dict[str, tuple[int, float]]:
     """Eckart–Young: the best rank-r error of each ΔW is sqrt(Σ discarded σ²); pooled per type as
     sqrt(Σ_modules discarded σ² / Σ_modules σ²) — the aggregation lora_factor documents."""
     sums: dict[str, list[float]] = {}
@@ -153,12 +169,25 @@ def independent_errors(base: dict[str, torch.nn.Module], merged: dict[str, torch
 
 
 def test_half_rank_error_equals_the_discarded_singular_values(merged8, tiny_parts, tmp_path, capsys):
-    code, out, err = run(capsys, "--base", "tiny", "--merged", str(merged8), "--rank", "4", "--output", str(tmp_path / "half.safetensors"))
+    code, out, err = run(
+        capsys,
+        "--base",
+        "tiny",
+        "--merged",
+        str(merged8),
+        "--rank",
+        "4",
+        "--output",
+        str(tmp_path / "half.safetensors"),
+    )
     assert code == 0, err
     printed = printed_errors(out)
     merged = load_sd_components(str(merged8))
-    expected = independent_errors({"unet": tiny_parts.unet, "text_encoder": tiny_parts.text_encoder},
-                                  {"unet": merged.unet, "text_encoder": merged.text_encoder}, rank=4)
+    expected = independent_errors(
+        {"unet": tiny_parts.unet, "text_encoder": tiny_parts.text_encoder},
+        {"unet": merged.unet, "text_encoder": merged.text_encoder},
+        rank=4,
+    )
     assert set(printed) == set(expected)
     for kind, (n, error) in expected.items():
         assert printed[kind][:2] == (n, 4), kind
@@ -192,14 +221,19 @@ def other_architecture(tmp_path: Path, **changes) -> Path:
     return folder
 
 
-@pytest.mark.parametrize("changes, first", [
-    (dict(block_out_channels=(32, 64, 64, 96)), "has shape"),
-    (dict(layers_per_block=1), "unet."),
-])
+@pytest.mark.parametrize(
+    "changes, first",
+    [
+        (dict(block_out_channels=(32, 64, 64, 96)), "has shape"),
+        (dict(layers_per_block=1), "unet."),
+    ],
+)
 def test_base_of_another_architecture_is_refused_in_one_line(merged4, tmp_path, capsys, changes, first):
     other = other_architecture(tmp_path, **changes)
     out = tmp_path / "lora.safetensors"
-    code, printed, err = run(capsys, "--base", str(other), "--merged", str(merged4), "--rank", "4", "--output", str(out))
+    code, printed, err = run(
+        capsys, "--base", str(other), "--merged", str(merged4), "--rank", "4", "--output", str(out)
+    )
     assert code == 2 and not out.exists()
     (line,) = [line for line in err.splitlines() if "error" in line]  # one line (the rest: loaders' progress bars)
     assert line.startswith(f"error: {merged4} does not have the architecture of the base {other}: ")
@@ -207,12 +241,16 @@ def test_base_of_another_architecture_is_refused_in_one_line(merged4, tmp_path, 
 
 
 def test_equal_models_and_bad_arguments_are_refused(tmp_path, capsys):
-    code, _, err = run(capsys, "--base", "tiny", "--merged", "tiny", "--rank", "4", "--output", str(tmp_path / "x.safetensors"))
+    code, _, err = run(
+        capsys, "--base", "tiny", "--merged", "tiny", "--rank", "4", "--output", str(tmp_path / "x.safetensors")
+    )
     assert code == 2 and "no LoRA to factor" in err
     with pytest.raises(SystemExit):
         lora_from_merged.parse_args(["--base", "tiny", "--merged", "tiny", "--rank", "0", "--output", "x.safetensors"])
     single = str(tmp_path / "a.ckpt")  # a single-file base, and no --base_model to configure it
-    code, _, err = run(capsys, "--base", single, "--merged", "tiny", "--rank", "4", "--output", str(tmp_path / "x.safetensors"))
+    code, _, err = run(
+        capsys, "--base", single, "--merged", "tiny", "--rank", "4", "--output", str(tmp_path / "x.safetensors")
+    )
     assert code == 2 and "--base_model" in err
 
 
@@ -227,5 +265,7 @@ def test_factor_delta_is_the_best_rank_r_approximation_clipped(shape, rank):
     u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
     best = (u[:, :r] * s[:r]) @ vh[:r]
     torch.testing.assert_close(up @ down.reshape(r, -1), best, rtol=0, atol=1e-12)
-    assert error_sq == pytest.approx(s[r:].square().sum().item(), abs=1e-12) and delta_sq == pytest.approx(s.square().sum().item())
+    assert error_sq == pytest.approx(s[r:].square().sum().item(), abs=1e-12) and delta_sq == pytest.approx(
+        s.square().sum().item()
+    )
     torch.testing.assert_close(up.norm(dim=0), down.reshape(r, -1).norm(dim=1))  # σ split evenly between the factors

@@ -54,7 +54,9 @@ def shrunk_config(work: Path, name: str, steps: int, every: int, save_dir: str |
     config["model"]["init_args"].update(model)
     data = config["data"]["init_args"]
     data.update(num_images=8, batch_size=2)
-    data["source"]["init_args"].update(root=str(work / "data" / "ADEChallengeData2016"), num_train=16, num_val=1, size=64)
+    data["source"]["init_args"].update(
+        root=str(work / "data" / "ADEChallengeData2016"), num_train=16, num_val=1, size=64
+    )
     path = work / f"{name}.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
@@ -66,7 +68,9 @@ def work(tmp_path_factory) -> Path:
     from csdiff.data import QuickstartDataModule
 
     work = tmp_path_factory.mktemp("lora")
-    QuickstartDataModule(root=str(work / "data" / "ADEChallengeData2016"), num_train=16, num_val=1, size=64).prepare_data()
+    QuickstartDataModule(
+        root=str(work / "data" / "ADEChallengeData2016"), num_train=16, num_val=1, size=64
+    ).prepare_data()
     return work
 
 
@@ -145,7 +149,9 @@ def _dataset(run: Path):
     source = config["source"]
     from csdiff.data import QuickstartDataModule
 
-    dm = LoRAImagesDataModule(source=QuickstartDataModule(**source["init_args"]), num_images=config["num_images"], size=64)
+    dm = LoRAImagesDataModule(
+        source=QuickstartDataModule(**source["init_args"]), num_images=config["num_images"], size=64
+    )
     dm.setup("fit")
     return dm.dataset
 
@@ -156,7 +162,10 @@ def test_checkpoint_holds_only_the_adapters(trained, trained_task, tiny_parts):
     ckpt = load(trained / "checkpoints" / "last.ckpt")
     assert ckpt["global_step"] == STEPS
     n_unet, n_te = len(unet_targets(tiny_parts.unet)), len(text_encoder_targets(tiny_parts.text_encoder))
-    assert (n_unet, n_te) == (277, 12)  # every Linear/Conv2d of the attentions, ResNets, samplers; q, k, v, out, fc1, fc2 × 2 layers
+    assert (n_unet, n_te) == (
+        277,
+        12,
+    )  # every Linear/Conv2d of the attentions, ResNets, samplers; q, k, v, out, fc1, fc2 × 2 layers
     n_layers = len(lora_layers(trained_task.sd.unet)) + len(lora_layers(trained_task.sd.text_encoder))
     assert n_layers == n_unet + n_te
     keys = ckpt["state_dict"].keys()
@@ -175,13 +184,16 @@ def test_lora_file_is_a_usable_variant_lora(trained):
         metadata = f.metadata()
     assert metadata["ss_network_dim"] == "8" and metadata["csdiff_global_step"] == str(STEPS)
     extractor = DiffusionFeatureExtractor(
-        "tiny", layers=["up-level2-upsampler-out", "unet-out"], img_size=64,
+        "tiny",
+        layers=["up-level2-upsampler-out", "unet-out"],
+        img_size=64,
         variants=[Variant("plain", prompt=PROMPT), Variant("lora", prompt=PROMPT, loras=[LoRA(path)])],
     )
     adapter = extractor.loras.load(path)
     applied = sum(
         isinstance(m, BaseTunerLayer) and adapter in getattr(m, "lora_A", {})
-        for model in (extractor.unet, extractor.text_encoder) for m in model.modules()
+        for model in (extractor.unet, extractor.text_encoder)
+        for m in model.modules()
     )
     assert applied == len(names) and any(n.startswith("lora_te_") for n in names)
     images = torch.stack([_dataset(trained)[i]["image"] for i in range(2)])
@@ -198,24 +210,36 @@ def test_lora_file_equals_the_trained_adapters(trained, trained_task, tiny_parts
     loaded in an extractor compute what the trained ones compute."""
     tensors = load_file(trained / "lora.safetensors")
     unet, te = trained_task.sd.unet, trained_task.sd.text_encoder
-    layers = {("unet", p): lora_layers(unet)[p] for p in (
-        "up_blocks.2.attentions.0.transformer_blocks.0.attn2.to_k",
-        "down_blocks.1.resnets.0.conv1",
-        "down_blocks.0.downsamplers.0.conv",
-    )}
+    layers = {
+        ("unet", p): lora_layers(unet)[p]
+        for p in (
+            "up_blocks.2.attentions.0.transformer_blocks.0.attn2.to_k",
+            "down_blocks.1.resnets.0.conv1",
+            "down_blocks.0.downsamplers.0.conv",
+        )
+    }
     te_path = next(p for p in lora_layers(te) if p.endswith("mlp.fc1"))
     layers[("text_encoder", te_path)] = lora_layers(te)[te_path]
     base = {"unet": tiny_parts.unet, "text_encoder": tiny_parts.text_encoder}
     for (component, path), layer in layers.items():
         name = kohya_name(component, path)
-        down, up, alpha = tensors[f"{name}.lora_down.weight"], tensors[f"{name}.lora_up.weight"], tensors[f"{name}.alpha"]
+        down, up, alpha = (
+            tensors[f"{name}.lora_down.weight"],
+            tensors[f"{name}.lora_up.weight"],
+            tensors[f"{name}.alpha"],
+        )
         assert down.shape[0] == 8 and float(alpha) == 4.0
         w = base[component].get_submodule(path).weight
         from_file = (w.double() + kohya_delta(down, up, float(alpha), w.shape)).float()
         merged = layer.get_base_layer().weight.detach().double() + layer.get_delta_weight("default").detach().double()
         assert not torch.equal(from_file, w), f"{path}: trained adapter is still zero"
         torch.testing.assert_close(from_file, merged.float(), rtol=1e-5, atol=1e-6, msg=path)
-    extractor = DiffusionFeatureExtractor("tiny", layers=["unet-out"], img_size=64, variants=[Variant("l", loras=[LoRA(str(trained / "lora.safetensors"))])])
+    extractor = DiffusionFeatureExtractor(
+        "tiny",
+        layers=["unet-out"],
+        img_size=64,
+        variants=[Variant("l", loras=[LoRA(str(trained / "lora.safetensors"))])],
+    )
     extractor.text_key(extractor.variants[0])  # switches the variant's adapters on
     g = torch.Generator().manual_seed(1)
     ids = prompt_windows(tiny_parts.tokenizer, PROMPT)
@@ -242,7 +266,9 @@ def test_sigkilled_lora_fit_resumes_bit_identically(work):
     marker, trace = work / "resume" / "hang.marker", work / "resume" / "trace.txt"
     procs = []
     try:
-        cut, cut_log = start([sys.executable, "-m", "csdiff", *command], cut_dir, "cut", **{HANG_ENV: f"{kill}:{marker}"})
+        cut, cut_log = start(
+            [sys.executable, "-m", "csdiff", *command], cut_dir, "cut", **{HANG_ENV: f"{kill}:{marker}"}
+        )
         procs.append(cut)
         whole_dir.mkdir(parents=True)
         with pytest.MonkeyPatch.context() as mp:  # the reference fit, meanwhile, in this process
@@ -255,7 +281,12 @@ def test_sigkilled_lora_fit_resumes_bit_identically(work):
             time.sleep(0.2)
         cut.send_signal(signal.SIGKILL)
         assert cut.wait(timeout=60) == -signal.SIGKILL
-        resumed = start([sys.executable, "-m", "csdiff", *command, "--ckpt_path", "last"], cut_dir, "resumed", **{TRACE_ENV: str(trace)})
+        resumed = start(
+            [sys.executable, "-m", "csdiff", *command, "--ckpt_path", "last"],
+            cut_dir,
+            "resumed",
+            **{TRACE_ENV: str(trace)},
+        )
         procs.append(resumed[0])
         finish(*resumed)
     finally:
@@ -307,7 +338,9 @@ def test_folder_images_with_captions_replace_the_prompt(tmp_path, tiny_parts):
     dm.setup("fit")
     batch = collate_segmentation([dm.dataset[i] for i in range(2)])
     assert batch["image"].shape == (2, 3, 64, 64) and batch["caption"] == [None, "a red circle"]
-    task = LoRATrainingTask(backbone={"model": "tiny", "img_size": 64}, prompt=PROMPT, rank=4, alpha=4, sample_every_n_steps=0)
+    task = LoRATrainingTask(
+        backbone={"model": "tiny", "img_size": 64}, prompt=PROMPT, rank=4, alpha=4, sample_every_n_steps=0
+    )
     emb, added = task.conditioning(batch["caption"])
     assert added == {}
     assert torch.equal(emb[0], encode_prompt(tiny_parts.tokenizer, tiny_parts.text_encoder, PROMPT)[0])
@@ -320,12 +353,18 @@ def test_v_prediction_models_regress_on_the_velocity(tmp_path):
     task = LoRATrainingTask(backbone={"model": str(folder)}, rank=4, alpha=4, sample_every_n_steps=0)
     assert task.prediction_type == "v_prediction"
     g = torch.Generator().manual_seed(0)
-    latents, noise, steps = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g), torch.tensor([3, 900])
+    latents, noise, steps = (
+        torch.randn(2, 4, 8, 8, generator=g),
+        torch.randn(2, 4, 8, 8, generator=g),
+        torch.tensor([3, 900]),
+    )
     assert torch.equal(task.target(latents, noise, steps), task.noise_scheduler.get_velocity(latents, noise, steps))
     assert not torch.equal(task.target(latents, noise, steps), noise)
 
 
-def _loss_and_grads(task: LoRATrainingTask, images: torch.Tensor, captions: list) -> tuple[float, dict[str, torch.Tensor]]:
+def _loss_and_grads(
+    task: LoRATrainingTask, images: torch.Tensor, captions: list
+) -> tuple[float, dict[str, torch.Tensor]]:
     """One training loss on fixed draws and the adapters' gradients."""
     torch.manual_seed(0)
     latents = task.encode_images(images)
@@ -342,7 +381,13 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     the adapters (B zero at the start) get gradients on their B side."""
     images = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0)) * 2 - 1
     tasks = [
-        LoRATrainingTask(backbone={"model": "tiny", "img_size": 64}, rank=4, alpha=4, sample_every_n_steps=0, gradient_checkpointing=gc)
+        LoRATrainingTask(
+            backbone={"model": "tiny", "img_size": 64},
+            rank=4,
+            alpha=4,
+            sample_every_n_steps=0,
+            gradient_checkpointing=gc,
+        )
         for gc in (False, True)
     ]
     (loss, grads), (loss_gc, grads_gc) = (_loss_and_grads(t, images, [None, None]) for t in tasks)
@@ -358,7 +403,9 @@ def test_sdxl_family_trains_and_writes_a_loadable_file(tmp_path):
     from csdiff.backbone.lora_files import save_kohya_lora
 
     folder = load_script("make_tiny_sdxl").make_tiny_sdxl(tmp_path / "tiny-sdxl")
-    task = LoRATrainingTask(backbone={"model": str(folder), "img_size": 64}, prompt=PROMPT, rank=4, alpha=4, sample_every_n_steps=0)
+    task = LoRATrainingTask(
+        backbone={"model": str(folder), "img_size": 64}, prompt=PROMPT, rank=4, alpha=4, sample_every_n_steps=0
+    )
     assert task.sdxl
     images = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0)) * 2 - 1
     emb, added = task.conditioning([None, "a cat"])
@@ -368,8 +415,15 @@ def test_sdxl_family_trains_and_writes_a_loadable_file(tmp_path):
     for layer in lora_layers(task.sd.unet).values():  # as if trained: B away from zero
         torch.nn.init.normal_(layer.lora_B["default"].weight, std=0.05, generator=torch.Generator().manual_seed(1))
     path = save_kohya_lora(tmp_path / "sdxl.safetensors", task.lora_modules(), sdxl=True)
-    extractor = DiffusionFeatureExtractor(str(folder), layers=["unet-out"], img_size=64, variants=[Variant("plain"), Variant("l", loras=[LoRA(str(path))])])
+    extractor = DiffusionFeatureExtractor(
+        str(folder),
+        layers=["unet-out"],
+        img_size=64,
+        variants=[Variant("plain"), Variant("l", loras=[LoRA(str(path))])],
+    )
     adapter = extractor.loras.load(str(path))
-    assert sum(isinstance(m, BaseTunerLayer) and adapter in getattr(m, "lora_A", {}) for m in extractor.unet.modules()) == len(lora_layers(task.sd.unet))
+    assert sum(
+        isinstance(m, BaseTunerLayer) and adapter in getattr(m, "lora_A", {}) for m in extractor.unet.modules()
+    ) == len(lora_layers(task.sd.unet))
     features = extractor(images)
     assert not torch.allclose(features["l"]["unet-out"], features["plain"]["unet-out"])

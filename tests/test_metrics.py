@@ -80,7 +80,9 @@ def test_format_iou_table() -> None:
         format_iou_table(torch.tensor([0.5]), ["a", "b"])
 
 
-def _compute_iou(preds: list[np.ndarray], gts: list[np.ndarray], number_class: int, ignore_label: int) -> tuple[float, list[float]]:
+def _compute_iou(
+    preds: list[np.ndarray], gts: list[np.ndarray], number_class: int, ignore_label: int
+) -> tuple[float, list[float]]:
     """ddpm-segmentation src/pixel_classifier.py ``compute_iou``, re-implemented: per class id in
     range(number_class) except ignore_label, I and U of the masks summed over the images,
     IoU = I / (1e-8 + U) (0 for a class absent from both), then the plain mean."""
@@ -118,7 +120,9 @@ def test_scored_class_iou_equals_upstream_compute_iou(number_class, ignore_label
     assert result["absent"].tolist() == [c in absent for c in scored]
     present = [iou for c, iou in zip(scored, ious) if c not in absent]
     assert result["mIoU_present"].item() == pytest.approx(np.mean(present), rel=1e-6)
-    np.testing.assert_allclose(result["IoU"].numpy(), [math.nan if c in absent else v for c, v in zip(scored, ious)], rtol=1e-6)
+    np.testing.assert_allclose(
+        result["IoU"].numpy(), [math.nan if c in absent else v for c, v in zip(scored, ious)], rtol=1e-6
+    )
 
 
 def test_format_iou_table_with_labelled_means() -> None:
@@ -126,5 +130,9 @@ def test_format_iou_table_with_labelled_means() -> None:
     table = format_iou_table(iou, ["background", "cat", "dog"], {"mIoU (absent = 0)": 0.25, "mIoU (present)": 0.375})
     lines = table.splitlines()
     assert lines[3].split() == ["cat", "n/a"]
-    assert lines[-2].split() == ["mIoU", "(absent", "=", "0)", "25.00"] and lines[-1].split() == ["mIoU", "(present)", "37.50"]
+    assert lines[-2].split() == ["mIoU", "(absent", "=", "0)", "25.00"] and lines[-1].split() == [
+        "mIoU",
+        "(present)",
+        "37.50",
+    ]
     assert len({len(line) for line in lines}) == 1  # labels widen the name column; values stay aligned

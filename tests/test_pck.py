@@ -62,7 +62,13 @@ def test_several_alphas() -> None:
     _update(metric, [(4, 0), (0, 8), (16, 0), (0, 40)], (100, 80), (0, 0, 100, 100))
     results = metric.compute()
     expected = {0.05: 0.25, 0.1: 0.5, 0.2: 0.75}
-    assert set(results) == {*FOUR, *(f"{k}@{a}" for k in FOUR for a in expected), "pairs", "per_category", "per_difficulty"}
+    assert set(results) == {
+        *FOUR,
+        *(f"{k}@{a}" for k in FOUR for a in expected),
+        "pairs",
+        "per_category",
+        "per_difficulty",
+    }
     for alpha, value in expected.items():
         for key in FOUR:
             assert results[f"{key}@{alpha}"].item() == pytest.approx(value)

@@ -129,7 +129,9 @@ def test_wrong_variant_layouts_are_refused():
         PixelFeatureBank(images, ["a", "b"])
     images = _features()
     images[1]["a/l16"] = torch.rand(5, 8, 8)
-    with pytest.raises(DataError, match=r"image 1: feature 'a/l16' has shape \(5, 8, 8\) but image 0's is \(5, 16, 16\)"):
+    with pytest.raises(
+        DataError, match=r"image 1: feature 'a/l16' has shape \(5, 8, 8\) but image 0's is \(5, 16, 16\)"
+    ):
         PixelFeatureBank(images, ["a", "b"])
     images = _features()
     del images[1]["e/x8"]
@@ -163,7 +165,11 @@ def _paper_gate(assigner: torch.nn.Module, x: torch.Tensor) -> tuple[torch.Tenso
 def _paper_assigner(channels: int) -> torch.nn.Sequential:
     """pixel_classifier.__init__'s ``weight_assigner`` entry (``nn.Dropout()``: p = 0.5)."""
     return torch.nn.Sequential(
-        torch.nn.Linear(channels, 128), torch.nn.ReLU(), torch.nn.BatchNorm1d(128), torch.nn.Dropout(), torch.nn.Linear(128, channels)
+        torch.nn.Linear(channels, 128),
+        torch.nn.ReLU(),
+        torch.nn.BatchNorm1d(128),
+        torch.nn.Dropout(),
+        torch.nn.Linear(128, channels),
     )
 
 
@@ -281,7 +287,9 @@ def test_native_size_logits_equal_per_pixel_logits():
     shapes = {"a": (3, 4, 4), "b": (5, 8, 8), "c": (2, 16, 16)}
     image = {f"{v}/{k}": torch.randn(*s, generator=g) for v in ("v0", "v1") for k, s in shapes.items()}
     image["ddpm/x"] = torch.randn(4, 32, 32, generator=g)
-    bank = PixelFeatureBank([image], ["v0", "v1"], extra=["ddpm"], out_size=32, layers=list(shapes), dtype=torch.float32)
+    bank = PixelFeatureBank(
+        [image], ["v0", "v1"], extra=["ddpm"], out_size=32, layers=list(shapes), dtype=torch.float32
+    )
     ensemble = PixelEnsemble(2, 2, bank.channels, bank.extra_channels, 5, gate="per_channel").eval()
     for member in ensemble.members:
         member.gate.logits.data.normal_(generator=g)

@@ -21,7 +21,13 @@ from helpers import assert_close_up_to_rounding, shapes_images
 from csdiff.backbone import ControlNet, DiffusionFeatureExtractor, LoRA, Variant
 from csdiff.backbone.extractor import describe_differences
 from csdiff.backbone.loading import load_controlnet, load_sd_components, resolve_model_folder
-from csdiff.backbone.random_models import RANDOM_LORA_MODULES, meta_unet, random_vae, random_weights_id, write_random_lora
+from csdiff.backbone.random_models import (
+    RANDOM_LORA_MODULES,
+    meta_unet,
+    random_vae,
+    random_weights_id,
+    write_random_lora,
+)
 from csdiff.backbone.tiny import TINY_SD_DIR
 from csdiff.tasks.checkpoints import CheckpointMismatchError
 
@@ -51,7 +57,9 @@ def sd15_lora_run(tmp_path_factory, images):
             Variant("diffusers", PROMPT, loras=[LoRA(str(diffusers_folder))]),
             Variant("plain", PROMPT),
         ]
-        ex = DiffusionFeatureExtractor("random-sd15", [SELF_Q, "up-level2-upsampler-out"], img_size=64, variants=variants)
+        ex = DiffusionFeatureExtractor(
+            "random-sd15", [SELF_Q, "up-level2-upsampler-out"], img_size=64, variants=variants
+        )
         return ex, ex(images)
     finally:
         torch.set_num_threads(1)
@@ -61,7 +69,9 @@ def test_random_sd15_has_the_sizes_of_sd15(sd15_lora_run):
     ex, _ = sd15_lora_run
     assert sum(p.numel() for n, p in ex.unet.named_parameters() if "lora_" not in n) == 859_520_964
     assert sum(p.numel() for p in ex.text_encoder.parameters()) == 123_060_480  # CLIP ViT-L/14 text tower
-    assert list(ex.unet.config.block_out_channels) == [320, 640, 1280, 1280] and ex.unet.config.cross_attention_dim == 768
+    assert (
+        list(ex.unet.config.block_out_channels) == [320, 640, 1280, 1280] and ex.unet.config.cross_attention_dim == 768
+    )
     assert ex.vae.config.scaling_factor == 0.18215 and ex.vae.decoder is None
     assert len(ex.tokenizer) == 49408 == ex.text_encoder.config.vocab_size
     ids = ex.tokenizer("a photo of a horse, in a meadow!").input_ids
@@ -107,8 +117,12 @@ def test_loras_at_sd15_widths_load_change_features_and_stay_frozen(sd15_lora_run
 
 def test_adapters_stay_frozen_after_every_switch(tmp_path, images, tiny_parts):
     lora = write_random_lora(tmp_path / "l.safetensors", tiny_parts.unet)
-    ex = DiffusionFeatureExtractor("tiny", ["up-level1-upsampler-out"], img_size=64,
-                                   variants=[Variant("l", PROMPT, loras=[LoRA(str(lora))]), Variant("plain", PROMPT)])
+    ex = DiffusionFeatureExtractor(
+        "tiny",
+        ["up-level1-upsampler-out"],
+        img_size=64,
+        variants=[Variant("l", PROMPT, loras=[LoRA(str(lora))]), Variant("plain", PROMPT)],
+    )
     for _ in range(2):
         ex(images)
         ex(images, variants=["l"])
@@ -117,8 +131,12 @@ def test_adapters_stay_frozen_after_every_switch(tmp_path, images, tiny_parts):
 
 def test_provided_conditions_are_not_shared_between_variants(images):
     cn = ControlNet("tiny-controlnet-canny", condition="provided")
-    ex = DiffusionFeatureExtractor("tiny", ["up-level1-upsampler-out"], img_size=64,
-                                   variants=[Variant("a", PROMPT, controlnets=[cn]), Variant("b", PROMPT, controlnets=[cn])])
+    ex = DiffusionFeatureExtractor(
+        "tiny",
+        ["up-level1-upsampler-out"],
+        img_size=64,
+        variants=[Variant("a", PROMPT, controlnets=[cn]), Variant("b", PROMPT, controlnets=[cn])],
+    )
     calls = []
     ex.controlnets["cn0"].register_forward_hook(lambda *a: calls.append(1))
     edges = torch.zeros(2, 3, 64, 64)
@@ -131,8 +149,9 @@ def test_provided_conditions_are_not_shared_between_variants(images):
 
 
 def test_vae_sample_noise_is_not_the_diffusion_noise(images):
-    ex = DiffusionFeatureExtractor("tiny", ["unet-in"], img_size=64, latent="sample", vae_seed=0,
-                                   variants=[Variant("plain", PROMPT, seed=0)])
+    ex = DiffusionFeatureExtractor(
+        "tiny", ["unet-in"], img_size=64, latent="sample", vae_seed=0, variants=[Variant("plain", PROMPT, seed=0)]
+    )
     x = ex.resize(images)
     posterior = ex.vae.encode(x).latent_dist
     eps = (ex.encode_images(images) / ex.vae.config.scaling_factor - posterior.mean) / posterior.std
@@ -152,8 +171,9 @@ def v_model(tmp_path) -> Path:
 
 
 def test_ddim_chain_of_a_v_prediction_model_matches_diffusers(v_model, images):
-    ex = DiffusionFeatureExtractor(str(v_model), ["up-level1-upsampler-out"], img_size=64,
-                                   variants=[Variant("chain", PROMPT, denoise_from=55)])
+    ex = DiffusionFeatureExtractor(
+        str(v_model), ["up-level1-upsampler-out"], img_size=64, variants=[Variant("chain", PROMPT, denoise_from=55)]
+    )
     ddim = DDIMScheduler.from_config(ex.scheduler.config, set_alpha_to_one=False)
     assert ddim.config.prediction_type == "v_prediction"
     ddim.set_timesteps(1000)
@@ -201,7 +221,9 @@ def test_hub_id_and_its_downloaded_copy_have_the_same_weights_id(tmp_path, monke
 
 def _description(tmp_path: Path, tiny_parts, **changes) -> dict:
     tmp_path.mkdir(parents=True, exist_ok=True)
-    lora = write_random_lora(tmp_path / changes.pop("lora_name", "a.safetensors"), tiny_parts.unet, seed=changes.pop("lora_seed", 0))
+    lora = write_random_lora(
+        tmp_path / changes.pop("lora_name", "a.safetensors"), tiny_parts.unet, seed=changes.pop("lora_seed", 0)
+    )
     variant = dict(name="v", prompt=PROMPT, loras=[LoRA(str(lora), changes.pop("scale", 1.0))])
     variant.update(changes)
     ex = DiffusionFeatureExtractor("tiny", ["up-level1-upsampler-out"], img_size=64, variants=[Variant(**variant)])
@@ -228,12 +250,19 @@ def test_checkpoint_with_another_prompt_is_refused_with_what_differs(tiny_parts)
     from csdiff.tasks import SegmentationTask
 
     def task(prompt: str) -> SegmentationTask:
-        return SegmentationTask(num_classes=3, backbone={"model": "tiny", "img_size": 64},
-                                variants=[{"name": "plain", "prompt": prompt}], head_channels=8, aux_channels=8)
+        return SegmentationTask(
+            num_classes=3,
+            backbone={"model": "tiny", "img_size": 64},
+            variants=[{"name": "plain", "prompt": prompt}],
+            head_channels=8,
+            aux_channels=8,
+        )
 
     checkpoint = {"state_dict": {k: v for k, v in task(PROMPT).state_dict().items()}}
     trained = task(PROMPT)
     trained.on_save_checkpoint(checkpoint)
     task(PROMPT).on_load_checkpoint(dict(checkpoint, state_dict=dict(checkpoint["state_dict"])))
-    with pytest.raises(CheckpointMismatchError, match=r"variant 'plain' prompt: .*a red circle.* \(checkpoint\) vs .*a photo.* \(now\)"):
+    with pytest.raises(
+        CheckpointMismatchError, match=r"variant 'plain' prompt: .*a red circle.* \(checkpoint\) vs .*a photo.* \(now\)"
+    ):
         task("a photo").on_load_checkpoint(checkpoint)

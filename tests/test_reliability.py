@@ -31,7 +31,7 @@ import yaml
 from lightning.pytorch import Callback
 from safetensors.torch import load_file
 from test_cli import _images
-from test_resume import KILL_STEP, assert_same_weights, interrupt_and_resume, load, work  # noqa: F401 (work: a fixture)
+from test_resume import KILL_STEP, assert_same_weights, interrupt_and_resume, load
 from test_segmentation_cli import quick_args, quick_config
 
 from csdiff.cli import main, run_lightning
@@ -65,7 +65,9 @@ class SignalAtFirstBatch(Callback):
 def with_callback(config: str, stage: str) -> str:
     """A copy of ``config`` whose trainer also has SignalAtFirstBatch(stage)."""
     data = yaml.safe_load(Path(config).read_text())
-    data["trainer"]["callbacks"].append({"class_path": f"{Path(__file__).stem}.SignalAtFirstBatch", "init_args": {"stage": stage}})
+    data["trainer"]["callbacks"].append(
+        {"class_path": f"{Path(__file__).stem}.SignalAtFirstBatch", "init_args": {"stage": stage}}
+    )
     path = Path(config).with_name(f"{Path(config).stem}-signal-{stage}.yaml")
     path.write_text(yaml.safe_dump(data))
     return str(path)
@@ -97,7 +99,9 @@ def test_sigterm_during_fit_saves_last_exits_143_and_resumes_bit_identical(work)
     included: the fit finishes its step, writes last.ckpt, exits 143 with the resume hint (the
     worker leaves the signal to it); `--ckpt_path last` ends with an uninterrupted run's weights."""
     workers = ("--data.init_args.num_workers", "1")
-    reference, final, log, trace = interrupt_and_resume(work, "sigterm", signal.SIGTERM, "--trainer.max_epochs", "2", *workers, group=True)
+    reference, final, log, trace = interrupt_and_resume(
+        work, "sigterm", signal.SIGTERM, "--trainer.max_epochs", "2", *workers, group=True
+    )
     assert f"interrupted at epoch 1, step {KILL_STEP + 1} by SIGTERM" in log and "--ckpt_path last" in log
     assert trace.split() == ["1", str(KILL_STEP + 1)]
     assert_same_weights(final, reference)
@@ -122,7 +126,9 @@ def test_workers_ignore_a_strangers_sigterm_but_end_with_their_parent():
     """A worker outlives a SIGTERM from another process (the group signal the main process
     handles), yet still ends on its parent's: multiprocessing terminates leftover workers at
     interpreter exit and would wait forever for one deaf to it (a CI run once hung so)."""
-    proc = subprocess.Popen([sys.executable, "-c", WORKER_SCRIPT], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", WORKER_SCRIPT], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
     try:
         worker = int(proc.stdout.readline())
         os.kill(worker, signal.SIGTERM)
@@ -158,8 +164,17 @@ def test_signal_stops_extract_after_the_batch_and_a_rerun_finishes(tmp_path, cap
     _images(tmp_path / "in", 8)
     out = tmp_path / "out"
     args = [
-        "extract", "--extractor.model", "tiny", "--extractor.img_size", "128", "--extractor.layers", '["legacy", "up_cross"]',
-        "--input", str(tmp_path / "in"), "--output", str(out),
+        "extract",
+        "--extractor.model",
+        "tiny",
+        "--extractor.img_size",
+        "128",
+        "--extractor.layers",
+        '["legacy", "up_cross"]',
+        "--input",
+        str(tmp_path / "in"),
+        "--output",
+        str(out),
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     with open(tmp_path / "err.txt", "w") as err:
@@ -178,7 +193,9 @@ def test_signal_stops_extract_after_the_batch_and_a_rerun_finishes(tmp_path, cap
         assert len(load_file(str(path))) == 5  # complete: 4 legacy layers + up_cross
     assert not list(out.glob(".*tmp*"))
     assert main(args) == 0
-    assert f"wrote {8 - len(present)} feature files to {out} ({len(present)} already present)" in capsys.readouterr().out
+    assert (
+        f"wrote {8 - len(present)} feature files to {out} ({len(present)} already present)" in capsys.readouterr().out
+    )
 
 
 def test_sigterm_stops_predict_after_the_batch_and_test_with_143(trained, tmp_path, capsys):
@@ -200,17 +217,38 @@ def test_sigterm_stops_predict_after_the_batch_and_test_with_143(trained, tmp_pa
 
 def test_options_that_differ_from_the_checkpoint_are_refused_in_one_line(trained, capsys):
     work, ckpt = trained
-    variants = [{"name": "plain", "prompt": "a drawing"}, {"name": "canny", "prompt": "a photo of shapes on a background",
-                                                          "controlnets": [{"model": "tiny-controlnet-canny"}]}]
-    code = main([
-        "test", *quick_args(work), "--ckpt_path", str(ckpt), "--model.init_args.backbone.timestep", "100",
-        "--model.init_args.head_channels", "32", "--model.init_args.num_classes", "5",
-        "--model.init_args.variants", json.dumps(variants),
-    ])
+    variants = [
+        {"name": "plain", "prompt": "a drawing"},
+        {
+            "name": "canny",
+            "prompt": "a photo of shapes on a background",
+            "controlnets": [{"model": "tiny-controlnet-canny"}],
+        },
+    ]
+    code = main(
+        [
+            "test",
+            *quick_args(work),
+            "--ckpt_path",
+            str(ckpt),
+            "--model.init_args.backbone.timestep",
+            "100",
+            "--model.init_args.head_channels",
+            "32",
+            "--model.init_args.num_classes",
+            "5",
+            "--model.init_args.variants",
+            json.dumps(variants),
+        ]
+    )
     lines = last_error(capsys)
     assert code == 1 and len(lines) == 1
-    for difference in ("backbone.timestep: 50 (checkpoint) vs 100 (config)", "head_channels: 64 (checkpoint) vs 32 (config)",
-                       "num_classes: 4 (checkpoint) vs 5 (config)", "variant 'plain' prompt: a photo of shapes on a background (checkpoint) vs a drawing (config)"):
+    for difference in (
+        "backbone.timestep: 50 (checkpoint) vs 100 (config)",
+        "head_channels: 64 (checkpoint) vs 32 (config)",
+        "num_classes: 4 (checkpoint) vs 5 (config)",
+        "variant 'plain' prompt: a photo of shapes on a background (checkpoint) vs a drawing (config)",
+    ):
         assert difference in lines[0]
     assert str(ckpt) in lines[0]
 
@@ -223,11 +261,24 @@ def test_neutral_options_and_moved_weights_apply_and_tests_log_beside_the_run(tr
     from csdiff.backbone.tiny import TINY_SD_DIR
 
     moved = shutil.copytree(TINY_SD_DIR, tmp_path / "weights" / "sd")
-    cli = run_lightning([
-        "test", *quick_args(work), "--ckpt_path", str(ckpt), "--model.init_args.backbone.batch_variants", "false",
-        "--model.init_args.backbone.channels_last", "false", "--model.init_args.backbone.model", str(moved),
-        "--model.init_args.feature_cache", str(tmp_path / "cache"), "--model.init_args.lr", "0.5",
-    ])
+    cli = run_lightning(
+        [
+            "test",
+            *quick_args(work),
+            "--ckpt_path",
+            str(ckpt),
+            "--model.init_args.backbone.batch_variants",
+            "false",
+            "--model.init_args.backbone.channels_last",
+            "false",
+            "--model.init_args.backbone.model",
+            str(moved),
+            "--model.init_args.feature_cache",
+            str(tmp_path / "cache"),
+            "--model.init_args.lr",
+            "0.5",
+        ]
+    )
     extractor = cli.model.extractor
     assert (extractor.batch_variants, extractor.channels_last, cli.model.hparams.lr) == (False, False, 0.5)
     assert cli.model.hparams.backbone["model"] == str(moved) and cli.model.hparams.head_channels == 64
@@ -243,7 +294,9 @@ def test_checkpoint_of_another_task_is_refused(trained, tmp_path, capsys):
     other = tmp_path / "spair.ckpt"
     torch.save(state, other)
     assert main(["test", *quick_args(work), "--ckpt_path", str(other)]) == 1
-    assert f"{other} is a CorrespondenceTask checkpoint; this config builds a SegmentationTask" in last_error(capsys)[-1]
+    assert (
+        f"{other} is a CorrespondenceTask checkpoint; this config builds a SegmentationTask" in last_error(capsys)[-1]
+    )
 
 
 # --- 6. extract with LoRA and ControlNet variants ---
@@ -254,11 +307,26 @@ def test_extract_takes_lora_and_controlnet_variants_on_the_command_line(tmp_path
 
     lora = write_random_lora(tmp_path / "style.safetensors", tiny_parts.unet)
     _images(tmp_path / "in", 1)
-    variants = [{"name": "plain"}, {"name": "styled", "loras": [{"path": str(lora), "scale": 0.8}],
-                                    "controlnets": [{"model": "tiny-controlnet-canny"}]}]
+    variants = [
+        {"name": "plain"},
+        {
+            "name": "styled",
+            "loras": [{"path": str(lora), "scale": 0.8}],
+            "controlnets": [{"model": "tiny-controlnet-canny"}],
+        },
+    ]
     args = [
-        "extract", "--extractor.model", "tiny", "--extractor.img_size", "64", "--extractor.layers", '["up-level1-upsampler-out"]',
-        "--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"),
+        "extract",
+        "--extractor.model",
+        "tiny",
+        "--extractor.img_size",
+        "64",
+        "--extractor.layers",
+        '["up-level1-upsampler-out"]',
+        "--input",
+        str(tmp_path / "in"),
+        "--output",
+        str(tmp_path / "out"),
     ]
     before = os.umask(0o022)
     try:
@@ -268,7 +336,9 @@ def test_extract_takes_lora_and_controlnet_variants_on_the_command_line(tmp_path
     features = load_file(str(tmp_path / "out" / "img0.safetensors"))
     assert set(features) == {"plain/up-level1-upsampler-out", "styled/up-level1-upsampler-out"}
     assert not torch.equal(features["plain/up-level1-upsampler-out"], features["styled/up-level1-upsampler-out"])
-    assert all((p.stat().st_mode & 0o777) == 0o644 for p in (tmp_path / "out").iterdir())  # the umask's, not mkstemp's 0600
+    assert all(
+        (p.stat().st_mode & 0o777) == 0o644 for p in (tmp_path / "out").iterdir()
+    )  # the umask's, not mkstemp's 0600
     capsys.readouterr()
     typo = [{"name": "styled", "loras": [{"pth": str(lora)}]}]
     assert main([*args, "--extractor.variants", json.dumps(typo)]) == 2
@@ -283,8 +353,17 @@ def test_a_failed_start_does_not_bind_the_feature_folder(tmp_path, capsys):
     image = next((tmp_path / "in").iterdir())
     whole = image.read_bytes()
     image.write_bytes(whole[: len(whole) // 2])
-    args = ["extract", "--extractor.model", "tiny", "--extractor.layers", '["up-level1-upsampler-out"]',
-            "--input", str(tmp_path / "in"), "--output", str(tmp_path / "out")]
+    args = [
+        "extract",
+        "--extractor.model",
+        "tiny",
+        "--extractor.layers",
+        '["up-level1-upsampler-out"]',
+        "--input",
+        str(tmp_path / "in"),
+        "--output",
+        str(tmp_path / "out"),
+    ]
     assert main([*args, "--extractor.img_size", "64"]) == 1 and "truncated" in capsys.readouterr().err
     image.write_bytes(whole)
     assert main([*args, "--extractor.img_size", "128"]) == 0
@@ -341,7 +420,9 @@ def test_ade20k_root_message_names_the_folder_to_pass(tmp_path):
     (tmp_path / "ade" / "ADEChallengeData2016").mkdir(parents=True)
     with pytest.raises(DataError) as info:  # the parent given: its images/ is missing
         ADE20KDataModule(root=str(tmp_path / "ade")).find_samples("train")
-    assert "the ADEChallengeData2016 folder is the root" in str(info.value) and "under " + str(tmp_path / "ade") in str(info.value)
+    assert "the ADEChallengeData2016 folder is the root" in str(info.value) and "under " + str(tmp_path / "ade") in str(
+        info.value
+    )
 
 
 def test_layers_refuses_an_img_size_the_model_cannot_take(capsys):
@@ -360,8 +441,13 @@ def test_up_cross_needs_attention_in_its_up_levels():
     from csdiff.backbone.names import UnknownLayerError, resolve_layers
 
     unet = UNet2DConditionModel(
-        sample_size=8, block_out_channels=(32, 32, 32), layers_per_block=1, norm_num_groups=8, cross_attention_dim=16,
-        attention_head_dim=4, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
+        sample_size=8,
+        block_out_channels=(32, 32, 32),
+        layers_per_block=1,
+        norm_num_groups=8,
+        cross_attention_dim=16,
+        attention_head_dim=4,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "UpBlock2D", "CrossAttnUpBlock2D"),
     )
     assert resolve_layers(unet, ["up-level1-upsampler-out"]) == ["up-level1-upsampler-out"]

@@ -17,7 +17,6 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 import torch
 import yaml
 from lightning.pytorch import Callback
@@ -34,8 +33,9 @@ TIMEOUT_S = 600
 
 
 class ResumeProbe(Callback):
-    """Test-only, loaded by the fit subprocesses: records where each fit starts and, when asked,
-    writes a marker at a global step and then waits there (to be killed, or released)."""
+    """Test-only, loaded by the fit subprocesses (the `work` fixture in conftest.py puts it in the
+    config): records where each fit starts and, when asked, writes a marker at a global step and
+    then waits there (to be killed, or released)."""
 
     def on_train_start(self, trainer, pl_module) -> None:
         if TRACE_ENV in os.environ:
@@ -51,20 +51,6 @@ class ResumeProbe(Callback):
             deadline = time.monotonic() + TIMEOUT_S
             while not Path(marker + ".go").exists() and time.monotonic() < deadline:
                 time.sleep(0.05)
-
-
-@pytest.fixture(scope="module")
-def work(tmp_path_factory) -> Path:
-    """The shipped quickstart config plus the probe, and its dataset generated once (before
-    two fits would race to write it)."""
-    from csdiff.data import QuickstartDataModule
-
-    work = tmp_path_factory.mktemp("resume")
-    config = yaml.safe_load((ROOT / "configs" / "quickstart.yaml").read_text())
-    config["trainer"]["callbacks"].append({"class_path": f"{Path(__file__).stem}.ResumeProbe"})
-    (work / "quickstart.yaml").write_text(yaml.safe_dump(config))
-    QuickstartDataModule(root=str(work / "data" / "ADEChallengeData2016"), num_train=8, num_val=2, size=64).prepare_data()
-    return work
 
 
 def fit_command(work: Path, *extra: str) -> list[str]:
@@ -117,7 +103,9 @@ def assert_same_weights(final: dict, reference: dict) -> None:
     assert (final["epoch"], final["global_step"]) == (reference["epoch"], reference["global_step"])
     assert final["state_dict"].keys() == reference["state_dict"].keys()
     differ = [k for k, v in reference["state_dict"].items() if not torch.equal(v, final["state_dict"][k])]
-    assert not differ, f"{len(differ)} of {len(reference['state_dict'])} tensors differ after resuming, e.g. {differ[:3]}"
+    assert not differ, (
+        f"{len(differ)} of {len(reference['state_dict'])} tensors differ after resuming, e.g. {differ[:3]}"
+    )
 
 
 def interrupt_and_resume(
@@ -132,7 +120,9 @@ def interrupt_and_resume(
     procs: list[subprocess.Popen] = []
     try:
         whole = start(fit_command(work, *extra), whole_dir, "whole")
-        cut, cut_log = start(fit_command(work, *extra), cut_dir, "cut", session=group, **{HANG_ENV: f"{KILL_STEP}:{marker}"})
+        cut, cut_log = start(
+            fit_command(work, *extra), cut_dir, "cut", session=group, **{HANG_ENV: f"{KILL_STEP}:{marker}"}
+        )
         procs += [whole[0], cut]
         deadline = time.monotonic() + TIMEOUT_S
         while not marker.exists():
@@ -160,7 +150,12 @@ def interrupt_and_resume(
                 proc.kill()
                 proc.wait()
     assert sorted(p.name for p in (cut_dir / RUN).parent.iterdir()) == ["version_0"]  # resumed in its own folder
-    return load(whole_dir / RUN / "checkpoints" / "last.ckpt"), load(cut_dir / RUN / "checkpoints" / "last.ckpt"), cut_text, trace.read_text()
+    return (
+        load(whole_dir / RUN / "checkpoints" / "last.ckpt"),
+        load(cut_dir / RUN / "checkpoints" / "last.ckpt"),
+        cut_text,
+        trace.read_text(),
+    )
 
 
 def test_sigkilled_fit_resumes_to_the_uninterrupted_weights(work):

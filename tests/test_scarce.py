@@ -74,17 +74,24 @@ def test_extract_writes_native_fp16_files_and_a_manifest(extracted):
     for name in names:
         tensors = load_file(str(features / f"{name}.safetensors"))
         assert tensors.keys() == {f"{v}/{layer}" for v in ("fine", "canny") for layer in ex.layers}
-        assert all(t.dtype == torch.float16 and tuple(t.shape) == shapes[k.split("/", 1)[1]] for k, t in tensors.items())
+        assert all(
+            t.dtype == torch.float16 and tuple(t.shape) == shapes[k.split("/", 1)[1]] for k, t in tensors.items()
+        )
     reference = ex(ex.resize(torch.as_tensor(_image(manifest["images"][names[0]]))[None]))  # the extractor, by hand
     stored = load_file(str(features / f"{names[0]}.safetensors"))
     # float32 rounding of another batch may flip a float16 rounding: one float16 step (2^-10 relative)
-    assert_close_up_to_rounding(stored["canny/up_cross"].float(), reference["canny"]["up_cross"][0].half().float(), rel=FP16_RTOL)
+    assert_close_up_to_rounding(
+        stored["canny/up_cross"].float(), reference["canny"]["up_cross"][0].half().float(), rel=FP16_RTOL
+    )
 
 
 def _image(path: str) -> np.ndarray:
     import cv2
 
-    return np.ascontiguousarray(cv2.cvtColor(cv2.imread(path), cv2.COLOR_BGR2RGB).transpose(2, 0, 1), np.float32) / 127.5 - 1
+    return (
+        np.ascontiguousarray(cv2.cvtColor(cv2.imread(path), cv2.COLOR_BGR2RGB).transpose(2, 0, 1), np.float32) / 127.5
+        - 1
+    )
 
 
 def test_fit_and_test_read_the_folder_without_extracting_again(extracted, tmp_path):
@@ -107,13 +114,19 @@ def test_missing_features_are_extracted_on_first_use(horse, tmp_path):
     config = write_config(tmp_path, horse, tmp_path / "cache", num_members=1)
     cli = run_lightning(["fit", "--config", str(config), "--trainer.max_steps", "2"])
     assert cli.trainer.global_step == 2
-    assert len(list((tmp_path / "cache").rglob("*.safetensors"))) == 5 and (tmp_path / "cache" / "manifest.json").is_file()
+    assert (
+        len(list((tmp_path / "cache").rglob("*.safetensors"))) == 5 and (tmp_path / "cache" / "manifest.json").is_file()
+    )
 
 
 def test_a_folder_of_other_features_is_refused(extracted, tmp_path, capsys):
     config, features = extracted
-    other = write_config(tmp_path, Path(yaml.safe_load(config.read_text())["data"]["init_args"]["root"]), features,
-                         layers=["up-level1-upsampler-out"])
+    other = write_config(
+        tmp_path,
+        Path(yaml.safe_load(config.read_text())["data"]["init_args"]["root"]),
+        features,
+        layers=["up-level1-upsampler-out"],
+    )
     assert main(["fit", "--config", str(other)]) == 1
     line = capsys.readouterr().err
     assert str(features) in line and "layers" in line and "(folder)" in line
@@ -125,8 +138,22 @@ def test_ddp_extract_writes_each_image_once_and_equals_one_process(extracted, tm
     """2 CPU processes (gloo): each rank writes its own images; the files equal one process's."""
     config, single = extracted
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "csdiff", "extract", "--config", str(config), "--output", str(out),
-           "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "csdiff",
+        "extract",
+        "--config",
+        str(config),
+        "--output",
+        str(out),
+        "--trainer.accelerator",
+        "cpu",
+        "--trainer.devices",
+        "2",
+        "--trainer.strategy",
+        "ddp",
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     counts = [int(n) for n in re.findall(r"rank \d+ wrote (\d+) feature files", proc.stdout + proc.stderr)]
@@ -151,11 +178,23 @@ def test_extra_features_line_up_with_the_labels_and_are_learnt(extracted, tmp_pa
         target.parent.mkdir(parents=True, exist_ok=True)
         one_hot = torch.nn.functional.one_hot(labels[name].clamp(max=21), 22).permute(2, 0, 1)[:21].float()
         save_file({"oracle/label": one_hot.contiguous()}, str(target))
-    cli = run_lightning([
-        "fit", "--config", str(config), "--trainer.logger.init_args.save_dir", str(tmp_path), "--trainer.max_steps", "300",
-        "--data.init_args.extra_features", str(tmp_path / "oracle"), "--model.init_args.extra_channels", "21",
-        "--model.init_args.lr", "0.01",
-    ])
+    cli = run_lightning(
+        [
+            "fit",
+            "--config",
+            str(config),
+            "--trainer.logger.init_args.save_dir",
+            str(tmp_path),
+            "--trainer.max_steps",
+            "300",
+            "--data.init_args.extra_features",
+            str(tmp_path / "oracle"),
+            "--model.init_args.extra_channels",
+            "21",
+            "--model.init_args.lr",
+            "0.01",
+        ]
+    )
     dm = cli.datamodule
     assert cli.model.ensemble.members[0].mlp[0].in_features == cli.model.channels + 21
     batch = next(iter(dm.train_dataloader()))
@@ -170,15 +209,31 @@ def test_extra_features_line_up_with_the_labels_and_are_learnt(extracted, tmp_pa
     assert torch.equal(rebuilt.view(256, 256), expected)
     cli.trainer.test(cli.model, datamodule=dm)
     iou = cli.model.test_report["IoU"]
-    classes = {split: {int(c) for n in labels if n.startswith(split) for c in labels[n].unique()} - {255} for split in ("train/", "test/")}
+    classes = {
+        split: {int(c) for n in labels if n.startswith(split) for c in labels[n].unique()} - {255}
+        for split in ("train/", "test/")
+    }
     common = [get_spec("horse21").class_names[c] for c in classes["train/"] & classes["test/"]]
     assert iou["background"] > 0.8 and np.mean([iou[c] for c in common]) > 0.4
 
 
 def test_early_stop_ends_the_fit_when_every_member_has_stopped(extracted, tmp_path):
     config, _ = extracted
-    cli = run_lightning(["fit", "--config", str(config), "--trainer.logger.init_args.save_dir", str(tmp_path),
-                         "--trainer.max_steps", "1000", "--model.init_args.stop_after_epoch", "-1", "--model.init_args.patience", "2"])
+    cli = run_lightning(
+        [
+            "fit",
+            "--config",
+            str(config),
+            "--trainer.logger.init_args.save_dir",
+            str(tmp_path),
+            "--trainer.max_steps",
+            "1000",
+            "--model.init_args.stop_after_epoch",
+            "-1",
+            "--model.init_args.patience",
+            "2",
+        ]
+    )
     assert all(s.stopped for s in cli.model.stoppers) and cli.trainer.global_step < 1000
 
 
@@ -236,12 +291,22 @@ def test_pixel_order_changes_every_epoch_and_resumed_fits_replay_it(extracted, t
     config = yaml.safe_load(config_path.read_text())
     per_epoch, mid = 6, 8  # epochs limited to 6 steps (of ~3000); a checkpoint after step 8, mid epoch 1
     config["trainer"].update(max_steps=-1, max_epochs=2, limit_train_batches=per_epoch)
-    saves = {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": {
-        "dirpath": str(tmp_path / "mid"), "filename": "mid", "every_n_train_steps": mid, "save_top_k": -1, "save_last": False}}
+    saves = {
+        "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+        "init_args": {
+            "dirpath": str(tmp_path / "mid"),
+            "filename": "mid",
+            "every_n_train_steps": mid,
+            "save_top_k": -1,
+            "save_last": False,
+        },
+    }
     runs = {}
     for run in ("whole", "after_epoch0", "after_mid"):
         probe = {"class_path": "test_scarce.PixelOrderProbe", "init_args": {"path": str(tmp_path / f"{run}.txt")}}
-        config["trainer"]["callbacks"] = config["trainer"]["callbacks"][:1] + [probe] + ([saves] if run == "whole" else [])
+        config["trainer"]["callbacks"] = (
+            config["trainer"]["callbacks"][:1] + [probe] + ([saves] if run == "whole" else [])
+        )
         config["trainer"]["logger"]["init_args"]["save_dir"] = str(tmp_path / run)
         runs[run] = tmp_path / f"{run}.yaml"
         runs[run].write_text(yaml.safe_dump(config))
@@ -263,7 +328,9 @@ def test_pixel_order_changes_every_epoch_and_resumed_fits_replay_it(extracted, t
     run_lightning(["fit", "--config", after_epoch0, "--trainer.max_epochs", "1"])
     resumed = {"after_epoch0": run_lightning(["fit", "--config", after_epoch0, "--ckpt_path", "last"])}
     assert _trace(tmp_path / "after_epoch0.txt") == trace
-    resumed["after_mid"] = run_lightning(["fit", "--config", str(runs["after_mid"]), "--ckpt_path", str(tmp_path / "mid" / "mid.ckpt")])
+    resumed["after_mid"] = run_lightning(
+        ["fit", "--config", str(runs["after_mid"]), "--ckpt_path", str(tmp_path / "mid" / "mid.ckpt")]
+    )
     assert _trace(tmp_path / "after_mid.txt") == trace[mid:]
     want = whole.model.ensemble.state_dict()
     for cli in resumed.values():
@@ -293,7 +360,9 @@ def test_bedroom_paper_code_rule_trains_28_outputs_and_scores_background(tmp_pat
         label = np.load(path)
         label[:16, :16] = 28
         np.save(path, label)
-    config = str(write_config(tmp_path, root, tmp_path / "features", base=BEDROOM_CONFIG, num_members=2, gate="per_channel"))
+    config = str(
+        write_config(tmp_path, root, tmp_path / "features", base=BEDROOM_CONFIG, num_members=2, gate="per_channel")
+    )
     paper = ["--data.init_args.class_rule", "paper_code", "--trainer.max_steps", "3"]
     assert main(["fit", "--config", config, *paper]) == 1  # the config's 29 outputs are DDPM-segmentation's rule
     assert "num_classes: 28" in capsys.readouterr().err
@@ -315,9 +384,9 @@ def test_bedroom_paper_code_rule_trains_28_outputs_and_scores_background(tmp_pat
 
 def test_pixel_table_keeps_trainable_pixels_only():
     label = np.zeros((8, 8), np.int64)
-    label[:5, :5] = 3       # 25 pixels: kept
-    label[7, :4] = 4        # 4 pixels: fewer than min_pixels, ignored in this image
-    label[6, :2] = 255      # ignore value
+    label[:5, :5] = 3  # 25 pixels: kept
+    label[7, :4] = 4  # 4 pixels: fewer than min_pixels, ignored in this image
+    label[6, :2] = 255  # ignore value
     table = PixelTable([label], ignore_index=255, min_pixels=5)
     assert len(table) == 64 - 4 - 2 and set(table.label.tolist()) == {0, 3}
     batch = table.__getitems__([0, 1])
@@ -340,7 +409,9 @@ def test_scarce_splits_runs_each_split_and_reports_mean_and_std(extracted, tmp_p
     config, _ = extracted
     text = yaml.safe_load(config.read_text())
     text["trainer"]["logger"]["init_args"]["save_dir"] = str(tmp_path)
-    text["model"]["init_args"].update(num_members=2, gate="per_channel")  # the fast test path: splits are the point here
+    text["model"]["init_args"].update(
+        num_members=2, gate="per_channel"
+    )  # the fast test path: splits are the point here
     path = tmp_path / "splits.yaml"
     path.write_text(yaml.safe_dump(text))
     assert main(["scarce-splits", "--config", str(path), "--seeds", "0", "1", "--trainer.max_steps", "5"]) == 0
@@ -348,9 +419,13 @@ def test_scarce_splits_runs_each_split_and_reports_mean_and_std(extracted, tmp_p
     summary = json.loads((tmp_path / "splits.json").read_text())
     values = [r["mIoU"] for r in summary["runs"]]
     assert [r["seed"] for r in summary["runs"]] == [0, 1] and [r["split"] for r in summary["runs"]] == ["0", "1"]
-    assert summary["mIoU_mean"] == pytest.approx(np.mean(values)) and summary["mIoU_std"] == pytest.approx(np.std(values, ddof=1))
+    assert summary["mIoU_mean"] == pytest.approx(np.mean(values)) and summary["mIoU_std"] == pytest.approx(
+        np.std(values, ddof=1)
+    )
     present = [r["mIoU_present"] for r in summary["runs"]]
-    assert summary["mIoU_present_mean"] == pytest.approx(np.mean(present)) and summary["mIoU_present_std"] == pytest.approx(np.std(present, ddof=1))
+    assert summary["mIoU_present_mean"] == pytest.approx(np.mean(present)) and summary[
+        "mIoU_present_std"
+    ] == pytest.approx(np.std(present, ddof=1))
     assert f"{100 * summary['mIoU_mean']:.2f} ± {100 * summary['mIoU_std']:.2f}" in out
     assert f"{100 * summary['mIoU_present_mean']:.2f} ± {100 * summary['mIoU_present_std']:.2f}" in out
     assert (tmp_path / "splits.csv").read_text().splitlines()[0].startswith("seed,mIoU,mIoU_present,background")
@@ -361,10 +436,17 @@ def test_manifest_follows_a_moved_dataset_but_refuses_other_images(tmp_path):
     from csdiff.backbone.store import FeatureFolder, FeatureFolderError
     from csdiff.io import save_tensors
 
-    description = {"csdiff_version": "x", "extractor": {"layers": ["a"], "variants": [], "backbone": {"weights_id": "w"}}, "shapes": {"a": [1, 2, 2]}, "stored_dtype": "float16"}
+    description = {
+        "csdiff_version": "x",
+        "extractor": {"layers": ["a"], "variants": [], "backbone": {"weights_id": "w"}},
+        "shapes": {"a": [1, 2, 2]},
+        "stored_dtype": "float16",
+    }
     folder = FeatureFolder(tmp_path / "features")
     folder.prepare(description, {"train/img_0": "/data/old/real/train/img_0.png"})
-    save_tensors(tmp_path / "features" / "train" / "img_0.safetensors", {"a": torch.zeros(1, 2, 2)})  # a folder with features
+    save_tensors(
+        tmp_path / "features" / "train" / "img_0.safetensors", {"a": torch.zeros(1, 2, 2)}
+    )  # a folder with features
     moved = folder.prepare(description, {"train/img_0": "/data/new/real/train/img_0.png"})
     assert moved["images"] == {"train/img_0": "/data/new/real/train/img_0.png"}
     assert json.loads(folder.manifest_path.read_text())["images"] == moved["images"]

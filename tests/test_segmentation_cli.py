@@ -178,7 +178,14 @@ def test_feature_cache_serves_a_second_evaluation_without_backbone_calls(fitted,
         if isinstance(module, UNet2DConditionModel) and not any(isinstance(a, FakeTensor) for a in args):
             calls.append(1)
 
-    args = ["validate", *quick_args(work), "--ckpt_path", str(ckpt), "--model.init_args.feature_cache", str(tmp_path / "cache")]
+    args = [
+        "validate",
+        *quick_args(work),
+        "--ckpt_path",
+        str(ckpt),
+        "--model.init_args.feature_cache",
+        str(tmp_path / "cache"),
+    ]
     handle = torch.nn.modules.module.register_module_forward_pre_hook(count)
     try:
         cold = run_lightning(args).trainer.callback_metrics["val/mIoU"].item()

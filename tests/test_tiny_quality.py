@@ -14,6 +14,10 @@ def test_trained_tiny_features_beat_random_weights(tmp_path):
     train, val = shapes_probe_data(48, 128, seed=99), shapes_probe_data(16, 128, seed=98)
     variants = [Variant("p", "a photo of shapes on a background")]
     trained = linear_probe_miou(DiffusionFeatureExtractor("tiny", LAYERS, 128, variants=variants), train, val)
-    random = linear_probe_miou(DiffusionFeatureExtractor(str(random_weight_copy(tmp_path / "random")), LAYERS, 128, variants=variants), train, val)
+    random = linear_probe_miou(
+        DiffusionFeatureExtractor(str(random_weight_copy(tmp_path / "random")), LAYERS, 128, variants=variants),
+        train,
+        val,
+    )
     print(f"linear probe mIoU: trained {trained:.3f}, random-weight copy {random:.3f}")
     assert trained > random + MARGIN, (trained, random)

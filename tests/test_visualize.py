@@ -129,7 +129,9 @@ def test_visualize_draws_word_and_point_attention_and_refuses_absent_words(tmp_p
     assert run_visualize([*base, *args]) == 0
     pictures = cv2.imread(str(tmp_path / "out" / "img0.attention.png"))
     assert pictures.shape[:2] == (HEADER + 64 + PAD, 4 * (64 + PAD) + PAD)  # input | 2 words | 1 point
-    assert cv2.imread(str(tmp_path / "out" / "img0.png")).shape[:2] == grid_size(len(LAYERS), 5, 64)  # up_cross not drawn
+    assert cv2.imread(str(tmp_path / "out" / "img0.png")).shape[:2] == grid_size(
+        len(LAYERS), 5, 64
+    )  # up_cross not drawn
 
 
 def test_visualize_is_a_csdiff_verb_and_draws_a_trained_gate(tmp_path, capsys):
@@ -145,7 +147,15 @@ def test_visualize_is_a_csdiff_verb_and_draws_a_trained_gate(tmp_path, capsys):
     assert main(["fit", *args, "--trainer.max_steps", "2", "--trainer.limit_val_batches", "1"]) == 0
     ckpt = tmp_path / "logs" / "version_0" / "checkpoints" / "last.ckpt"
     config = args[args.index("--config") + 1]
-    draw = ["visualize", "--config", config, "--model.init_args.backbone.img_size", "64", "--output", str(tmp_path / "out")]
+    draw = [
+        "visualize",
+        "--config",
+        config,
+        "--model.init_args.backbone.img_size",
+        "64",
+        "--output",
+        str(tmp_path / "out"),
+    ]
     assert main([*draw, "--images", str(tmp_path / "missing")]) == 1
     assert "missing is neither a folder nor an image file" in capsys.readouterr().err
     images = tmp_path / "data" / "ADEChallengeData2016" / "images" / "validation"
@@ -161,11 +171,15 @@ def test_visualize_is_a_csdiff_verb_and_draws_a_trained_gate(tmp_path, capsys):
     from csdiff.data.segmentation import ImageFolderDataset
 
     weights = gate_weights(task, ImageFolderDataset(str(images))[0]["image"][None])
-    assert len(weights) == len(task.levels) and all(torch.allclose(w.sum(dim=0), torch.ones(w.shape[1])) for w in weights)
+    assert len(weights) == len(task.levels) and all(
+        torch.allclose(w.sum(dim=0), torch.ones(w.shape[1])) for w in weights
+    )
     picture = cv2.imread(str(tmp_path / "out" / f"{names[0]}.gate.png"))[..., ::-1]
     assert picture.shape[0] == LINE + len(task.levels) * (2 * LINE + BAR + PAD) + PAD
     bars = picture[LINE + 2 * LINE : LINE + 2 * LINE + BAR]  # the first level's strip
-    for v in range(len(task.variant_names)):  # every variant draws some channels after 2 steps from a near-uniform start
+    for v in range(
+        len(task.variant_names)
+    ):  # every variant draws some channels after 2 steps from a near-uniform start
         assert (bars == np.array(VARIANT_COLOURS[v], np.uint8)).all(axis=-1).any(), task.variant_names[v]
 
 
@@ -178,8 +192,28 @@ def test_visualize_on_two_processes_draws_every_image_once(tmp_path):
 
     (tmp_path / "cfg.yaml").write_text(CONFIG)
     _images(tmp_path / "in", 3)
-    cmd = [sys.executable, "-m", "csdiff", "visualize", "--config", str(tmp_path / "cfg.yaml"), "--images", str(tmp_path / "in"),
-           "--output", str(tmp_path / "out"), "--cell", "32", "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600, check=False)
+    cmd = [
+        sys.executable,
+        "-m",
+        "csdiff",
+        "visualize",
+        "--config",
+        str(tmp_path / "cfg.yaml"),
+        "--images",
+        str(tmp_path / "in"),
+        "--output",
+        str(tmp_path / "out"),
+        "--cell",
+        "32",
+        "--trainer.accelerator",
+        "cpu",
+        "--trainer.devices",
+        "2",
+        "--trainer.strategy",
+        "ddp",
+    ]
+    proc = subprocess.run(
+        cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600, check=False
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["img0.png", "img1.png", "img2.png"]

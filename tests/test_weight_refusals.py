@@ -21,14 +21,22 @@ def sd2_controlnet(tmp_path_factory):
 
 def test_controlnet_of_another_family_is_refused_at_load(sd2_controlnet):
     with pytest.raises(BackboneNotAvailableError, match="does not fit the backbone tiny") as err:
-        DiffusionFeatureExtractor("tiny", LAYERS, img_size=64, variants=[Variant("c", controlnets=[ControlNet(str(sd2_controlnet))])])
+        DiffusionFeatureExtractor(
+            "tiny", LAYERS, img_size=64, variants=[Variant("c", controlnets=[ControlNet(str(sd2_controlnet))])]
+        )
     assert str(sd2_controlnet) in str(err.value) and "cross_attention_dim: 48 vs 64" in str(err.value)
 
 
 def test_a_folder_in_the_wrong_place_says_what_it_is():
-    with pytest.raises(BackboneNotAvailableError, match="Stable Diffusion pipeline folder: use it as the backbone's `model`"):
-        DiffusionFeatureExtractor("tiny", LAYERS, img_size=64, variants=[Variant("c", controlnets=[ControlNet(str(TINY_SD_DIR))])])
-    with pytest.raises(BackboneNotAvailableError, match="it is a ControlNet folder: use it in a variant's `controlnets`"):
+    with pytest.raises(
+        BackboneNotAvailableError, match="Stable Diffusion pipeline folder: use it as the backbone's `model`"
+    ):
+        DiffusionFeatureExtractor(
+            "tiny", LAYERS, img_size=64, variants=[Variant("c", controlnets=[ControlNet(str(TINY_SD_DIR))])]
+        )
+    with pytest.raises(
+        BackboneNotAvailableError, match="it is a ControlNet folder: use it in a variant's `controlnets`"
+    ):
         DiffusionFeatureExtractor(str(TINY_ALIASES["tiny-controlnet-canny"]), LAYERS, img_size=64)
 
 

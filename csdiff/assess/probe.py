@@ -52,7 +52,11 @@ def _features(extractor: DiffusionFeatureExtractor, images: torch.Tensor, batch:
     for i in range(0, len(images), batch):
         feats = next(iter(extractor(images[i : i + batch]).values()))
         size = max((f.shape[-2:] for f in feats.values()), key=lambda s: s[0] * s[1])
-        out.append(torch.cat([F.interpolate(f.float(), size=size, mode="bilinear", align_corners=False) for f in feats.values()], 1))
+        out.append(
+            torch.cat(
+                [F.interpolate(f.float(), size=size, mode="bilinear", align_corners=False) for f in feats.values()], 1
+            )
+        )
     return torch.cat(out)
 
 

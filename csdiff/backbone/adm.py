@@ -62,9 +62,13 @@ class ADMConfig:
             raise ValueError(f"image_size {self.image_size} does not survive {len(self.channel_mult) - 1} halvings")
         for level, width in enumerate(self.widths):
             if width % NORM_GROUPS:
-                raise ValueError(f"level {level} has {width} channels, not a multiple of GroupNorm's {NORM_GROUPS} groups")
+                raise ValueError(
+                    f"level {level} has {width} channels, not a multiple of GroupNorm's {NORM_GROUPS} groups"
+                )
             if (self.has_attention(level) or level == len(self.widths) - 1) and width % self.num_head_channels:
-                raise ValueError(f"level {level} has {width} channels, not a multiple of num_head_channels {self.num_head_channels}")
+                raise ValueError(
+                    f"level {level} has {width} channels, not a multiple of num_head_channels {self.num_head_channels}"
+                )
 
     @property
     def widths(self) -> list[int]:
@@ -97,7 +101,9 @@ def unet_kwargs(config: ADMConfig) -> dict:
         block_out_channels=config.widths,
         attention_head_dim=config.num_head_channels,
         down_block_types=["AttnDownBlock2D" if config.has_attention(i) else "ResnetDownsampleBlock2D" for i in levels],
-        up_block_types=["AttnUpBlock2D" if config.has_attention(i) else "ResnetUpsampleBlock2D" for i in reversed(levels)],
+        up_block_types=[
+            "AttnUpBlock2D" if config.has_attention(i) else "ResnetUpsampleBlock2D" for i in reversed(levels)
+        ],
         resnet_time_scale_shift="scale_shift",
         downsample_type="resnet",
         upsample_type="resnet",
@@ -117,8 +123,14 @@ def build_unet(config: ADMConfig, device: str | torch.device = "cpu") -> UNet2DM
 
 # --- guided-diffusion names → diffusers names ---------------------------------------------------
 
-_RES = (("in_layers.0", "norm1"), ("in_layers.2", "conv1"), ("emb_layers.1", "time_emb_proj"),
-        ("out_layers.0", "norm2"), ("out_layers.3", "conv2"), ("skip_connection", "conv_shortcut"))
+_RES = (
+    ("in_layers.0", "norm1"),
+    ("in_layers.2", "conv1"),
+    ("emb_layers.1", "time_emb_proj"),
+    ("out_layers.0", "norm2"),
+    ("out_layers.3", "conv2"),
+    ("skip_connection", "conv_shortcut"),
+)
 _ATTN = (("norm", "group_norm"), ("qkv", "to_q"), ("qkv", "to_k"), ("qkv", "to_v"), ("proj_out", "to_out.0"))
 
 
@@ -215,16 +227,20 @@ def convert_state_dict(state: Mapping[str, object], config: ADMConfig, source: s
         used.add(old)
     unexpected = [k for k in state if k not in used]
     if unexpected:
-        raise refuse(f"unexpected key {unexpected[0]}" + (f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else ""))
+        raise refuse(
+            f"unexpected key {unexpected[0]}" + (f" (and {len(unexpected) - 1} more)" if len(unexpected) > 1 else "")
+        )
     return out
 
 
 # --- loading -----------------------------------------------------------------------------------
 
+
 def missing_checkpoint_message(path: Path) -> str:
     url = DOWNLOADS.get(path.name)
     where = (
-        f"download it from {url}" if url
+        f"download it from {url}"
+        if url
         else "download the model from openai/guided-diffusion's README (" + ", ".join(DOWNLOADS.values()) + ")"
     )
     return (
@@ -241,9 +257,13 @@ def read_checkpoint(path: str | Path) -> dict[str, object]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # a truncated download, another format: torch raises many kinds
-        raise ADMCheckpointError(f"{path} is not a readable PyTorch checkpoint ({' '.join(str(err).split())[:200]})") from err
+        raise ADMCheckpointError(
+            f"{path} is not a readable PyTorch checkpoint ({' '.join(str(err).split())[:200]})"
+        ) from err
     if not isinstance(state, Mapping):
-        raise ADMCheckpointError(f"{path} holds a {type(state).__name__}, not a state dict of guided-diffusion's UNetModel")
+        raise ADMCheckpointError(
+            f"{path} holds a {type(state).__name__}, not a state dict of guided-diffusion's UNetModel"
+        )
     return dict(state)
 
 
@@ -263,6 +283,7 @@ def weights_id(path: str | Path, config: ADMConfig) -> str:
 
 
 # --- guided-diffusion's output_blocks in the diffusers UNet ----------------------------------------
+
 
 def output_block_modules(unet: UNet2DModel, config: ADMConfig) -> list[nn.Module]:
     """Module ``i`` returns what guided-diffusion's ``output_blocks[i]`` returns: the block's last

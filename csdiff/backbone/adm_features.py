@@ -57,7 +57,9 @@ class _Captured(Exception):
     """Raised by the last hook: later blocks cannot change the features, so the UNet stops there."""
 
 
-def capture_output_blocks(unet: nn.Module, config: ADMConfig, blocks: Sequence[int], run: Callable[[], object]) -> dict[int, Tensor]:
+def capture_output_blocks(
+    unet: nn.Module, config: ADMConfig, blocks: Sequence[int], run: Callable[[], object]
+) -> dict[int, Tensor]:
     """The outputs of guided-diffusion's ``output_blocks[i]`` for ``i`` in ``blocks`` during ``run()``."""
     modules, last = output_block_modules(unet, config), max(blocks)
     found: dict[int, Tensor] = {}
@@ -86,7 +88,9 @@ def check_blocks(blocks: Sequence[int], config: ADMConfig) -> list[int]:
     blocks = [int(b) for b in blocks]
     bad = [b for b in blocks if not 0 <= b < config.num_output_blocks]
     if not blocks or bad or len(set(blocks)) != len(blocks):
-        raise ValueError(f"blocks must be distinct output_blocks indices in [0, {config.num_output_blocks}), got {blocks}")
+        raise ValueError(
+            f"blocks must be distinct output_blocks indices in [0, {config.num_output_blocks}), got {blocks}"
+        )
     return sorted(blocks)
 
 
@@ -95,7 +99,9 @@ def feature_shapes(config: ADMConfig, blocks: Sequence[int]) -> dict[str, tuple[
     blocks = check_blocks(blocks, config)
     unet = build_unet(config, "meta")
     image = torch.zeros(1, config.in_channels, config.image_size, config.image_size, device="meta")
-    found = capture_output_blocks(unet, config, blocks, lambda: unet(image, torch.zeros(1, dtype=torch.long, device="meta")))
+    found = capture_output_blocks(
+        unet, config, blocks, lambda: unet(image, torch.zeros(1, dtype=torch.long, device="meta"))
+    )
     return {layer_name(b): tuple(int(d) for d in found[b].shape[1:]) for b in blocks}
 
 
@@ -142,7 +148,9 @@ class ADMFeatureExtractor(nn.Module):
         """x_t = sqrt(ᾱ_t)·x_0 + sqrt(1 − ᾱ_t)·ε, ε the shared noise map."""
         size = self.config.image_size
         if images.ndim != 4 or tuple(images.shape[1:]) != (self.config.in_channels, size, size):
-            raise ValueError(f"images must be (B, {self.config.in_channels}, {size}, {size}) in [-1, 1], got {tuple(images.shape)}")
+            raise ValueError(
+                f"images must be (B, {self.config.in_channels}, {size}, {size}) in [-1, 1], got {tuple(images.shape)}"
+            )
         keep, noise = self.coefficients
         return keep * images.float() + noise * self.noise
 

@@ -68,7 +68,10 @@ class FeatureCache:
         the transform string must change whenever the pixels it produces do.
         ``layers`` restricts some variants to some layers, as in the extractor's ``forward``.
         """
-        wanted = {v.name: [n for n in extractor.layers if n in (layers or {}).get(v.name, extractor.layers)] for v in extractor.variants}
+        wanted = {
+            v.name: [n for n in extractor.layers if n in (layers or {}).get(v.name, extractor.layers)]
+            for v in extractor.variants
+        }
         description = dict(self._check(extractor, images, paths), variant_layers=wanted)
         digest = _hash(description)
         transforms = [transform] * len(paths) if isinstance(transform, str) else list(transform)
@@ -83,13 +86,19 @@ class FeatureCache:
             computed = extractor(extractor.resize(images[missing]), layers=layers)
             self._describe(digest, description)
             for j, i in enumerate(missing):
-                entry = {f"{v}/{layer}": x[j].to(STORED_DTYPE).cpu().clone() for v, layers in computed.items() for layer, x in layers.items()}
+                entry = {
+                    f"{v}/{layer}": x[j].to(STORED_DTYPE).cpu().clone()
+                    for v, layers in computed.items()
+                    for layer, x in layers.items()
+                }
                 save_tensors(self._file(digest, keys[i]), entry)
                 self._remember(keys[i], entry)
                 stored[i] = entry
         return {
             name: {
-                layer: torch.stack([entry[f"{name}/{layer}"] for entry in stored]).to(extractor.device, extractor.feature_dtype)
+                layer: torch.stack([entry[f"{name}/{layer}"] for entry in stored]).to(
+                    extractor.device, extractor.feature_dtype
+                )
                 for layer in names
             }
             for name, names in wanted.items()
@@ -98,10 +107,14 @@ class FeatureCache:
     def _check(self, extractor: DiffusionFeatureExtractor, images: torch.Tensor, paths: list[str | Path]) -> dict:
         """The extractor's description, once the features are known to be cacheable."""
         if extractor.fresh_noise:
-            raise ValueError("FeatureCache needs deterministic features, but the extractor has fresh_noise=True (new noise on every call)")
+            raise ValueError(
+                "FeatureCache needs deterministic features, but the extractor has fresh_noise=True (new noise on every call)"
+            )
         provided = [v.name for v in extractor.variants if any(cn.condition == "provided" for cn in v.controlnets)]
         if provided:
-            raise ValueError(f"FeatureCache cannot cache variants with provided ControlNet conditions (not part of the key): {provided}")
+            raise ValueError(
+                f"FeatureCache cannot cache variants with provided ControlNet conditions (not part of the key): {provided}"
+            )
         if images.ndim != 4 or len(paths) != images.shape[0]:
             raise ValueError(f"give one path per image: {len(paths)} paths for images of shape {tuple(images.shape)}")
         return dict(extractor.describe(), csdiff_version=csdiff.__version__)

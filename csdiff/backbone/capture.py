@@ -29,7 +29,9 @@ class AttentionMapProcessor:
         self.store = store
         self.key = key
 
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kwargs):
+    def __call__(
+        self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kwargs
+    ):
         residual = hidden_states
         if attn.spatial_norm is not None:
             hidden_states = attn.spatial_norm(hidden_states, temb)
@@ -161,7 +163,9 @@ class ActivationCapture:
         for paths in self.up_cross.values():
             for path in paths:
                 self._install_map(path)
-        if self.stop_early and (self.acts or self.up_cross):  # registered last: the module's own capture hook runs first
+        if self.stop_early and (
+            self.acts or self.up_cross
+        ):  # registered last: the module's own capture hook runs first
             self._handles.append(self.unet.get_submodule(self.last_module()).register_forward_hook(self._stop))
         return self
 
@@ -169,7 +173,9 @@ class ActivationCapture:
         """The module, in network order, after which no requested activation is left to compute."""
         order = {name: i for i, name in enumerate(self.table)}
         paths = {p for level in self.up_cross.values() for p in level}
-        needed = [a.name for a in self.acts] + [n for n, a in self.table.items() if a.kind == "cross-map" and a.module in paths]
+        needed = [a.name for a in self.acts] + [
+            n for n, a in self.table.items() if a.kind == "cross-map" and a.module in paths
+        ]
         return self.table[max(needed, key=order.__getitem__)].module
 
     @staticmethod

@@ -21,7 +21,13 @@ from csdiff.backbone.acceleration import channels_last_input, compile_blocks, to
 from csdiff.backbone.capture import ActivationCapture, hooked_paths
 from csdiff.backbone.conditions import canny_condition
 from csdiff.backbone.listing import activation_shapes, check_img_size
-from csdiff.backbone.loading import check_controlnet_fits, load_controlnet, load_sd_components, load_variant_weights, parse_dtype
+from csdiff.backbone.loading import (
+    check_controlnet_fits,
+    load_controlnet,
+    load_sd_components,
+    load_variant_weights,
+    parse_dtype,
+)
 from csdiff.backbone.lora import LoRARegistry
 from csdiff.backbone.names import resolve_layers
 from csdiff.backbone.variants import Variant, as_variant
@@ -128,7 +134,9 @@ class DiffusionFeatureExtractor(nn.Module):
         self.prediction_type = self.scheduler.config.get("prediction_type", "epsilon")
         for v in self.variants:
             if v.denoise_from is not None and v.denoise_from <= timestep:
-                raise ValueError(f"variant {v.name!r}: denoise_from ({v.denoise_from}) must be above timestep ({timestep})")
+                raise ValueError(
+                    f"variant {v.name!r}: denoise_from ({v.denoise_from}) must be above timestep ({timestep})"
+                )
             if v.denoise_from is not None and not noise:
                 raise ValueError(f"variant {v.name!r} uses denoise_from, which needs noise: set noise to true")
             if v.denoise_from is not None and self.prediction_type not in CHAIN_PREDICTION_TYPES:
@@ -139,7 +147,9 @@ class DiffusionFeatureExtractor(nn.Module):
         self.img_size, self.timestep = img_size, timestep
         self.latent, self.vae_seed, self.fresh_noise, self.noise = latent, vae_seed, fresh_noise, noise
         if time_ids is not None and len(time_ids) != 6:
-            raise ValueError(f"time_ids are 6 numbers (original h, w, crop top, left, target h, w), got {list(time_ids)}")
+            raise ValueError(
+                f"time_ids are 6 numbers (original h, w, crop top, left, target h, w), got {list(time_ids)}"
+            )
         self.time_ids = None if time_ids is None else [int(v) for v in time_ids]
         self.batch_variants = batch_variants
         self.dtype = parse_dtype(dtype)
@@ -258,7 +268,10 @@ class DiffusionFeatureExtractor(nn.Module):
         if not text_key or text_key[0][0] != "weights":
             return base
         own = text_key[0][1]
-        return tuple(self.weight_text_encoders[f"{own}_te{i}"] if f"{own}_te{i}" in self.weight_text_encoders else e for i, e in enumerate(base))
+        return tuple(
+            self.weight_text_encoders[f"{own}_te{i}"] if f"{own}_te{i}" in self.weight_text_encoders else e
+            for i, e in enumerate(base)
+        )
 
     def prompt_embedding(self, prompt: str, text_key: tuple) -> torch.Tensor:
         """The UNet's text embedding (1, tokens, D) of a prompt (cached per text-encoder adapter set)."""
@@ -320,7 +333,13 @@ class DiffusionFeatureExtractor(nn.Module):
             raise ValueError(f"images must be (B, 3, H, W) in [-1, 1], got shape {tuple(images.shape)}")
         if images.shape[-2:] == (self.img_size, self.img_size):
             return images.to(self.device)
-        return F.interpolate(images.to(self.device).float(), size=(self.img_size, self.img_size), mode="bilinear", align_corners=False, antialias=True)
+        return F.interpolate(
+            images.to(self.device).float(),
+            size=(self.img_size, self.img_size),
+            mode="bilinear",
+            align_corners=False,
+            antialias=True,
+        )
 
     def _seeded_noise(self, seed: int, shape: Sequence[int], batch: int) -> torch.Tensor:
         """One noise map per seed, broadcast over the batch: an image's features never depend on its batch."""
@@ -367,7 +386,9 @@ class DiffusionFeatureExtractor(nn.Module):
         for cn in variant.controlnets:
             if cn.condition == "provided":
                 if not provided or variant.name not in provided:
-                    raise ValueError(f"variant {variant.name!r} uses a provided ControlNet condition: pass conditions={{{variant.name!r}: tensor}}")
+                    raise ValueError(
+                        f"variant {variant.name!r} uses a provided ControlNet condition: pass conditions={{{variant.name!r}: tensor}}"
+                    )
                 key = ("provided", variant.name)
                 if key not in cache:
                     cache[key] = self.resize(provided[variant.name].float() * 2 - 1) * 0.5 + 0.5
@@ -379,7 +400,9 @@ class DiffusionFeatureExtractor(nn.Module):
             out.append((key, channels_last_input(cond) if self.channels_last else cond))
         return out
 
-    def control_residuals(self, variant, noisy, t, emb, conds, cache: dict | None, share_key: tuple | None, added: dict | None = None) -> dict:
+    def control_residuals(
+        self, variant, noisy, t, emb, conds, cache: dict | None, share_key: tuple | None, added: dict | None = None
+    ) -> dict:
         """Summed ControlNet residuals. With a ``share_key`` (what fixes the noisy latent and the
         embedding), an identical call made for an earlier variant is reused, not repeated."""
         down, mid = None, None
@@ -389,7 +412,15 @@ class DiffusionFeatureExtractor(nn.Module):
                 d, m = cache[key]
             else:
                 net = self.controlnets[self._controlnet_keys[cn.model]]
-                d, m = net(noisy, t, encoder_hidden_states=emb, controlnet_cond=cond, conditioning_scale=cn.scale, return_dict=False, **(added or {}))
+                d, m = net(
+                    noisy,
+                    t,
+                    encoder_hidden_states=emb,
+                    controlnet_cond=cond,
+                    conditioning_scale=cn.scale,
+                    return_dict=False,
+                    **(added or {}),
+                )
                 if key is not None:
                     cache[key] = (d, m)
             down = list(d) if down is None else [a + b for a, b in zip(down, d)]
@@ -425,7 +456,9 @@ class DiffusionFeatureExtractor(nn.Module):
         unknown = sorted(set(layers or {}) - {v.name for v in self.variants})
         foreign = sorted({n for names in (layers or {}).values() for n in names} - set(self.layers))
         if unknown or foreign:
-            raise ValueError(f"layers names unknown variants {unknown} or layers the extractor was not built for {foreign}")
+            raise ValueError(
+                f"layers names unknown variants {unknown} or layers the extractor was not built for {foreign}"
+            )
         images = self.resize(images)  # once: the VAE and the condition maps see the same pixels
         posterior = self._posterior(images)
         out: Features = {}
@@ -434,7 +467,9 @@ class DiffusionFeatureExtractor(nn.Module):
                 out.update(self._extract(images, posterior, conditions, members, layers))
                 continue
             index = index.to(images.device)
-            part = self._extract(images[index], (posterior[0][index], posterior[1][index]), _take(conditions, index), members, layers)
+            part = self._extract(
+                images[index], (posterior[0][index], posterior[1][index]), _take(conditions, index), members, layers
+            )
             for name, feats in part.items():  # back into batch order
                 whole = out.setdefault(name, {})
                 for layer, x in feats.items():
@@ -478,7 +513,9 @@ class DiffusionFeatureExtractor(nn.Module):
             share_key = None  # the chain depends on every guidance setting: never shared
         extra = self.control_residuals(variant, noisy, self.timestep, emb, conds, control_cache, share_key, added)
         names = [n for n in self.layers if n in (layers or {}).get(variant.name, self.layers)]
-        unet_key = self.loras.unet_key(list(variant.loras)) + ((("weights", self._weights_key(variant)),) if variant.weights else ())
+        unet_key = self.loras.unet_key(list(variant.loras)) + (
+            (("weights", self._weights_key(variant)),) if variant.weights else ()
+        )
         return _FinalCall(variant, unet, unet_key, names, noisy, emb, added, extra)
 
     def _groups(self, calls: list[_FinalCall]) -> list[list[_FinalCall]]:
@@ -502,19 +539,27 @@ class DiffusionFeatureExtractor(nn.Module):
         if any(c.extra for c in group):
             like = next(c.extra for c in group if c.extra)
             zeros = {
-                "down_block_additional_residuals": [torch.zeros_like(r) for r in like["down_block_additional_residuals"]],
+                "down_block_additional_residuals": [
+                    torch.zeros_like(r) for r in like["down_block_additional_residuals"]
+                ],
                 "mid_block_additional_residual": torch.zeros_like(like["mid_block_additional_residual"]),
             }
             parts = [c.extra or zeros for c in group]
             extra = {
-                "down_block_additional_residuals": [torch.cat(rs) for rs in zip(*(p["down_block_additional_residuals"] for p in parts))],
+                "down_block_additional_residuals": [
+                    torch.cat(rs) for rs in zip(*(p["down_block_additional_residuals"] for p in parts))
+                ],
                 "mid_block_additional_residual": torch.cat([p["mid_block_additional_residual"] for p in parts]),
             }
         names, unet = group[0].names, group[0].unet
-        with ActivationCapture(unet, names, tuple(shape[-2:]), self.tokenizer.model_max_length, stop_early=True) as capture:
+        with ActivationCapture(
+            unet, names, tuple(shape[-2:]), self.tokenizer.model_max_length, stop_early=True
+        ) as capture:
             unet(noisy, self.timestep, encoder_hidden_states=emb, **extra, **added)
         return {
-            c.variant.name: {n: capture.features[n][i * batch : (i + 1) * batch].to(self.feature_dtype).contiguous() for n in names}
+            c.variant.name: {
+                n: capture.features[n][i * batch : (i + 1) * batch].to(self.feature_dtype).contiguous() for n in names
+            }
             for i, c in enumerate(group)
         }
 
@@ -558,12 +603,19 @@ def _same_file(path: str) -> str:
 
 def _cat_along_batch(parts: list[dict]) -> dict:
     """Concatenate dicts of tensors (nested, as SDXL's ``added_cond_kwargs``) along the batch."""
-    return {k: _cat_along_batch([p[k] for p in parts]) if isinstance(v, dict) else torch.cat([p[k] for p in parts]) for k, v in parts[0].items()}
+    return {
+        k: _cat_along_batch([p[k] for p in parts]) if isinstance(v, dict) else torch.cat([p[k] for p in parts])
+        for k, v in parts[0].items()
+    }
 
 
 def _comparable(description: dict) -> dict:
     """What fixes the features, with every weight named by its fingerprint (not its path or hub id)."""
-    out = {key: description[key] for key in ("layers", "img_size", "timestep", "noise", "time_ids", "latent") if key in description}
+    out = {
+        key: description[key]
+        for key in ("layers", "img_size", "timestep", "noise", "time_ids", "latent")
+        if key in description
+    }
     out["backbone weights"] = description["backbone"]["weights_id"]
     out["unet weights"] = description["backbone"].get("unet_weights_id")
     if description.get("latent") in ("sample", "variant_sample") and "vae_seed" in description:
@@ -602,6 +654,7 @@ def describe_differences(saved: dict, current: dict, saved_as: str = "checkpoint
         for name in a["variants"].keys() & b["variants"].keys():
             for field, value in a["variants"][name].items():
                 if b["variants"][name][field] != value:
-                    lines.append(f"variant {name!r} {field}: {value} ({saved_as}) vs {b['variants'][name][field]} (now)")
+                    lines.append(
+                        f"variant {name!r} {field}: {value} ({saved_as}) vs {b['variants'][name][field]} (now)"
+                    )
     return lines
-

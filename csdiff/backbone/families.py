@@ -36,7 +36,13 @@ class Family:
     time_ids: bool = False  # SDXL: pooled text embedding and six time ids as added conditioning
 
     def added_conditions(
-        self, pooled: torch.Tensor | None, img_size: int, batch: int, dtype: torch.dtype, device, time_ids: Sequence[int] | None = None
+        self,
+        pooled: torch.Tensor | None,
+        img_size: int,
+        batch: int,
+        dtype: torch.dtype,
+        device,
+        time_ids: Sequence[int] | None = None,
     ) -> dict:
         """Extra UNet/ControlNet arguments: none for SD 1.x/2.x; for SDXL the pooled embedding and
         the time ids (original height, width, crop top, left, target height, width), by default
@@ -52,7 +58,12 @@ class Family:
 SD = Family(
     name="sd",
     layer_sets={
-        "legacy": ("up-level0-upsampler-out", "up-level1-upsampler-out", "up-level2-upsampler-out", "up-level3-repeat2-vit-out"),
+        "legacy": (
+            "up-level0-upsampler-out",
+            "up-level1-upsampler-out",
+            "up-level2-upsampler-out",
+            "up-level3-repeat2-vit-out",
+        ),
         "practical": (
             "up-level1-repeat1-vit-block0-cross-q",
             "up-level1-repeat2-res-out",

@@ -34,7 +34,9 @@ class _SideMapProcessor:
         self.original = original
         self.maps = AttentionMapProcessor(store, key)
 
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kwargs):
+    def __call__(
+        self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kwargs
+    ):
         self.maps(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
         return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
 
@@ -72,14 +74,18 @@ class GenerationCapture:
     ) -> None:
         unet = getattr(pipe, "unet", None)
         if not isinstance(unet, nn.Module):
-            raise TypeError(f"capture needs a pipeline whose denoiser is a UNet (`pipe.unet`); {type(pipe).__name__} has none")
+            raise TypeError(
+                f"capture needs a pipeline whose denoiser is a UNet (`pipe.unet`); {type(pipe).__name__} has none"
+            )
         self.unet = unet
         self.scheduler = pipe.scheduler
         self.names = resolve_layers(unet, layers)
         self.steps = sorted({int(s) for s in steps})
         self.timesteps = [float(t) for t in timesteps]
         if not self.steps and not self.timesteps:
-            raise ValueError("choose at least one denoising step (`steps`, indices from 0) or timestep value (`timesteps`)")
+            raise ValueError(
+                "choose at least one denoising step (`steps`, indices from 0) or timestep value (`timesteps`)"
+            )
         if self.steps and self.steps[0] < 0:
             raise ValueError(f"step indices count from 0; got {self.steps[0]}")
         tokenizer = getattr(pipe, "tokenizer", None)

@@ -16,8 +16,8 @@ from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from csdiff.backbone.capture import ActivationCapture
-from csdiff.backbone.loading import SDComponents
 from csdiff.backbone.families import family_of
+from csdiff.backbone.loading import SDComponents
 from csdiff.backbone.names import UP_CROSS, enumerate_activations, up_cross_maps, up_cross_problem
 
 
@@ -40,7 +40,12 @@ def activation_shapes(
         added = {}
         if family_of(unet).time_ids:  # pooled text embedding + 6 time ids
             pooled = unet.config.projection_class_embeddings_input_dim - 6 * unet.config.addition_time_embed_dim
-            added = {"added_cond_kwargs": {"text_embeds": torch.zeros(1, pooled, dtype=dtype), "time_ids": torch.zeros(1, 6, dtype=dtype)}}
+            added = {
+                "added_cond_kwargs": {
+                    "text_embeds": torch.zeros(1, pooled, dtype=dtype),
+                    "time_ids": torch.zeros(1, 6, dtype=dtype),
+                }
+            }
         with ActivationCapture(unet, list(names), latent_size=latent_size, prompt_window=prompt_window) as capture:
             unet(latent, 0, encoder_hidden_states=emb, **added)
         return {name: tuple(int(d) for d in capture.features[name].shape[1:]) for name in names}

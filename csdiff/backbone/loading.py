@@ -20,8 +20,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from torch import nn
 from diffusers import AutoencoderKL, ControlNetModel, PNDMScheduler, SchedulerMixin, UNet2DConditionModel
+from torch import nn
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from csdiff.backbone import random_models
@@ -178,7 +178,9 @@ def weights_fingerprint(folder: Path, subfolders: tuple[str, ...] | None) -> str
     files = [f for part in parts for f in component_weight_files(part)]
     if not files:
         kind = folder_kind(folder)
-        wanted = "a model folder with unet/, vae/, text_encoder/" if subfolders is not None else "a single model's folder"
+        wanted = (
+            "a model folder with unet/, vae/, text_encoder/" if subfolders is not None else "a single model's folder"
+        )
         what = f"it is {_KIND_USE[kind]}" if kind != "unknown" else "it holds no weight files (*.safetensors, *.bin)"
         raise BackboneNotAvailableError(f"{folder} is not {wanted}: {what}")
     return fingerprint_files(files, folder)
@@ -216,8 +218,10 @@ def resolve_model_folder(model: str, subfolders: tuple[str, ...] | None = WEIGHT
 def _snapshot(repo_id: str, subfolders: tuple[str, ...] | None) -> Path:
     from huggingface_hub import snapshot_download
 
-    patterns = ["*.json", "*.txt", "*.safetensors"] if subfolders is None else (
-        ["model_index.json"] + [f"{s}/*.{ext}" for s in subfolders for ext in ("json", "txt", "safetensors")]
+    patterns = (
+        ["*.json", "*.txt", "*.safetensors"]
+        if subfolders is None
+        else (["model_index.json"] + [f"{s}/*.{ext}" for s in subfolders for ext in ("json", "txt", "safetensors")])
     )
     offline = _hub_offline()
     try:
@@ -262,7 +266,11 @@ def load_sd_components(
         check_architecture(folder)
         missing = [s for s in SD_SUBFOLDERS if not (folder / s).is_dir()]
         if missing:
-            hint = " (it is a ControlNet: use it in a variant's `controlnets`)" if (folder / "config.json").is_file() else ""
+            hint = (
+                " (it is a ControlNet: use it in a variant's `controlnets`)"
+                if (folder / "config.json").is_file()
+                else ""
+            )
             raise BackboneNotAvailableError(
                 f"{folder} is not a Stable Diffusion folder in the diffusers layout: missing {', '.join(missing)}/{hint}"
             )
@@ -271,7 +279,9 @@ def load_sd_components(
         # diffusers' SDXL pipeline, so features are never NaN. SD 1.x/2.x VAEs run in `dtype`.
         sdxl = family_of_config(UNet2DConditionModel.load_config(folder, subfolder="unet")).time_ids
         upcast = sdxl and AutoencoderKL.load_config(folder, subfolder="vae").get("force_upcast", False)
-        vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", torch_dtype=torch.float32 if upcast else torch_dtype)
+        vae = AutoencoderKL.from_pretrained(
+            folder, subfolder="vae", torch_dtype=torch.float32 if upcast else torch_dtype
+        )
         components = SDComponents(
             UNet2DConditionModel.from_pretrained(folder, subfolder="unet", torch_dtype=torch_dtype),
             vae,
@@ -281,7 +291,9 @@ def load_sd_components(
             BackboneSpec(model, weights_id, base_model),
         )
         if (folder / "text_encoder_2").is_dir():
-            components.text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(folder, subfolder="text_encoder_2", dtype=torch_dtype)
+            components.text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(
+                folder, subfolder="text_encoder_2", dtype=torch_dtype
+            )
             components.tokenizer_2 = load_tokenizer(folder / "tokenizer_2", components.text_encoder_2.config.vocab_size)
     if unet is not None:
         _override_unet(components, unet, torch_dtype)
@@ -297,8 +309,15 @@ def load_sd_components(
 SUPPORTED_FAMILIES = "SD 1.x, SD 2.x and SDXL (UNet2DConditionModel with CLIP text encoders)"
 # UNet settings that fix the architecture: a UNet override must match the base model in all.
 _ARCHITECTURE_KEYS = (
-    "in_channels", "block_out_channels", "down_block_types", "up_block_types", "layers_per_block",
-    "cross_attention_dim", "attention_head_dim", "use_linear_projection", "addition_embed_type",
+    "in_channels",
+    "block_out_channels",
+    "down_block_types",
+    "up_block_types",
+    "layers_per_block",
+    "cross_attention_dim",
+    "attention_head_dim",
+    "use_linear_projection",
+    "addition_embed_type",
 )
 
 
@@ -329,7 +348,9 @@ def _override_unet(components: SDComponents, unet: str, torch_dtype: torch.dtype
     elif unet.count("/") == 1 and not unet.startswith(("/", ".", "~")):
         folder = _snapshot(unet, None)  # a hub id: the whole repository, then its unet/ if it has one
     else:
-        raise BackboneNotAvailableError(f"no such UNet folder: {path} (a UNet folder, a model folder with unet/, or a hub id)")
+        raise BackboneNotAvailableError(
+            f"no such UNet folder: {path} (a UNet folder, a model folder with unet/, or a hub id)"
+        )
     if (folder / "unet" / "config.json").is_file():
         folder = folder / "unet"
     if not (folder / "config.json").is_file():
@@ -345,7 +366,9 @@ def _override_unet(components: SDComponents, unet: str, torch_dtype: torch.dtype
         )
     components.unet = new
     spec = components.spec
-    components.spec = BackboneSpec(spec.model, spec.weights_id, spec.base_model, unet, weights_fingerprint(folder, None))
+    components.spec = BackboneSpec(
+        spec.model, spec.weights_id, spec.base_model, unet, weights_fingerprint(folder, None)
+    )
 
 
 def _plain(value):
@@ -355,7 +378,9 @@ def _plain(value):
 def _build_random(model: str, torch_dtype: torch.dtype, load_vae_decoder: bool) -> SDComponents:
     """A real-size pipeline with seeded random weights (see :mod:`csdiff.backbone.random_models`)."""
     if model not in ("random-sd15",):
-        raise BackboneNotAvailableError(f"{model} is a ControlNet, not a Stable Diffusion model: use it in a variant's `controlnets`")
+        raise BackboneNotAvailableError(
+            f"{model} is a ControlNet, not a Stable Diffusion model: use it in a variant's `controlnets`"
+        )
     text_encoder = random_models.random_text_encoder(torch_dtype)
     return SDComponents(
         random_models.random_unet(torch_dtype),
@@ -408,7 +433,9 @@ def _load_single_file(path: Path, base_model: str | None, torch_dtype: torch.dty
     extra = {"add_watermarker": False} if sdxl else {"safety_checker": None, "requires_safety_checker": False}
     try:
         # diffusers reads `.ckpt` files with torch.load(weights_only=True): pickled code is refused.
-        pipe = pipeline.from_single_file(str(path), config=str(base_folder), local_files_only=True, torch_dtype=torch_dtype, **extra)
+        pipe = pipeline.from_single_file(
+            str(path), config=str(base_folder), local_files_only=True, torch_dtype=torch_dtype, **extra
+        )
     except Exception as err:  # shape mismatches, missing keys, unreadable files: all mean "not this base"
         raise BackboneNotAvailableError(
             f"{path} could not be loaded as a checkpoint of the {'SDXL' if sdxl else 'SD 1.x/2.x'} base model {base_model!r} "
@@ -417,9 +444,12 @@ def _load_single_file(path: Path, base_model: str | None, torch_dtype: torch.dty
         ) from err
     spec = BackboneSpec(str(path), fingerprint_files([path], path), base_model)
     components = SDComponents(
-        pipe.unet, pipe.vae, pipe.text_encoder,
+        pipe.unet,
+        pipe.vae,
+        pipe.text_encoder,
         load_tokenizer(base_folder / "tokenizer", pipe.text_encoder.config.vocab_size),
-        PNDMScheduler.from_pretrained(base_folder, subfolder="scheduler"), spec,
+        PNDMScheduler.from_pretrained(base_folder, subfolder="scheduler"),
+        spec,
     )
     if sdxl:
         components.text_encoder_2 = pipe.text_encoder_2
@@ -434,13 +464,22 @@ def load_controlnet(model: str, dtype: str | torch.dtype = "float32") -> tuple[C
     ``random-sd15-controlnet-canny``), frozen; returns it and its weights id."""
     if random_models.is_random_model(model):
         if model == "random-sd15":
-            raise BackboneNotAvailableError("random-sd15 is a Stable Diffusion model, not a ControlNet: use random-sd15-controlnet-canny")
-        controlnet, weights_id = random_models.random_controlnet(model, parse_dtype(dtype)), random_models.random_weights_id(model)
+            raise BackboneNotAvailableError(
+                "random-sd15 is a Stable Diffusion model, not a ControlNet: use random-sd15-controlnet-canny"
+            )
+        controlnet, weights_id = (
+            random_models.random_controlnet(model, parse_dtype(dtype)),
+            random_models.random_weights_id(model),
+        )
     else:
         folder, weights_id = resolve_model_folder(model, subfolders=None)
         kind = folder_kind(folder)
         if kind != "controlnet":
-            what = _KIND_USE[kind] if kind != "unknown" else "no ControlNet configuration (config.json of a ControlNetModel)"
+            what = (
+                _KIND_USE[kind]
+                if kind != "unknown"
+                else "no ControlNet configuration (config.json of a ControlNetModel)"
+            )
             raise BackboneNotAvailableError(f"ControlNet {model}: {folder} is not a ControlNet folder: {what}")
         controlnet = ControlNetModel.from_pretrained(folder, torch_dtype=parse_dtype(dtype))
     return controlnet.requires_grad_(False).eval(), weights_id
@@ -448,8 +487,13 @@ def load_controlnet(model: str, dtype: str | torch.dtype = "float32") -> tuple[C
 
 # ControlNet settings that must equal the UNet's: its residuals are added to the UNet's blocks.
 _CONTROLNET_KEYS = (
-    "in_channels", "block_out_channels", "down_block_types", "layers_per_block", "cross_attention_dim",
-    "addition_embed_type", "projection_class_embeddings_input_dim",
+    "in_channels",
+    "block_out_channels",
+    "down_block_types",
+    "layers_per_block",
+    "cross_attention_dim",
+    "addition_embed_type",
+    "projection_class_embeddings_input_dim",
 )
 
 
@@ -477,7 +521,9 @@ class VariantWeights:
 
 
 @quiet_transformers()
-def load_variant_weights(weights: str, base: SDComponents, config_folder: str, dtype: str | torch.dtype) -> VariantWeights:
+def load_variant_weights(
+    weights: str, base: SDComponents, config_folder: str, dtype: str | torch.dtype
+) -> VariantWeights:
     """Load a merged checkpoint (single file or diffusers folder) of the base model's family and
     architecture; single files take their configuration from ``config_folder``.
 
@@ -497,20 +543,29 @@ def load_variant_weights(weights: str, base: SDComponents, config_folder: str, d
     encoders = [(other.text_encoder, base.text_encoder), (other.text_encoder_2, base.text_encoder_2)]
     shapes = [
         f"{part} {name}: {tuple(p.shape)} vs {tuple(q.shape)}"
-        for part, (a, b) in (("unet", (other.unet, base.unet)), *(("text encoder", e) for e in encoders if e[0] is not None))
-        for name, p, q in _shared_parameters(a, b) if p.shape != q.shape
+        for part, (a, b) in (
+            ("unet", (other.unet, base.unet)),
+            *(("text encoder", e) for e in encoders if e[0] is not None),
+        )
+        for name, p, q in _shared_parameters(a, b)
+        if p.shape != q.shape
     ]
     if differ or shapes:
-        details = "; ".join([f"{k}: {other.unet.config.get(k)} vs {base.unet.config.get(k)}" for k in differ] or shapes[:3])
+        details = "; ".join(
+            [f"{k}: {other.unet.config.get(k)} vs {base.unet.config.get(k)}" for k in differ] or shapes[:3]
+        )
         raise BackboneNotAvailableError(
             f"variant weights {weights} do not fit the backbone {base.spec.model} ({details}; file vs backbone): a "
             f"variant's weights must be a checkpoint of the backbone's own family and architecture"
         )
-    vae_differs = base.vae is not None and any(not torch.equal(p, q.to(p.dtype)) for _, p, q in _shared_parameters(other.vae.encoder, base.vae.encoder))
+    vae_differs = base.vae is not None and any(
+        not torch.equal(p, q.to(p.dtype)) for _, p, q in _shared_parameters(other.vae.encoder, base.vae.encoder)
+    )
     if vae_differs:
         warnings.warn(
             f"variant weights {weights}: their VAE differs from the backbone's; csdiff encodes each image once, "
-            f"with the backbone's VAE ({base.spec.model}), for every variant", stacklevel=2,
+            f"with the backbone's VAE ({base.spec.model}), for every variant",
+            stacklevel=2,
         )
     kept = tuple(None if a is None or _same_parameters(a, b) else a for a, b in encoders)
     return VariantWeights(other.unet, kept, other.spec.weights_id)

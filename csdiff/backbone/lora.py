@@ -122,8 +122,14 @@ _KOHYA_FILE_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
 # diffusers / peft formats: suffixes of the tensors diffusers applies, and those that open a module.
 # (No ``.alpha``: diffusers ignores alpha tensors outside kohya files; peft metadata holds the alphas.)
 _DIFFUSERS_SUFFIXES = (
-    ".lora_A.weight", ".lora_B.weight", ".lora.down.weight", ".lora.up.weight", ".lora_linear_layer.down.weight",
-    ".lora_linear_layer.up.weight", "_lora.down.weight", "_lora.up.weight",
+    ".lora_A.weight",
+    ".lora_B.weight",
+    ".lora.down.weight",
+    ".lora.up.weight",
+    ".lora_linear_layer.down.weight",
+    ".lora_linear_layer.up.weight",
+    "_lora.down.weight",
+    "_lora.up.weight",
 )
 _DIFFUSERS_DOWN = (".lora_A.weight", ".lora.down.weight", ".lora_linear_layer.down.weight", "_lora.down.weight")
 LoRAModules = dict[str, dict[str, LoRAPair]]  # component -> module path -> (down, up, alpha)
@@ -139,10 +145,16 @@ def _some(items, n: int = 4, noun: str = "key") -> str:
 def _read_lora_file(file: Path, given: str) -> dict[str, torch.Tensor]:
     """The tensors of a LoRA file under their stored names (pickles refused: weights only)."""
     try:
-        tensors = load_file(str(file)) if file.suffix == ".safetensors" else torch.load(file, map_location="cpu", weights_only=True)
+        tensors = (
+            load_file(str(file))
+            if file.suffix == ".safetensors"
+            else torch.load(file, map_location="cpu", weights_only=True)
+        )
     except Exception as err:
         raise LoRAError(f"cannot read LoRA {given}: {type(err).__name__}: {err}") from None
-    if not isinstance(tensors, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in tensors.items()):
+    if not isinstance(tensors, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in tensors.items()
+    ):
         raise LoRAError(f"cannot read LoRA {given}: it is not a flat mapping of names to tensors")
     return tensors
 
@@ -210,7 +222,11 @@ def _kohya_modules(raw: dict[str, torch.Tensor], given: str, models: dict[str, n
         )
     unknown = [k for k in raw if k.partition(".")[0] not in table]
     if unknown:
-        what = "adapts zero modules of this backbone" if len(unknown) == len(raw) else "names modules this backbone does not have"
+        what = (
+            "adapts zero modules of this backbone"
+            if len(unknown) == len(raw)
+            else "names modules this backbone does not have"
+        )
         raise LoRAError(
             f"LoRA {given} {what} (keys matching no UNet or text-encoder layer: {_some(unknown)}): "
             f"is it a LoRA for another model family?"
@@ -224,7 +240,10 @@ def _kohya_modules(raw: dict[str, torch.Tensor], given: str, models: dict[str, n
             continue
         down, up, shape = parts["lora_down.weight"], parts["lora_up.weight"], tuple(shapes[component][path])
         r = down.shape[0]
-        if tuple(down.shape[1:]) != shape[1:] or tuple(up.shape) not in ((shape[0], r), (shape[0], r, *(1,) * (len(shape) - 2))):
+        if tuple(down.shape[1:]) != shape[1:] or tuple(up.shape) not in (
+            (shape[0], r),
+            (shape[0], r, *(1,) * (len(shape) - 2)),
+        ):
             problems.append(f"{name}: down {tuple(down.shape)} and up {tuple(up.shape)} do not fit its weight {shape}")
         elif path in out.get(component, {}):
             problems.append(f"{name}: {component} module {path} is named twice")
@@ -332,7 +351,9 @@ class LoRARegistry:
         weights = [file] if file.is_file() else component_weight_files(file)
         if len(weights) != 1:  # a folder: its one weight file (diffusers would guess, or ask when offline)
             found = ", ".join(p.name for p in weights) or "none"
-            raise LoRAError(f"LoRA folder {path} must hold exactly one weight file (*.safetensors or *.bin); found {found}")
+            raise LoRAError(
+                f"LoRA folder {path} must hold exactly one weight file (*.safetensors or *.bin); found {found}"
+            )
         models = {"unet": self.unet, **self.text_encoders}
         raw = _read_lora_file(weights[0], path)
         _refuse_other_adapters(raw, path)
@@ -341,11 +362,18 @@ class LoRARegistry:
         # kohya: the checked modules under names diffusers maps right; other formats: the file itself
         # (diffusers reads their adapter metadata from it). diffusers ignores weight_name for a dict;
         # it is passed all the same, so that each call names its file.
-        source = str(weights[0].parent) if kohya is None else _diffusers_readable(kohya, self.unet, len(self.text_encoders) > 1)
+        source = (
+            str(weights[0].parent)
+            if kohya is None
+            else _diffusers_readable(kohya, self.unet, len(self.text_encoders) > 1)
+        )
         try:
             state_dict, alphas, metadata = self.pipeline.lora_state_dict(
-                source, weight_name=weights[0].name, unet_config=self.unet.config,
-                return_lora_metadata=True, local_files_only=True,
+                source,
+                weight_name=weights[0].name,
+                unet_config=self.unet.config,
+                return_lora_metadata=True,
+                local_files_only=True,
                 use_safetensors=None if weights[0].suffix != ".safetensors" else True,
             )
         except Exception as err:
@@ -363,7 +391,9 @@ class LoRARegistry:
         except Exception as err:
             self._remove(name)
             if "not found in the base model" in str(err):  # peft: no key names a module of this model
-                raise LoRAError(f"LoRA {path} adapts zero modules of this backbone ({err}): is it a LoRA for another model family?") from None
+                raise LoRAError(
+                    f"LoRA {path} adapts zero modules of this backbone ({err}): is it a LoRA for another model family?"
+                ) from None
             raise LoRAError(f"LoRA {path} does not fit this backbone: {err}") from None
         if given_alphas and alphas is None:
             _unit_scaling(name, self.unet, *self.text_encoders.values())
@@ -376,12 +406,16 @@ class LoRARegistry:
                 f"is it a LoRA for another model family?"
             )
         n_adapted = {"unet": n_unet, **n_text}
-        problems = _misloaded(name, kohya, models) if kohya is not None else [
-            f"{c}: {n} modules named, {n_adapted[c]} adapted" for c, n in named.items() if n != n_adapted[c]
-        ]
+        problems = (
+            _misloaded(name, kohya, models)
+            if kohya is not None
+            else [f"{c}: {n} modules named, {n_adapted[c]} adapted" for c, n in named.items() if n != n_adapted[c]]
+        )
         if problems:
             self._remove(name)
-            raise LoRAError(f"LoRA {path} did not load as written, so none of it is applied: {_some(problems, 3, 'module')}")
+            raise LoRAError(
+                f"LoRA {path} did not load as written, so none of it is applied: {_some(problems, 3, 'module')}"
+            )
         if n_unet:
             self.in_unet.add(name)
         for prefix, n in n_text.items():
@@ -417,7 +451,7 @@ class LoRARegistry:
 
     def activate(self, loras: list[LoRA]) -> tuple[tuple[str, float], ...]:
         """Switch to exactly these LoRAs; returns the text-encoder adapter key (for prompt caching)."""
-        names = [(self.load(l.path), l.scale) for l in loras]
+        names = [(self.load(lora.path), lora.scale) for lora in loras]
         unet_sel = [(n, s) for n, s in names if n in self.in_unet]
         if self.in_unet:
             if unet_sel:

@@ -139,7 +139,9 @@ def plan_factoring(base: dict[str, nn.Module], merged: dict[str, nn.Module], min
     return Plan(changed, unchanged, other)
 
 
-def factor_delta(delta: torch.Tensor, rank: int, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor, float, float]:
+def factor_delta(
+    delta: torch.Tensor, rank: int, dtype: torch.dtype = torch.float32
+) -> tuple[torch.Tensor, torch.Tensor, float, float]:
     """(down, up, error², ‖ΔW‖²) of a weight difference at rank ``rank`` (clipped to the matrix's).
 
     The SVD runs in float64 on the tall orientation of the matrix: torch's LAPACK call is several
@@ -168,7 +170,9 @@ def factor_layer(layer: ChangedLayer, rank: int, dtype: torch.dtype = torch.floa
 
 
 def factor_all(
-    plan: Plan, rank: int, dtype: torch.dtype = torch.float32,
+    plan: Plan,
+    rank: int,
+    dtype: torch.dtype = torch.float32,
     progress: Callable[[Iterable[ChangedLayer]], Iterable[ChangedLayer]] = iter,
 ) -> list[ModuleFactor]:
     """Factor every changed layer (``progress`` wraps the iteration, e.g. ``tqdm``)."""
@@ -206,7 +210,9 @@ def summarize(factors: list[ModuleFactor]) -> dict[str, ErrorSummary]:
         worst = max(members, key=lambda f: f.relative_error)
         delta_sq = sum(f.delta_sq for f in members)
         error = (sum(f.error_sq for f in members) / delta_sq) ** 0.5 if delta_sq > 0 else 0.0
-        out[kind] = ErrorSummary(len(members), max(f.rank for f in members), error, worst.relative_error, f"{worst.component}.{worst.path}")
+        out[kind] = ErrorSummary(
+            len(members), max(f.rank for f in members), error, worst.relative_error, f"{worst.component}.{worst.path}"
+        )
     return out
 
 

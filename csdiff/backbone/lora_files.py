@@ -53,7 +53,10 @@ def kohya_tensors(modules: dict[str, dict[str, LoRAPair]], sdxl: bool = False) -
 
 
 def save_kohya_lora(
-    path: str | Path, modules: dict[str, dict[str, LoRAPair]], sdxl: bool = False, metadata: dict[str, str] | None = None,
+    path: str | Path,
+    modules: dict[str, dict[str, LoRAPair]],
+    sdxl: bool = False,
+    metadata: dict[str, str] | None = None,
     dtype: torch.dtype | None = None,
 ) -> Path:
     """Atomically write a kohya-format ``.safetensors`` LoRA (optionally cast to ``dtype``)."""
@@ -79,7 +82,9 @@ KOHYA_SUFFIXES = ("lora_down.weight", "lora_up.weight", "alpha")
 # csdiff refuses them by name rather than applying part of them.
 OTHER_ADAPTERS = {
     **dict.fromkeys(("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2"), "LyCORIS LoHa"),
-    **dict.fromkeys(("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2"), "LyCORIS LoKr"),
+    **dict.fromkeys(
+        ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2"), "LyCORIS LoKr"
+    ),
     "lora_mid": "LyCORIS LoCon with Tucker decomposition (lora_mid)",
     **dict.fromkeys(("dora_scale", "lora_magnitude_vector"), "DoRA"),
     **dict.fromkeys(("diff", "diff_b"), "LyCORIS full (weight differences)"),
@@ -97,11 +102,20 @@ def other_adapter_kind(key: str) -> str | None:
 
 # Original (LDM / SGM) UNet names of diffusers modules, used by A1111 files and kohya's SDXL files.
 _LDM_TOP = {
-    "conv_in": "input_blocks.0.0", "conv_out": "out.2", "time_embedding.linear_1": "time_embed.0",
-    "time_embedding.linear_2": "time_embed.2", "add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2",
+    "conv_in": "input_blocks.0.0",
+    "conv_out": "out.2",
+    "time_embedding.linear_1": "time_embed.0",
+    "time_embedding.linear_2": "time_embed.2",
+    "add_embedding.linear_1": "label_emb.0.0",
+    "add_embedding.linear_2": "label_emb.0.2",
 }
 _LDM_CHILDREN = {
-    "resnets": {"conv1": "in_layers.2", "conv2": "out_layers.3", "time_emb_proj": "emb_layers.1", "conv_shortcut": "skip_connection"},
+    "resnets": {
+        "conv1": "in_layers.2",
+        "conv2": "out_layers.3",
+        "time_emb_proj": "emb_layers.1",
+        "conv_shortcut": "skip_connection",
+    },
     "downsamplers": {"conv": "op"},
 }
 

@@ -81,7 +81,9 @@ def enumerate_activations(unet: nn.Module) -> dict[str, Activation]:
     for level, block in enumerate(unet.down_blocks):
         acts += _block_activations(f"down-level{level}", f"down_blocks.{level}", block)
         if getattr(block, "downsamplers", None):
-            acts.append(Activation(f"down-level{level}-downsampler-out", f"down_blocks.{level}.downsamplers.0", "output"))
+            acts.append(
+                Activation(f"down-level{level}-downsampler-out", f"down_blocks.{level}.downsamplers.0", "output")
+            )
     acts += _block_activations("mid", "mid_block", unet.mid_block)
     for level, block in enumerate(unet.up_blocks):
         acts += _block_activations(f"up-level{level}", f"up_blocks.{level}", block)
@@ -98,7 +100,11 @@ def up_cross_problem(unet: nn.Module) -> str | None:
     for level in levels:
         block = unet.up_blocks[level] if level < len(unet.up_blocks) else None
         if block is None or not getattr(block, "attentions", None):
-            what = f"has no up-level{level}" if block is None else f"has no attention in up-level{level} ({type(block).__name__})"
+            what = (
+                f"has no up-level{level}"
+                if block is None
+                else f"has no attention in up-level{level} ({type(block).__name__})"
+            )
             return (
                 f"up_cross averages the cross-attention maps of up-levels {', '.join(map(str, levels))}, but this UNet {what}; "
                 f"choose other layers (`csdiff layers --model <model>` lists them)"

@@ -53,5 +53,7 @@ def encode_prompt_sdxl(tokenizers: tuple, text_encoders: tuple, prompt: str) -> 
         if out[0].ndim == 2:  # the projected, pooled output of CLIPTextModelWithProjection
             pooled = out[0][:1]
     if pooled is None:
-        raise ValueError("SDXL needs a text encoder with projection (CLIPTextModelWithProjection) as its second encoder")
+        raise ValueError(
+            "SDXL needs a text encoder with projection (CLIPTextModelWithProjection) as its second encoder"
+        )
     return torch.cat(hidden, dim=-1), pooled

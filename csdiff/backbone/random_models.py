@@ -166,12 +166,21 @@ def write_random_lora(path: Path, unet: nn.Module, kind: str = "kohya", rank: in
     pairs = {}
     for module in RANDOM_LORA_MODULES:
         width = unet.get_submodule(module).in_features
-        pairs[module] = (torch.randn(rank, width, generator=g) / width**0.5, torch.randn(width, rank, generator=g) * 0.5)
+        pairs[module] = (
+            torch.randn(rank, width, generator=g) / width**0.5,
+            torch.randn(width, rank, generator=g) * 0.5,
+        )
     if kind == "kohya":
         tensors = {}
         for module, (down, up) in pairs.items():
             name = "lora_unet_" + module.replace(".", "_")
-            tensors.update({f"{name}.lora_down.weight": down, f"{name}.lora_up.weight": up, f"{name}.alpha": torch.tensor(float(rank))})
+            tensors.update(
+                {
+                    f"{name}.lora_down.weight": down,
+                    f"{name}.lora_up.weight": up,
+                    f"{name}.alpha": torch.tensor(float(rank)),
+                }
+            )
         save_file(tensors, str(path))
         return path
     if kind != "diffusers":

@@ -60,7 +60,9 @@ class FeatureFolder:
         try:
             return json.loads(self.manifest_path.read_text())
         except (OSError, json.JSONDecodeError) as err:
-            raise FeatureFolderError(f"{self.manifest_path} is unreadable ({err}); delete the folder and extract again") from err
+            raise FeatureFolderError(
+                f"{self.manifest_path} is unreadable ({err}); delete the folder and extract again"
+            ) from err
 
     def check(self, description: dict) -> dict:
         """The manifest, after checking that its features are the ones ``description`` would make."""
@@ -72,7 +74,8 @@ class FeatureFolder:
         differences = folder_differences(manifest, description)
         if differences:
             raise FeatureFolderError(
-                f"features in {self.folder} were written by another extractor: " + "; ".join(differences)
+                f"features in {self.folder} were written by another extractor: "
+                + "; ".join(differences)
                 + ". Use another folder (or delete this one) to extract with the current settings"
             )
         return manifest
@@ -87,7 +90,11 @@ class FeatureFolder:
         manifest = self.check(description) if exists else dict(description, images={})
         known = manifest.setdefault("images", {})
         # a moved dataset keeps its file names; another image under the same output name does not
-        clashes = [f"{name}: {known[name]} vs {src}" for name, src in images.items() if Path(known.get(name, src)).name != Path(src).name]
+        clashes = [
+            f"{name}: {known[name]} vs {src}"
+            for name, src in images.items()
+            if Path(known.get(name, src)).name != Path(src).name
+        ]
         if clashes:
             raise FeatureFolderError(
                 f"{self.folder} holds features of other images under the same names ({'; '.join(clashes[:3])}); "
@@ -115,7 +122,9 @@ class FeatureFolder:
         keys = list(keys)
         return [(name, path) for name, path in items if not self.is_complete(name, keys)]
 
-    def write(self, name: str, features: dict[str, dict[str, torch.Tensor]], metadata: dict[str, str] | None = None) -> Path:
+    def write(
+        self, name: str, features: dict[str, dict[str, torch.Tensor]], metadata: dict[str, str] | None = None
+    ) -> Path:
         """One image's features ``{variant: {layer: (C, h, w)}}`` as an fp16 file, atomically."""
         tensors = {f"{v}/{layer}": x.to(STORED_DTYPE) for v, layers in features.items() for layer, x in layers.items()}
         return save_tensors(self.path(name), tensors, metadata=metadata)

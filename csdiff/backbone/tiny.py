@@ -74,13 +74,18 @@ def save_text_encoder(text_encoder, folder: Path) -> None:
 
     folder.mkdir(parents=True, exist_ok=True)
     text_encoder.config.save_pretrained(folder)
-    state = {k if k.startswith("text_model.") else f"text_model.{k}": v.contiguous() for k, v in text_encoder.state_dict().items()}
+    state = {
+        k if k.startswith("text_model.") else f"text_model.{k}": v.contiguous()
+        for k, v in text_encoder.state_dict().items()
+    }
     save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
 
 
 def _bytes_to_unicode() -> dict[int, str]:
     """CLIP's reversible byte -> printable character table (byte-level BPE alphabet)."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    printable = (
+        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    )
     chars = printable[:]
     extra = 0
     for b in range(256):
@@ -136,6 +141,13 @@ def write_tokenizer_files(words: list[str], folder: Path, vocab_size: int | None
         )
     )
     (folder / "special_tokens_map.json").write_text(
-        json.dumps({"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>", "pad_token": "<|endoftext|>"})
+        json.dumps(
+            {
+                "bos_token": "<|startoftext|>",
+                "eos_token": "<|endoftext|>",
+                "unk_token": "<|endoftext|>",
+                "pad_token": "<|endoftext|>",
+            }
+        )
     )
     return len(vocab)

@@ -54,7 +54,9 @@ class Variant:
 
     def __post_init__(self) -> None:
         # Accept lists and plain dicts (YAML, hyperparameters) as well as the dataclasses.
-        object.__setattr__(self, "loras", tuple(l if isinstance(l, LoRA) else LoRA(**l) for l in self.loras))
+        object.__setattr__(
+            self, "loras", tuple(lora if isinstance(lora, LoRA) else LoRA(**lora) for lora in self.loras)
+        )
         object.__setattr__(
             self, "controlnets", tuple(c if isinstance(c, ControlNet) else ControlNet(**c) for c in self.controlnets)
         )
@@ -83,7 +85,7 @@ class Variant:
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        d["loras"] = [dict(l) for l in d["loras"]]
+        d["loras"] = [dict(lora) for lora in d["loras"]]
         d["controlnets"] = [dict(c) for c in d["controlnets"]]
         return d
 
@@ -106,5 +108,7 @@ def as_variant(v: Variant | dict) -> Variant:
     valid = set(Variant.__dataclass_fields__)
     unknown = sorted(set(v) - valid)
     if unknown:
-        raise ValueError(f"unknown variant key(s) {unknown} in variant {v.get('name', '?')!r}; valid keys: {sorted(valid)}")
+        raise ValueError(
+            f"unknown variant key(s) {unknown} in variant {v.get('name', '?')!r}; valid keys: {sorted(valid)}"
+        )
     return Variant(**v)

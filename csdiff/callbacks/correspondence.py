@@ -26,8 +26,12 @@ def _match_picture(item: dict[str, Any], pred: torch.Tensor, alpha: float) -> np
         x1, y1, x2, y2 = (float(v) for v in item["trg_bbox"])
         threshold = alpha * max(x2 - x1, y2 - y1)
     return draw_matches(
-        read_image(item["src_path"]), read_image(item["trg_path"]), np.asarray(item["src_kps"], np.float32),
-        pred.cpu().numpy(), None if gt is None else np.asarray(gt, np.float32), threshold,
+        read_image(item["src_path"]),
+        read_image(item["trg_path"]),
+        np.asarray(item["src_kps"], np.float32),
+        pred.cpu().numpy(),
+        None if gt is None else np.asarray(gt, np.float32),
+        threshold,
     )
 
 
@@ -47,7 +51,9 @@ class CorrespondenceImageLogger(Callback):
     def on_validation_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._pictures = []
 
-    def on_validation_batch_end(self, trainer, pl_module, outputs: Any, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
+    def on_validation_batch_end(
+        self, trainer, pl_module, outputs: Any, batch: dict, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
         if trainer.sanity_checking or not isinstance(outputs, dict):
             return
         for i, pred in enumerate(outputs["preds"]):
@@ -92,7 +98,9 @@ class BestValidationPCK(Callback):
                 self.best[key] = (value, trainer.global_step)
         if trainer.is_global_zero:
             for logger in trainer.loggers:
-                logger.log_metrics({f"val_best/{key}": value for key, (value, _) in self.best.items()}, step=trainer.global_step)
+                logger.log_metrics(
+                    {f"val_best/{key}": value for key, (value, _) in self.best.items()}, step=trainer.global_step
+                )
 
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if not self.best:
@@ -106,7 +114,9 @@ class BestValidationPCK(Callback):
     def summary(self) -> str:
         """One line per PCK: its best value (percent) and the step of that validation."""
         head = f"best of {self.validations} validations, each PCK on its own (validation pairs, not test):"
-        return "\n".join([head, *(f"  {key}: {100 * value:.2f} (step {step})" for key, (value, step) in self.best.items())])
+        return "\n".join(
+            [head, *(f"  {key}: {100 * value:.2f} (step {step})" for key, (value, step) in self.best.items())]
+        )
 
     def state_dict(self) -> dict[str, Any]:
         return {"best": {key: list(entry) for key, entry in self.best.items()}, "validations": self.validations}
@@ -127,10 +137,22 @@ class CorrespondencePredictionWriter(BasePredictionWriter):
         self.pictures = pictures
         self.alpha = alpha
 
-    def write_on_batch_end(self, trainer, pl_module, prediction: list[dict[str, Any]], batch_indices, batch, batch_idx: int, dataloader_idx: int) -> None:
+    def write_on_batch_end(
+        self,
+        trainer,
+        pl_module,
+        prediction: list[dict[str, Any]],
+        batch_indices,
+        batch,
+        batch_idx: int,
+        dataloader_idx: int,
+    ) -> None:
         for item in prediction:
             record = {
-                "pair": item["name"], "category": item["category"], "source": item["src_path"], "target": item["trg_path"],
+                "pair": item["name"],
+                "category": item["category"],
+                "source": item["src_path"],
+                "target": item["trg_path"],
                 "source_points": np.asarray(item["src_kps"], np.float64).tolist(),
                 "predicted_target_points": item["pred_kps"].double().tolist(),
                 "target_size_hw": [int(v) for v in item["trg_size"]],
@@ -141,4 +163,6 @@ class CorrespondencePredictionWriter(BasePredictionWriter):
             text = json.dumps(record, indent=1)
             atomic_write(self.output_dir / "keypoints" / f"{name}.json", lambda tmp: tmp.write_text(text))
             if self.pictures:
-                save_image(self.output_dir / "matches" / f"{name}.jpg", _match_picture(item, item["pred_kps"], self.alpha))
+                save_image(
+                    self.output_dir / "matches" / f"{name}.jpg", _match_picture(item, item["pred_kps"], self.alpha)
+                )

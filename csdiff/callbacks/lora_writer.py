@@ -34,7 +34,9 @@ class LoRAFileWriter(Callback):
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if not callable(getattr(pl_module, "lora_modules", None)):
-            raise TypeError(f"LoRAFileWriter needs a LoRA training task (csdiff.tasks.LoRATrainingTask), not {type(pl_module).__name__}")
+            raise TypeError(
+                f"LoRAFileWriter needs a LoRA training task (csdiff.tasks.LoRATrainingTask), not {type(pl_module).__name__}"
+            )
         # the log folder is a broadcast under DDP: resolved here, where every rank runs
         folder = trainer.log_dir or trainer.default_root_dir
         self.path = Path(self.output) if self.output else Path(folder) / DEFAULT_NAME

@@ -45,7 +45,16 @@ class SegmentationPredictionWriter(BasePredictionWriter):
             paths = loader.dataset.paths
             self.names.update(zip(paths, output_names(paths, getattr(loader.dataset, "root", None))))
 
-    def write_on_batch_end(self, trainer, pl_module, prediction: list[dict[str, Any]], batch_indices, batch, batch_idx: int, dataloader_idx: int) -> None:
+    def write_on_batch_end(
+        self,
+        trainer,
+        pl_module,
+        prediction: list[dict[str, Any]],
+        batch_indices,
+        batch,
+        batch_idx: int,
+        dataloader_idx: int,
+    ) -> None:
         for item in prediction:
             pred, name = item["pred"], self.names[item["path"]]
             save_image(self.output_dir / "labels" / f"{name}.png", pred)
@@ -55,4 +64,6 @@ class SegmentationPredictionWriter(BasePredictionWriter):
             if self.submission_format == "ade20k":
                 save_image(self.output_dir / "submission" / f"{name}.png", pred + 1)
             elif self.submission_format == "cityscapes":
-                save_image(self.output_dir / "submission" / f"{name}.png", train_ids_to_label_ids(pred).astype(np.uint8))
+                save_image(
+                    self.output_dir / "submission" / f"{name}.png", train_ids_to_label_ids(pred).astype(np.uint8)
+                )

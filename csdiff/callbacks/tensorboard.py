@@ -28,7 +28,9 @@ class SegmentationImageLogger(Callback):
     def on_validation_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._rows = []
 
-    def on_validation_batch_end(self, trainer, pl_module, outputs: Any, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
+    def on_validation_batch_end(
+        self, trainer, pl_module, outputs: Any, batch: dict, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
         if trainer.sanity_checking or not isinstance(outputs, dict) or len(self._rows) >= self.num_images:
             return
         for image, label, pred in zip(batch["image"], batch["label"], outputs["preds"]):
@@ -37,7 +39,9 @@ class SegmentationImageLogger(Callback):
             gt = label.cpu().numpy()
             rgb = image_to_rgb(image, gt.shape)
             palette = pl_module.palette
-            self._rows.append(np.concatenate([rgb, overlay(rgb, pred.cpu().numpy(), palette), overlay(rgb, gt, palette)], axis=1))
+            self._rows.append(
+                np.concatenate([rgb, overlay(rgb, pred.cpu().numpy(), palette), overlay(rgb, gt, palette)], axis=1)
+            )
 
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         writer = _tensorboard(trainer)
@@ -53,7 +57,9 @@ class GateWeightLogger(Callback):
     def __init__(self, every_n_steps: int = 50) -> None:
         self.every_n_steps = every_n_steps
 
-    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         writer = _tensorboard(trainer)
         if writer is None or not isinstance(outputs, dict) or "gate_weights" not in outputs:
             return

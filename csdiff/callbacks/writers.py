@@ -19,10 +19,14 @@ class FeatureWriter(BasePredictionWriter):
         self.metadata = metadata
         self.written = 0
 
-    def write_on_batch_end(self, trainer, pl_module, prediction: dict[str, Any], batch_indices, batch, batch_idx, dataloader_idx=0) -> None:
+    def write_on_batch_end(
+        self, trainer, pl_module, prediction: dict[str, Any], batch_indices, batch, batch_idx, dataloader_idx=0
+    ) -> None:
         features = prediction["features"]
         for i, name in enumerate(prediction["names"]):
-            self.folder.write(name, {v: {layer: x[i] for layer, x in layers.items()} for v, layers in features.items()}, self.metadata)
+            self.folder.write(
+                name, {v: {layer: x[i] for layer, x in layers.items()} for v, layers in features.items()}, self.metadata
+            )
             self.written += 1
 
     def on_predict_end(self, trainer, pl_module) -> None:

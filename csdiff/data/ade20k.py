@@ -86,7 +86,9 @@ class ADE20KDataModule(SegmentationDataModule):
             if not label.is_file():
                 raise DataError(f"label file {label} for image {image} not found")
             if image.stem in samples:
-                raise DataError(f"images {samples[image.stem][0]} and {image} share the label file {label}; keep one of them")
+                raise DataError(
+                    f"images {samples[image.stem][0]} and {image} share the label file {label}; keep one of them"
+                )
             samples[image.stem] = (str(image), str(label))
         return list(samples.values())
 

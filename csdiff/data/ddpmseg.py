@@ -63,15 +63,58 @@ class DDPMSegSpec:
 
 
 HORSE21_CLASSES = (
-    "background", "person", "back", "barrel", "bridle", "chest", "ear", "eye", "forelock", "head", "hoof", "leg",
-    "mane", "muzzle", "neck", "nostril", "tail", "thigh", "saddle", "shoulder", "leg protection",
+    "background",
+    "person",
+    "back",
+    "barrel",
+    "bridle",
+    "chest",
+    "ear",
+    "eye",
+    "forelock",
+    "head",
+    "hoof",
+    "leg",
+    "mane",
+    "muzzle",
+    "neck",
+    "nostril",
+    "tail",
+    "thigh",
+    "saddle",
+    "shoulder",
+    "leg protection",
 )
 BEDROOM28_CLASSES = (
-    "background", "bed", "bed***footboard", "bed***headboard", "bed***side rail", "carpet", "ceiling",
-    "chandelier / ceiling fan blade", "curtain", "cushion", "floor", "table/nightstand/dresser",
-    "table/nightstand/dresser***top", "picture / mirrow", "pillow", "lamp***column", "lamp***shade", "wall", "window",
-    "curtain rod", "window***frame", "chair", "picture / mirror***frame", "plinth", "door / door frame", "pouf",
-    "wardrobe", "plant", "table staff",
+    "background",
+    "bed",
+    "bed***footboard",
+    "bed***headboard",
+    "bed***side rail",
+    "carpet",
+    "ceiling",
+    "chandelier / ceiling fan blade",
+    "curtain",
+    "cushion",
+    "floor",
+    "table/nightstand/dresser",
+    "table/nightstand/dresser***top",
+    "picture / mirrow",
+    "pillow",
+    "lamp***column",
+    "lamp***shade",
+    "wall",
+    "window",
+    "curtain rod",
+    "window***frame",
+    "chair",
+    "picture / mirror***frame",
+    "plinth",
+    "door / door frame",
+    "pouf",
+    "wardrobe",
+    "plant",
+    "table staff",
 )  # spelled as upstream spells them ("mirrow" included)
 
 DDPMSEG_DATASETS: dict[str, DDPMSegSpec] = {
@@ -110,7 +153,12 @@ def get_spec(name: str, class_rule: str = "ddpm_segmentation") -> DDPMSegSpec:
     spec = DDPMSEG_DATASETS[name]
     if class_rule == "paper_code" and name == "bedroom28":
         return replace(
-            spec, num_classes=28, ignore_index=255, scored_classes=tuple(range(28)), class_rule=class_rule, unused_labels=(28,)
+            spec,
+            num_classes=28,
+            ignore_index=255,
+            scored_classes=tuple(range(28)),
+            class_rule=class_rule,
+            unused_labels=(28,),
         )
     return replace(spec, class_rule=class_rule)
 

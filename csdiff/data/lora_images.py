@@ -112,7 +112,9 @@ class LoRAImageDataset(Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         img = resize_center_crop(read_image(self.paths[index], exif_orientation=True), self.size)
         if self.flip_prob > 0:
-            rng = np.random.default_rng(np.random.SeedSequence([self.seed, self.epoch, index], spawn_key=(_FLIP_STREAM,)))
+            rng = np.random.default_rng(
+                np.random.SeedSequence([self.seed, self.epoch, index], spawn_key=(_FLIP_STREAM,))
+            )
             if rng.random() < self.flip_prob:
                 img = img[:, ::-1]
         return {"image": to_tensor(img), "caption": self.captions[index], "path": self.paths[index]}
@@ -211,8 +213,11 @@ class LoRAImagesDataModule(LightningDataModule):
         if (epoch := fit_epoch(self.trainer)) is not None:
             self.set_epoch(epoch)
         self._train_sampler = EpochSampler(
-            self.dataset, self.seed,
-            done_in_epoch=lambda epoch: trained_in_epoch(self.trainer, self.batch_size, epoch, len(self._train_sampler)),
+            self.dataset,
+            self.seed,
+            done_in_epoch=lambda epoch: trained_in_epoch(
+                self.trainer, self.batch_size, epoch, len(self._train_sampler)
+            ),
         )
         self._train_sampler.set_epoch(self.epoch)
         return DataLoader(

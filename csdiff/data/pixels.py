@@ -254,6 +254,7 @@ class PixelFeatureBank:
     def native_maps(self, i: int) -> tuple[list[Tensor], list[Tensor]]:
         """Image ``i`` at native size: per layer (V, C, h, w) of the gated variants, and per extra
         layer (E, h, w) — views of the stored features, in :meth:`gather`'s channel order."""
+
         def grid(key: str) -> Tensor:
             c, h, w = self._shapes[key]
             return self._store[key][i].t().reshape(c, h, w)

@@ -48,7 +48,9 @@ def ensure_shapes_dataset(root: Path, num_train: int, num_val: int, size: int, s
     the marker, so an interrupted run leaves no marker and is redone. Returns True if it
     generated.
     """
-    params = json.dumps({"num_train": num_train, "num_val": num_val, "size": size, "seed": seed, "family": FAMILY_VERSION})
+    params = json.dumps(
+        {"num_train": num_train, "num_val": num_val, "size": size, "seed": seed, "family": FAMILY_VERSION}
+    )
     marker = root / MARKER
     if marker.is_file() and marker.read_text() == params:
         return False

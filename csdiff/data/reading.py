@@ -38,7 +38,9 @@ def _read_complete(path: str, what: str) -> np.ndarray:
     elif raw[:8] == b"\x89PNG\r\n\x1a\n":
         truncated = raw.rfind(b"IEND") < 0
     if truncated:
-        raise DataError(f"{what} file {path} is truncated (its data ends early: an interrupted copy or download?); replace or remove it")
+        raise DataError(
+            f"{what} file {path} is truncated (its data ends early: an interrupted copy or download?); replace or remove it"
+        )
     if data.size == 0:
         raise DataError(f"cannot decode {what} file {path} (it is empty); replace or remove it")
     return data

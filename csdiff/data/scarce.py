@@ -74,7 +74,12 @@ class PixelStreamSampler(Sampler[list[int]]):
     """
 
     def __init__(
-        self, num_pixels: int, batch_size: int, streams: int, seed: int, done_in_epoch: Callable[[int], int] | None = None
+        self,
+        num_pixels: int,
+        batch_size: int,
+        streams: int,
+        seed: int,
+        done_in_epoch: Callable[[int], int] | None = None,
     ) -> None:
         if num_pixels < batch_size:
             raise DataError(f"{num_pixels} labelled training pixels are fewer than one batch of {batch_size}")
@@ -90,7 +95,10 @@ class PixelStreamSampler(Sampler[list[int]]):
 
     def __iter__(self) -> Iterator[list[int]]:
         orders = [
-            torch.randperm(self.num_pixels, generator=torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) * 1009 + m))
+            torch.randperm(
+                self.num_pixels,
+                generator=torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch) * 1009 + m),
+            )
             for m in range(self.streams)
         ]
         b = self.batch_size
@@ -174,7 +182,10 @@ class DDPMSegDataModule(LightningDataModule):
 
     # --- images ---
     def _official(self) -> dict[str, list[tuple[str, Path, Path]]]:
-        return {s: [(f"{s}/{img.stem}", img, lab) for img, lab in list_split(self.root, s, self.spec)] for s in ("train", "test")}
+        return {
+            s: [(f"{s}/{img.stem}", img, lab) for img, lab in list_split(self.root, s, self.spec)]
+            for s in ("train", "test")
+        }
 
     def split_items(self) -> dict[str, list[tuple[str, Path, Path]]]:
         """(name, image, label) of the train and test images of this split."""
@@ -182,7 +193,7 @@ class DDPMSegDataModule(LightningDataModule):
         if self.split == "upstream":
             return official
         pooled = official["train"] + official["test"]
-        (train, test), = random_splits(pooled, len(official["train"]), [int(self.split)])
+        ((train, test),) = random_splits(pooled, len(official["train"]), [int(self.split)])
         return {"train": [pooled[i] for i in train], "test": [pooled[i] for i in test]}
 
     def feature_images(self) -> list[tuple[str, str]]:
@@ -201,7 +212,9 @@ class DDPMSegDataModule(LightningDataModule):
             if self.extra_features is not None:
                 path = Path(self.extra_features) / f"{name}.safetensors"
                 if not path.is_file():
-                    raise DataError(f"extra features of {name} not found: {path}; write one file per image there (DDPM-segmentation's: checkpoints_scripts/extract_adm_features.py)")
+                    raise DataError(
+                        f"extra features of {name} not found: {path}; write one file per image there (DDPM-segmentation's: checkpoints_scripts/extract_adm_features.py)"
+                    )
                 parts.append(LazyFeatureFile(path))
             sources.append(ChainMap(*parts))
         return sources
@@ -217,8 +230,12 @@ class DDPMSegDataModule(LightningDataModule):
     def bank(self, names: Sequence[str]) -> PixelFeatureBank:
         """Features of ``names`` at native size, in the gated variants' and layers' order."""
         return PixelFeatureBank(
-            self._sources(names), self.gated["variants"], self.extra,
-            out_size=self.spec.size, layers=self.gated["layers"], names=list(names),
+            self._sources(names),
+            self.gated["variants"],
+            self.extra,
+            out_size=self.spec.size,
+            layers=self.gated["layers"],
+            names=list(names),
         )
 
     # --- loaders ---
@@ -262,7 +279,9 @@ class DDPMSegDataModule(LightningDataModule):
         test = self.items["test"]
         names = [name for name, _, _ in test]
         dataset = ScarceTestImages(names, [label for _, _, label in test], self.bank, self.spec)
-        return DataLoader(dataset, batch_size=1, sampler=ShardedEvalSampler(dataset), collate_fn=_first, num_workers=self.num_workers)
+        return DataLoader(
+            dataset, batch_size=1, sampler=ShardedEvalSampler(dataset), collate_fn=_first, num_workers=self.num_workers
+        )
 
 
 def _identity(batch: Any) -> Any:

@@ -51,12 +51,30 @@ LAYOUT_HINT = (
 # Apart from the shuffle stream of csdiff.data.segmentation (1): which pairs an epoch draws.
 _DRAW_STREAM = 2
 _OFFICIAL_KEYS = (
-    "src_imname", "trg_imname", "category", "src_kps", "trg_kps", "src_bndbox", "trg_bndbox", "src_imsize", "trg_imsize"
+    "src_imname",
+    "trg_imname",
+    "category",
+    "src_kps",
+    "trg_kps",
+    "src_bndbox",
+    "trg_bndbox",
+    "src_imsize",
+    "trg_imsize",
 )
 # SPair's difficulty annotations → csdiff.metrics.pck's flag names (HPF: vpvar, scvar, trncn, occln).
-_DIFFICULTY_KEYS = {"viewpoint_variation": "vp_var", "scale_variation": "sc_var", "truncation": "truncn", "occlusion": "occln"}
+_DIFFICULTY_KEYS = {
+    "viewpoint_variation": "vp_var",
+    "scale_variation": "sc_var",
+    "truncation": "truncn",
+    "occlusion": "occln",
+}
 _DHF_KEYS = (
-    "source_path", "target_path", "category", "source_points", "target_points", "source_bounding_box",
+    "source_path",
+    "target_path",
+    "category",
+    "source_points",
+    "target_points",
+    "source_bounding_box",
     "target_bounding_box",
 )
 
@@ -272,7 +290,9 @@ def folder_pairs(source: str | Path, target: str | Path, grid: int = 8) -> list[
     src_root, trg_root = Path(source), Path(target)
     for folder in (src_root, trg_root):
         if not folder.is_dir():
-            raise DataError(f"predict folder {folder} does not exist; pass two folders of images with the same file names")
+            raise DataError(
+                f"predict folder {folder} does not exist; pass two folders of images with the same file names"
+            )
     targets = {Path(p).relative_to(trg_root): p for p in list_images(trg_root)}
     sources = {Path(p).relative_to(src_root): p for p in list_images(src_root)}
     unpaired = [sources[rel] for rel in sorted(sources.keys() - targets.keys())]
@@ -286,12 +306,21 @@ def folder_pairs(source: str | Path, target: str | Path, grid: int = 8) -> list[
         (sh, sw), (th, tw) = (read_image(p).shape[:2] for p in (src, targets[rel]))
         cells = (np.arange(grid, dtype=np.float32) + 0.5) / grid
         xs, ys = np.meshgrid(cells * sw - 0.5, cells * sh - 0.5)
-        pairs.append(Pair(
-            name=str(rel.with_suffix("")), category="unknown", src_path=src, trg_path=targets[rel],
-            src_kps=np.stack([xs.ravel(), ys.ravel()], 1).astype(np.float32), trg_kps=np.zeros((0, 2), np.float32),
-            src_bbox=np.array([0, 0, sw, sh], np.float32), trg_bbox=np.array([0, 0, tw, th], np.float32),
-            src_size=(sh, sw), trg_size=(th, tw), source=f"{src} and {targets[rel]}",
-        ))
+        pairs.append(
+            Pair(
+                name=str(rel.with_suffix("")),
+                category="unknown",
+                src_path=src,
+                trg_path=targets[rel],
+                src_kps=np.stack([xs.ravel(), ys.ravel()], 1).astype(np.float32),
+                trg_kps=np.zeros((0, 2), np.float32),
+                src_bbox=np.array([0, 0, sw, sh], np.float32),
+                trg_bbox=np.array([0, 0, tw, th], np.float32),
+                src_size=(sh, sw),
+                trg_size=(th, tw),
+                source=f"{src} and {targets[rel]}",
+            )
+        )
     if not pairs:
         raise DataError(f"no image in {src_root} has a namesake in {trg_root}; pairs are matched by relative path")
     return pairs
@@ -549,7 +578,9 @@ class SPairDataModule(ShardedDataModule):
             len(dataset),
             self.seed,
             self.pairs_per_epoch,
-            done_in_epoch=lambda epoch: trained_in_epoch(self.trainer, self.batch_size, epoch, len(self._train_sampler)),
+            done_in_epoch=lambda epoch: trained_in_epoch(
+                self.trainer, self.batch_size, epoch, len(self._train_sampler)
+            ),
         )
         self._train_sampler.set_epoch(self.epoch)
         return self._loader(dataset, self.batch_size, self._train_sampler)

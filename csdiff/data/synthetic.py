@@ -77,7 +77,9 @@ def _draw(canvas: np.ndarray, shape: str, centre: tuple[int, int], radius: int, 
     cv2.fillPoly(canvas, [np.round(pts).astype(np.int32)], value, lineType=cv2.LINE_8)
 
 
-def render_shapes(rng: np.random.Generator, size: int = 128, max_shapes: int = 3, max_tilt: float = 15.0) -> ShapesSample:
+def render_shapes(
+    rng: np.random.Generator, size: int = 128, max_shapes: int = 3, max_tilt: float = 15.0
+) -> ShapesSample:
     """Draw one image: 1..max_shapes shapes (later ones occlude earlier ones), tilted up to ``max_tilt`` degrees."""
     texture = TEXTURES[int(rng.integers(len(TEXTURES)))]
     image = _background(rng, size, texture)
@@ -88,7 +90,10 @@ def render_shapes(rng: np.random.Generator, size: int = 128, max_shapes: int = 3
         cls = int(rng.integers(1, len(SHAPE_CLASSES)))
         colour = colour_names[int(rng.integers(len(colour_names)))]
         radius = int(rng.uniform(0.12, 0.28) * size)
-        centre = (int(rng.integers(radius // 2, size - radius // 2)), int(rng.integers(radius // 2, size - radius // 2)))
+        centre = (
+            int(rng.integers(radius // 2, size - radius // 2)),
+            int(rng.integers(radius // 2, size - radius // 2)),
+        )
         angle = UPRIGHT.get(SHAPE_CLASSES[cls], 0.0) + float(np.deg2rad(rng.uniform(-max_tilt, max_tilt)))
         _draw(image, SHAPE_CLASSES[cls], centre, radius, angle, COLOURS[colour])
         _draw(label, SHAPE_CLASSES[cls], centre, radius, angle, cls)

@@ -165,7 +165,10 @@ class PCK(Metric):
         for (flag, level), group in self._difficulty_index.items():
             if self.pairs[group] > 0:
                 values = {key: value.item() for key, value in four(group, 0).items()}
-                per_difficulty.setdefault(flag, {})[DIFFICULTY_LEVELS[flag][level]] = {**values, "pairs": int(self.pairs[group])}
+                per_difficulty.setdefault(flag, {})[DIFFICULTY_LEVELS[flag][level]] = {
+                    **values,
+                    "pairs": int(self.pairs[group]),
+                }
         results["per_difficulty"] = per_difficulty
         return results
 

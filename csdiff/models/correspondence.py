@@ -41,7 +41,9 @@ def info_nce(src: Tensor, trg: Tensor, temperature: float = 0.07) -> Tensor:
     the other way round (the paper's loss, with a fixed temperature).
     """
     if src.shape != trg.shape or src.ndim != 2 or src.shape[0] < 1:
-        raise ValueError(f"info_nce needs two (N, C) feature sets of one shape, got {tuple(src.shape)} and {tuple(trg.shape)}")
+        raise ValueError(
+            f"info_nce needs two (N, C) feature sets of one shape, got {tuple(src.shape)} and {tuple(trg.shape)}"
+        )
     logits = F.normalize(src, dim=1) @ F.normalize(trg, dim=1).t() / temperature
     labels = torch.arange(src.shape[0], device=src.device)
     return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels)) / 2
@@ -65,7 +67,9 @@ def match_points(
     large the map (512² × 3674 channels would be 3.9 GB at once). With ``soft_window`` k > 0
     the match is refined by a soft-argmax over the (2k+1)² pixels around it.
     """
-    query = F.normalize(sample_features(src_map.float(), rescale_points(src_points, (eval_size,) * 2, src_map.shape[-2:])), dim=1)
+    query = F.normalize(
+        sample_features(src_map.float(), rescale_points(src_points, (eval_size,) * 2, src_map.shape[-2:])), dim=1
+    )
     target = trg_map.float()
     best = torch.full((query.shape[0],), -float("inf"), device=query.device)
     index = torch.zeros(query.shape[0], dtype=torch.long, device=query.device)
@@ -122,13 +126,24 @@ class CorrespondenceHead(nn.Module):
             raise ValueError(f"head must be 'nn' or 'conv' and fusion 'gate' or 'mean', got {head!r}, {fusion!r}")
         self.num_variants = num_variants
         self.gate = (
-            GatedFusion([channels], num_variants, proj_blocks=0, post_blocks=0, num_assigners=num_assigners,
-                        assigner_channels=assigner_channels, dropout=dropout, sparsity_weight=sparsity_weight,
-                        diversity_weight=diversity_weight)
-            if fusion == "gate" else None
+            GatedFusion(
+                [channels],
+                num_variants,
+                proj_blocks=0,
+                post_blocks=0,
+                num_assigners=num_assigners,
+                assigner_channels=assigner_channels,
+                dropout=dropout,
+                sparsity_weight=sparsity_weight,
+                diversity_weight=diversity_weight,
+            )
+            if fusion == "gate"
+            else None
         )
         self.out_channels = channels + attention_channels
-        self.conv = nn.Conv2d(self.out_channels, self.out_channels, 3, padding=1, bias=False) if head == "conv" else None
+        self.conv = (
+            nn.Conv2d(self.out_channels, self.out_channels, 3, padding=1, bias=False) if head == "conv" else None
+        )
         if self.conv is not None:
             nn.init.dirac_(self.conv.weight)
 

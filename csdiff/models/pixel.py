@@ -73,7 +73,11 @@ class PixelVariantGate(nn.Module):
         super().__init__()
         self.num_variants, self.channels = num_variants, channels
         self.assigner = nn.Sequential(
-            nn.Linear(channels, hidden), nn.ReLU(), nn.BatchNorm1d(hidden), nn.Dropout(dropout), nn.Linear(hidden, channels)
+            nn.Linear(channels, hidden),
+            nn.ReLU(),
+            nn.BatchNorm1d(hidden),
+            nn.Dropout(dropout),
+            nn.Linear(hidden, channels),
         )
         for module in self.assigner:
             if isinstance(module, nn.Linear):

@@ -27,9 +27,13 @@ EXTRACTOR_OPTIONS = ("backbone", "variants", "layers", "attention_variant")
 WEIGHT_LOCATIONS = frozenset({"backbone.model", "backbone.base_model", "backbone.unet"})
 # Options that cannot change a trained model's results: the config's value is used. dtype
 # changes features by rounding only, like batching; the description check ignores it too.
-NEUTRAL_OPTIONS = frozenset({"feature_cache", "backbone.batch_variants", "backbone.channels_last", "backbone.compile", "backbone.dtype"})
+NEUTRAL_OPTIONS = frozenset(
+    {"feature_cache", "backbone.batch_variants", "backbone.channels_last", "backbone.compile", "backbone.dtype"}
+)
 # Options read only while training: neutral for validate, test and predict (not when resuming a fit).
-TRAINING_OPTIONS = frozenset({"lr", "text_encoder_lr", "weight_decay", "poly_power", "min_lr", "train_noise", "dropout", "gate_sparsity"})
+TRAINING_OPTIONS = frozenset(
+    {"lr", "text_encoder_lr", "weight_decay", "poly_power", "min_lr", "train_noise", "dropout", "gate_sparsity"}
+)
 
 
 class CheckpointMismatchError(ValueError):
@@ -183,7 +187,9 @@ def _differences(key: str, old: Any, new: Any, neutral: frozenset[str], describe
     return [f"{key}: {'not set (the task default)' if old is None else old} (checkpoint) vs {new} (config)"]
 
 
-def reconcile_options(given: Mapping[str, Any], saved: Mapping[str, Any], neutral: frozenset[str], described: bool) -> tuple[dict, list[str]]:
+def reconcile_options(
+    given: Mapping[str, Any], saved: Mapping[str, Any], neutral: frozenset[str], described: bool
+) -> tuple[dict, list[str]]:
     """Compare the task options a config gives explicitly with a checkpoint's hyperparameters.
 
     Lightning builds a task from its checkpoint's hyperparameters and silently drops what the
@@ -201,7 +207,9 @@ def reconcile_options(given: Mapping[str, Any], saved: Mapping[str, Any], neutra
         lines = _differences(key, old, value, neutral, described)
         refuse += lines
         if not lines and value != old:
-            use[key] = {**(old or {}), **value} if isinstance(value, dict) and isinstance(old, (dict, type(None))) else value
+            use[key] = (
+                {**(old or {}), **value} if isinstance(value, dict) and isinstance(old, (dict, type(None))) else value
+            )
     return use, refuse
 
 
@@ -214,7 +222,9 @@ def check_given_options(ckpt: Any, refuse: list[str]) -> None:
         )
 
 
-def options_over_checkpoint(checkpoint: Mapping[str, Any], given: Mapping[str, Any], class_path: str | None, verb: str, shown: Any) -> dict[str, Any]:
+def options_over_checkpoint(
+    checkpoint: Mapping[str, Any], given: Mapping[str, Any], class_path: str | None, verb: str, shown: Any
+) -> dict[str, Any]:
     """The task options of a config to use over a checkpoint's hyperparameters, which
     Lightning's CLI puts in place of the config's (``given``: the options the config and
     command line give explicitly; ``shown``: the checkpoint as the user named it).
@@ -226,7 +236,9 @@ def options_over_checkpoint(checkpoint: Mapping[str, Any], given: Mapping[str, A
     saved_class = saved.pop("_class_path", None)
     saved.pop("_instantiator", None)
     check_checkpoint_task(shown, saved_class, class_path)
-    described = DESCRIPTION_KEY in checkpoint and issubclass(task_class(saved_class or class_path), FrozenBackboneCheckpointMixin)
+    described = DESCRIPTION_KEY in checkpoint and issubclass(
+        task_class(saved_class or class_path), FrozenBackboneCheckpointMixin
+    )
     neutral = NEUTRAL_OPTIONS | (TRAINING_OPTIONS if verb != "fit" else frozenset())
     use, refuse = reconcile_options(given, saved, neutral, described)
     check_given_options(shown, refuse)

@@ -21,8 +21,24 @@ from csdiff.tasks.seeding import StepSeededMixin
 
 # The 18 SPair-71k categories, in the dataset's order.
 SPAIR_CATEGORIES = (
-    "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair",
-    "cow", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "train", "tvmonitor",
+    "aeroplane",
+    "bicycle",
+    "bird",
+    "boat",
+    "bottle",
+    "bus",
+    "car",
+    "cat",
+    "chair",
+    "cow",
+    "dog",
+    "horse",
+    "motorbike",
+    "person",
+    "pottedplant",
+    "sheep",
+    "train",
+    "tvmonitor",
 )
 # What a variant's prompt may ask for per pair: "a photo of a {category}" (DIFT's prompt).
 PROMPT_FIELDS = ("category",)
@@ -73,7 +89,9 @@ class CorrespondenceTask(StepSeededMixin, FrozenBackboneCheckpointMixin, Lightni
         feature_cache: str | None = None,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["feature_cache"])  # where features are cached is no property of the weights: --ckpt_path keeps the config's
+        self.save_hyperparameters(
+            ignore=["feature_cache"]
+        )  # where features are cached is no property of the weights: --ckpt_path keeps the config's
         variants = [dict(v) for v in (variants or [{"name": "plain"}])]
         self.variant_names = [v["name"] for v in variants]
         requested = list(layers or ["legacy"])
@@ -87,13 +105,17 @@ class CorrespondenceTask(StepSeededMixin, FrozenBackboneCheckpointMixin, Lightni
         _check_prompt_fields(variants, feature_cache, dict(backbone or {}).get("fresh_noise", False))
         self.templated = [v.get("name") for v in variants if prompt_fields(v.get("prompt", ""))]
         self.extractor = DiffusionFeatureExtractor(layers=requested, variants=variants, **dict(backbone or {}))
-        self.layer_names = [name for name in self.extractor.layers if name != UP_CROSS]  # named sets expanded for the family
+        self.layer_names = [
+            name for name in self.extractor.layers if name != UP_CROSS
+        ]  # named sets expanded for the family
         shapes = self.extractor.feature_shapes()
         self.grid = max(shapes[name][1] for name in self.layer_names)
         channels = sum(shapes[name][0] for name in self.layer_names)
         attention_channels = shapes[UP_CROSS][0] if self.attention_name else 0
         gate_options = {k: v for k, v in dict(gate or {}).items() if k not in ("proj_blocks", "post_blocks")}
-        self.head = CorrespondenceHead(channels, len(self.variant_names), attention_channels, head, fusion, **gate_options)
+        self.head = CorrespondenceHead(
+            channels, len(self.variant_names), attention_channels, head, fusion, **gate_options
+        )
         self.levels = ["descriptors"]  # one gated level (GateWeightLogger names histograms by it)
         self.categories = list(categories or SPAIR_CATEGORIES)
         self.val_pck = PCK(alphas or [0.1], self.categories)
@@ -125,7 +147,9 @@ class CorrespondenceTask(StepSeededMixin, FrozenBackboneCheckpointMixin, Lightni
         size = (self.grid, self.grid)
 
         def stack(maps: list[Tensor]) -> Tensor:
-            return torch.cat([F.interpolate(m.float(), size=size, mode="bilinear", align_corners=False) for m in maps], 1)
+            return torch.cat(
+                [F.interpolate(m.float(), size=size, mode="bilinear", align_corners=False) for m in maps], 1
+            )
 
         variants = [stack([feats[v][name] for name in self.layer_names]) for v in self.variant_names]
         attention = stack([feats[self.attention_name][UP_CROSS]]) if self.attention_name else None
@@ -153,7 +177,9 @@ class CorrespondenceTask(StepSeededMixin, FrozenBackboneCheckpointMixin, Lightni
         for i in range(src.shape[0]):
             p_src = rescale_points(batch["src_kps"][i].float().to(src.device), batch["src_size"][i], grid)
             p_trg = rescale_points(batch["trg_kps"][i].float().to(trg.device), batch["trg_size"][i], grid)
-            losses.append(info_nce(sample_features(src[i], p_src), sample_features(trg[i], p_trg), self.hparams.temperature))
+            losses.append(
+                info_nce(sample_features(src[i], p_src), sample_features(trg[i], p_trg), self.hparams.temperature)
+            )
         match_loss = torch.stack(losses).mean()
         gate_loss = gated.loss if gated is not None else match_loss.new_zeros(())
         loss = match_loss + gate_loss
@@ -184,8 +210,12 @@ class CorrespondenceTask(StepSeededMixin, FrozenBackboneCheckpointMixin, Lightni
             pred = self.match(src[i], trg[i], batch["src_kps"][i], batch["src_size"][i], batch["trg_size"][i])
             difficulty = batch["difficulty"][i] if "difficulty" in batch else None
             metric.update(
-                pred, batch["trg_kps"][i].float().to(pred.device), batch["trg_size"][i], batch["trg_bbox"][i],
-                batch["category"][i], difficulty,
+                pred,
+                batch["trg_kps"][i].float().to(pred.device),
+                batch["trg_size"][i],
+                batch["trg_bbox"][i],
+                batch["category"][i],
+                difficulty,
             )
             preds.append(pred)
         return preds
@@ -230,7 +260,10 @@ class CorrespondenceTask(StepSeededMixin, FrozenBackboneCheckpointMixin, Lightni
         out = []
         for i in range(src.shape[0]):
             pred = self.match(src[i], trg[i], batch["src_kps"][i], batch["src_size"][i], batch["trg_size"][i])
-            item = {k: batch[k][i] for k in ("name", "category", "src_path", "trg_path", "src_kps", "src_size", "trg_size", "trg_bbox")}
+            item = {
+                k: batch[k][i]
+                for k in ("name", "category", "src_path", "trg_path", "src_kps", "src_size", "trg_size", "trg_bbox")
+            }
             if "trg_kps" in batch:
                 item["trg_kps"] = batch["trg_kps"][i]
             out.append({**item, "pred_kps": pred.cpu()})
@@ -243,8 +276,16 @@ def _check_prompt_fields(variants: list[dict], feature_cache: str | None, fresh_
     for variant in variants:
         unknown = [f for f in prompt_fields(variant.get("prompt", "")) if f not in PROMPT_FIELDS]
         if unknown:
-            raise ValueError(f"variant {variant.get('name')!r}: prompt fields {unknown} are not known; a pair fills {list(PROMPT_FIELDS)}")
+            raise ValueError(
+                f"variant {variant.get('name')!r}: prompt fields {unknown} are not known; a pair fills {list(PROMPT_FIELDS)}"
+            )
     templated = [v.get("name") for v in variants if prompt_fields(v.get("prompt", ""))]
     if feature_cache and (templated or fresh_noise):
-        reason = f"variants {templated} have per-category prompts" if templated else "backbone.fresh_noise draws new noise on every call"
-        raise ValueError(f"feature_cache needs features fixed by the image file alone, but {reason}: set feature_cache: null")
+        reason = (
+            f"variants {templated} have per-category prompts"
+            if templated
+            else "backbone.fresh_noise draws new noise on every call"
+        )
+        raise ValueError(
+            f"feature_cache needs features fixed by the image file alone, but {reason}: set feature_cache: null"
+        )

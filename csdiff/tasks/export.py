@@ -79,12 +79,16 @@ def _plain(value: Any, where: str) -> Any:
 def read_csdiff_checkpoint(path: str | Path) -> dict[str, Any]:
     """A checkpoint written by `csdiff fit`, memory-mapped; a one-line CheckpointError for anything else."""
     if is_exported_head(path):
-        raise CheckpointError(f"{path} is an exported head already; export_head reads a .ckpt file written by `csdiff fit`")
+        raise CheckpointError(
+            f"{path} is an exported head already; export_head reads a .ckpt file written by `csdiff fit`"
+        )
     check_checkpoint_file(path, hint="pass a .ckpt file written by `csdiff fit` (e.g. <run>/checkpoints/last.ckpt)")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except pickle.UnpicklingError as err:
-        raise CheckpointError(f"{path} holds pickled objects other than tensors and plain values, so it is no csdiff checkpoint") from err
+        raise CheckpointError(
+            f"{path} holds pickled objects other than tensors and plain values, so it is no csdiff checkpoint"
+        ) from err
     hparams = checkpoint.get("hyper_parameters") or {}
     if DESCRIPTION_KEY not in checkpoint or CLASS_KEY not in hparams:
         missing = DESCRIPTION_KEY if DESCRIPTION_KEY not in checkpoint else f"hyper_parameters[{CLASS_KEY!r}]"
@@ -105,7 +109,9 @@ def export_head(checkpoint_path: str | Path, out: str | Path) -> ExportedHead:
     state = checkpoint["state_dict"]
     frozen = [k for k in state if k.startswith(FROZEN_PREFIX)]
     if frozen:  # csdiff never saves them; a checkpoint that holds them was not written by csdiff
-        raise CheckpointError(f"{checkpoint_path} holds backbone weights ({frozen[0]}, ...); csdiff checkpoints hold trainable weights only")
+        raise CheckpointError(
+            f"{checkpoint_path} holds backbone weights ({frozen[0]}, ...); csdiff checkpoints hold trainable weights only"
+        )
     hparams = dict(checkpoint["hyper_parameters"])
     class_path = hparams.pop(CLASS_KEY)
     hparams.pop(INSTANTIATOR_KEY, None)
@@ -114,7 +120,11 @@ def export_head(checkpoint_path: str | Path, out: str | Path) -> ExportedHead:
         "format": FORMAT,
         "csdiff_version": __version__,
         "export_id": export_id,
-        "source": {"checkpoint": Path(checkpoint_path).name, "epoch": checkpoint.get("epoch"), "global_step": checkpoint.get("global_step")},
+        "source": {
+            "checkpoint": Path(checkpoint_path).name,
+            "epoch": checkpoint.get("epoch"),
+            "global_step": checkpoint.get("global_step"),
+        },
         "model": {"class_path": class_path, "init_args": _plain(hparams, "hyper_parameters")},
         DESCRIPTION_KEY: _plain(checkpoint[DESCRIPTION_KEY], DESCRIPTION_KEY),
     }
@@ -143,11 +153,15 @@ def read_exported_head(folder: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"{folder} has {TASK_FILE} but no {WEIGHTS_FILE}: export the checkpoint again")
     task = yaml.safe_load((folder / TASK_FILE).read_text())
     if not isinstance(task, dict) or task.get("format") != FORMAT or "model" not in task or DESCRIPTION_KEY not in task:
-        raise CheckpointError(f"{folder / TASK_FILE} is not an exported csdiff head ({FORMAT}): export the checkpoint again")
+        raise CheckpointError(
+            f"{folder / TASK_FILE} is not an exported csdiff head ({FORMAT}): export the checkpoint again"
+        )
     with safe_open(str(weights), framework="pt") as f:
         written_with = (f.metadata() or {}).get("export_id")
     if written_with != task.get("export_id"):
-        raise CheckpointError(f"{weights} and {TASK_FILE} in {folder} come from different exports: export the checkpoint again")
+        raise CheckpointError(
+            f"{weights} and {TASK_FILE} in {folder} come from different exports: export the checkpoint again"
+        )
     model = task["model"]
     hparams = {CLASS_KEY: model["class_path"], **(model.get("init_args") or {}), INSTANTIATOR_KEY: CLI_INSTANTIATOR}
     return {

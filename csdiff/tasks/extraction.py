@@ -27,7 +27,9 @@ RESUME_HINT = "run the same command again to extract the rest (files already wri
 def check_output_folder(output: str | Path) -> None:
     """Refuse an output that exists but is no folder (a file, /dev/full) before any work."""
     if Path(output).exists() and not Path(output).is_dir():
-        raise DataError(f"output {output} exists and is not a folder: give a folder for the feature files (created if missing)")
+        raise DataError(
+            f"output {output} exists and is not a folder: give a folder for the feature files (created if missing)"
+        )
 
 
 class FeatureExtractionModule(LightningModule):
@@ -38,7 +40,13 @@ class FeatureExtractionModule(LightningModule):
     unpadded shard (rank r of W: images r, r+W, ...) and no image is computed twice.
     """
 
-    def __init__(self, extractor: DiffusionFeatureExtractor, dataset: ExtractionDataset, batch_size: int = 1, num_workers: int = 0) -> None:
+    def __init__(
+        self,
+        extractor: DiffusionFeatureExtractor,
+        dataset: ExtractionDataset,
+        batch_size: int = 1,
+        num_workers: int = 0,
+    ) -> None:
         super().__init__()
         self.extractor = extractor
         self.dataset = dataset
@@ -47,8 +55,12 @@ class FeatureExtractionModule(LightningModule):
 
     def predict_dataloader(self) -> DataLoader:
         return DataLoader(
-            self.dataset, batch_size=self.batch_size, sampler=ShardedEvalSampler(self.dataset),
-            num_workers=self.num_workers, collate_fn=collate_extraction, worker_init_fn=leave_signals_to_main,
+            self.dataset,
+            batch_size=self.batch_size,
+            sampler=ShardedEvalSampler(self.dataset),
+            num_workers=self.num_workers,
+            collate_fn=collate_extraction,
+            worker_init_fn=leave_signals_to_main,
         )
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
@@ -87,12 +99,20 @@ def extract_to_folder(
         metadata = {"csdiff": json.dumps(extractor.describe())}
         writer = FeatureWriter(output, metadata)
         trainer = Trainer(
-            **(trainer_options or {}), logger=False, enable_checkpointing=False, enable_model_summary=False,
-            use_distributed_sampler=False, callbacks=[writer, StopPredicting(RESUME_HINT)],  # the stop runs after the writer
+            **(trainer_options or {}),
+            logger=False,
+            enable_checkpointing=False,
+            enable_model_summary=False,
+            use_distributed_sampler=False,
+            callbacks=[writer, StopPredicting(RESUME_HINT)],  # the stop runs after the writer
         )
         module = FeatureExtractionModule(extractor, ExtractionDataset(todo), batch_size, num_workers)
         try:
             trainer.predict(module, return_predictions=False)
         except Interrupted as stop:
-            raise Interrupted(stop.signum, f"{stop}: wrote {writer.written} of {len(todo)} missing feature files to {output}", stop.hint) from None
+            raise Interrupted(
+                stop.signum,
+                f"{stop}: wrote {writer.written} of {len(todo)} missing feature files to {output}",
+                stop.hint,
+            ) from None
     return len(todo), len(items) - len(todo)

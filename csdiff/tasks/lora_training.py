@@ -57,14 +57,19 @@ def unet_targets(unet: nn.Module, targets: Literal["locon", "attention"] = "loco
     """Module paths of the UNet layers that get an adapter (LoCon: attention + ResNets + samplers)."""
     blocks = TARGET_BLOCKS[targets]
     return [
-        name for name, module in unet.named_modules()
+        name
+        for name, module in unet.named_modules()
         if isinstance(module, (nn.Linear, nn.Conv2d)) and any(f".{b}." in f".{name}." for b in blocks)
     ]
 
 
 def text_encoder_targets(text_encoder: nn.Module) -> list[str]:
     """Module paths of the text encoder's transformer Linear layers (attention q/k/v/out, MLP), as kohya adapts."""
-    return [name for name, module in text_encoder.named_modules() if isinstance(module, nn.Linear) and ".layers." in f".{name}"]
+    return [
+        name
+        for name, module in text_encoder.named_modules()
+        if isinstance(module, nn.Linear) and ".layers." in f".{name}"
+    ]
 
 
 def inject_lora(model: nn.Module, targets: list[str], rank: int, alpha: float, seed: int) -> None:
@@ -120,7 +125,12 @@ class FrozenDiffusion(nn.Module):
 
     def __init__(self, parts: SDComponents) -> None:
         super().__init__()
-        self.unet, self.vae, self.text_encoder, self.text_encoder_2 = parts.unet, parts.vae, parts.text_encoder, parts.text_encoder_2
+        self.unet, self.vae, self.text_encoder, self.text_encoder_2 = (
+            parts.unet,
+            parts.vae,
+            parts.text_encoder,
+            parts.text_encoder_2,
+        )
         self.tokenizers = tuple(t for t in (parts.tokenizer, parts.tokenizer_2) if t is not None)
         self.spec, self.family = parts.spec, parts.family
         self.requires_grad_(False)
@@ -200,7 +210,9 @@ class LoRATrainingTask(StepSeededMixin, LightningModule):
         self.noise_scheduler = DDPMScheduler.from_config(parts.scheduler.config)
         self.prediction_type = self.noise_scheduler.config.prediction_type
         if self.prediction_type not in ("epsilon", "v_prediction"):
-            raise ValueError(f"{self.sd.spec.model} predicts {self.prediction_type!r}; LoRA training supports epsilon and v_prediction")
+            raise ValueError(
+                f"{self.sd.spec.model} predicts {self.prediction_type!r}; LoRA training supports epsilon and v_prediction"
+            )
         if not 0 <= sample_timestep < self.noise_scheduler.config.num_train_timesteps:
             raise ValueError(f"sample_timestep {sample_timestep} is outside the scheduler's range")
         seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
@@ -279,7 +291,13 @@ class LoRATrainingTask(StepSeededMixin, LightningModule):
     def encode_images(self, images: Tensor) -> Tensor:
         """(B, 3, H, W) in [-1, 1] → scaled float32 latents at ``img_size`` (VAE without gradients)."""
         if images.shape[-2:] != (self.img_size, self.img_size):
-            images = F.interpolate(images.float(), size=(self.img_size, self.img_size), mode="bilinear", align_corners=False, antialias=True)
+            images = F.interpolate(
+                images.float(),
+                size=(self.img_size, self.img_size),
+                mode="bilinear",
+                align_corners=False,
+                antialias=True,
+            )
         vae = self.sd.vae
         with torch.no_grad():
             posterior = vae.encode(images.to(self.device, vae.dtype)).latent_dist
@@ -311,14 +329,18 @@ class LoRATrainingTask(StepSeededMixin, LightningModule):
         self.log("loss", loss, prog_bar=True, logger=False, batch_size=n)
         every = self.hparams.sample_every_n_steps
         if every and self.global_step % every == 0 and self.trainer.is_global_zero:
-            self.log_samples(batch["image"][: self.hparams.num_samples], latents[: self.hparams.num_samples], emb, added)
+            self.log_samples(
+                batch["image"][: self.hparams.num_samples], latents[: self.hparams.num_samples], emb, added
+            )
         return loss
 
     # --- pictures ---
     def x0_prediction(self, latents: Tensor, emb: Tensor, added: dict, t: int) -> Tensor:
         """One-step estimate of the clean latents from ``latents`` noised to ``t`` with noise of
         the task's own seeded stream (no draw from the training stream: resuming stays exact)."""
-        gen = torch.Generator().manual_seed(int(np.random.SeedSequence([t], spawn_key=(_SAMPLE_STREAM,)).generate_state(1)[0]))
+        gen = torch.Generator().manual_seed(
+            int(np.random.SeedSequence([t], spawn_key=(_SAMPLE_STREAM,)).generate_state(1)[0])
+        )
         noise = torch.randn(latents.shape, generator=gen).to(latents.device)
         steps = torch.full((latents.shape[0],), t, device=latents.device, dtype=torch.long)
         noisy = self.noise_scheduler.add_noise(latents, noise, steps)
@@ -339,7 +361,13 @@ class LoRATrainingTask(StepSeededMixin, LightningModule):
         x0 = self.x0_prediction(latents, emb[:k], added, self.hparams.sample_timestep)
         vae = self.sd.vae
         decoded = vae.decode((x0 / vae.config.scaling_factor).to(vae.dtype)).sample.float()
-        inputs = F.interpolate(images.float().to(decoded.device), size=decoded.shape[-2:], mode="bilinear", align_corners=False, antialias=True)
+        inputs = F.interpolate(
+            images.float().to(decoded.device),
+            size=decoded.shape[-2:],
+            mode="bilinear",
+            align_corners=False,
+            antialias=True,
+        )
         for i, (a, b) in enumerate(zip(inputs, decoded)):
             picture = ((torch.cat([a, b], dim=-1).clamp(-1, 1) + 1) / 2).cpu()
             writer.add_image(f"samples/x0_t{self.hparams.sample_timestep}_{i}", picture, self.global_step)
@@ -386,7 +414,10 @@ class LoRATrainingTask(StepSeededMixin, LightningModule):
         if saved is not None:
             differ = [k for k in ("rank", "alpha", "targets", "modules") if saved.get(k) != current[k]]
             ours, theirs = current["backbone"], saved.get("backbone", {})
-            if (theirs.get("weights_id"), theirs.get("unet_weights_id")) != (ours["weights_id"], ours["unet_weights_id"]):
+            if (theirs.get("weights_id"), theirs.get("unet_weights_id")) != (
+                ours["weights_id"],
+                ours["unet_weights_id"],
+            ):
                 differ.insert(0, f"backbone {theirs.get('model')!r} vs {ours['model']!r} (other weights)")
             if differ:
                 raise CheckpointMismatchError(

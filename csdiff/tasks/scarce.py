@@ -81,18 +81,24 @@ class ScarceSegmentationTask(StepSeededMixin, FrozenBackboneCheckpointMixin, Lig
         super().__init__()
         self.save_hyperparameters()
         variants = [dict(v) for v in (variants or [{"name": "plain"}])]
-        self.extractor = DiffusionFeatureExtractor(layers=list(layers or PAPER_LAYERS), variants=variants, **dict(backbone or {}))
+        self.extractor = DiffusionFeatureExtractor(
+            layers=list(layers or PAPER_LAYERS), variants=variants, **dict(backbone or {})
+        )
         shapes = self.extractor.feature_shapes()
         self.channels = sum(shapes[layer][0] for layer in self.extractor.layers)
         self.num_members = num_members
-        self.ensemble = PixelEnsemble(num_members, len(self.extractor.variants), self.channels, extra_channels, num_classes, gate)
+        self.ensemble = PixelEnsemble(
+            num_members, len(self.extractor.variants), self.channels, extra_channels, num_classes, gate
+        )
         self.stoppers = [EarlyStopper(stop_after_epoch, patience) for _ in range(num_members)]
 
     # --- features on disk ---
     def _datamodule(self):
         dm = self.trainer.datamodule
         if dm is None or not hasattr(dm, "feature_images"):
-            raise ValueError("ScarceSegmentationTask needs a datamodule with a feature folder, e.g. csdiff.data.DDPMSegDataModule")
+            raise ValueError(
+                "ScarceSegmentationTask needs a datamodule with a feature folder, e.g. csdiff.data.DDPMSegDataModule"
+            )
         if dm.num_classes != self.hparams.num_classes:
             raise ValueError(
                 f"the model has num_classes={self.hparams.num_classes} but {dm.spec.name} under class_rule "
@@ -117,9 +123,13 @@ class ScarceSegmentationTask(StepSeededMixin, FrozenBackboneCheckpointMixin, Lig
         mine = missing[rank::world]
         step = self.hparams.extract_batch_size
         with torch.inference_mode():
-            for start in tqdm(range(0, len(mine), step), desc=f"extract features (rank {rank})", unit="batch", disable=not mine):
+            for start in tqdm(
+                range(0, len(mine), step), desc=f"extract features (rank {rank})", unit="batch", disable=not mine
+            ):
                 batch = mine[start : start + step]
-                images = torch.cat([self.extractor.resize(to_tensor(read_image(p))[None].to(self.device)) for _, p in batch])
+                images = torch.cat(
+                    [self.extractor.resize(to_tensor(read_image(p))[None].to(self.device)) for _, p in batch]
+                )
                 features = self.extractor(images)
                 for i, (name, _) in enumerate(batch):
                     folder.write(name, {v: {k: x[i] for k, x in layers.items()} for v, layers in features.items()})
@@ -221,7 +231,10 @@ class ScarceSegmentationTask(StepSeededMixin, FrozenBackboneCheckpointMixin, Lig
             )
         self.log("test/mIoU", result["mIoU"], sync_dist=False)
         self.log("test/mIoU_present", result["mIoU_present"], sync_dist=False)
-        means = {"mIoU (absent = 0, upstream)": float(result["mIoU"]), "mIoU (present classes)": float(result["mIoU_present"])}
+        means = {
+            "mIoU (absent = 0, upstream)": float(result["mIoU"]),
+            "mIoU (present classes)": float(result["mIoU_present"]),
+        }
         table = format_iou_table(result["IoU"].cpu(), self.class_names, means)
         spec = self.trainer.datamodule.spec
         self.test_report = {

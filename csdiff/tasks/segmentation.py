@@ -70,10 +70,14 @@ class SegmentationTask(StepSeededMixin, FrozenBackboneCheckpointMixin, Lightning
         feature_cache: str | None = None,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["feature_cache"])  # where features are cached is no property of the weights: --ckpt_path keeps the config's
+        self.save_hyperparameters(
+            ignore=["feature_cache"]
+        )  # where features are cached is no property of the weights: --ckpt_path keeps the config's
         backbone = dict(backbone or {})
         if "fresh_noise" in backbone:  # set at every step from train_noise: a backbone value would be overwritten
-            raise ValueError("SegmentationTask sets fresh noise itself: use model.init_args.train_noise (fresh or fixed) instead of backbone.fresh_noise")
+            raise ValueError(
+                "SegmentationTask sets fresh noise itself: use model.init_args.train_noise (fresh or fixed) instead of backbone.fresh_noise"
+            )
         variants = [dict(v) for v in (variants or [{"name": "plain"}])]
         layers = list(layers or PAPER_LAYERS)
         self.extractor = DiffusionFeatureExtractor(layers=layers, variants=variants, **backbone)
@@ -93,7 +97,9 @@ class SegmentationTask(StepSeededMixin, FrozenBackboneCheckpointMixin, Lightning
         self.num_classes = num_classes
         self.cache = FeatureCache(feature_cache) if feature_cache else None
         self.class_names = [str(i) for i in range(num_classes)]
-        self.palette = np.array([[(37 * i) % 256, (91 * i) % 256, (173 * i) % 256] for i in range(num_classes)], np.uint8)
+        self.palette = np.array(
+            [[(37 * i) % 256, (91 * i) % 256, (173 * i) % 256] for i in range(num_classes)], np.uint8
+        )
 
     # --- wiring with the datamodule ---
     def setup(self, stage: str) -> None:
@@ -111,7 +117,9 @@ class SegmentationTask(StepSeededMixin, FrozenBackboneCheckpointMixin, Lightning
             self.palette = np.array(dm.palette, dtype=np.uint8)
 
     # --- model ---
-    def features(self, images: Tensor, paths: list[str] | None = None, transforms: list[str] | None = None) -> list[list[Tensor]]:
+    def features(
+        self, images: Tensor, paths: list[str] | None = None, transforms: list[str] | None = None
+    ) -> list[list[Tensor]]:
         """Per variant, per level (fine to coarse) float32 maps.
 
         Evaluation crops named by their image ``paths`` and ``transforms`` (resized size and
@@ -123,12 +131,13 @@ class SegmentationTask(StepSeededMixin, FrozenBackboneCheckpointMixin, Lightning
             feats = self.extractor(images)
         return [[feats[v][name].float() for name in self.levels] for v in self.variant_names]
 
-    def forward(self, images: Tensor, paths: list[str] | None = None, transforms: list[str] | None = None) -> tuple[Tensor, Tensor | None, Any]:
+    def forward(
+        self, images: Tensor, paths: list[str] | None = None, transforms: list[str] | None = None
+    ) -> tuple[Tensor, Tensor | None, Any]:
         fused = self.gate(self.features(images, paths, transforms))
         logits = self.head(fused.features)
         aux = self.aux_head(fused.features[self.hparams.aux_level]) if self.aux_head is not None else None
         return logits, aux, fused
-
 
     # --- training ---
     def training_step(self, batch: dict, batch_idx: int) -> dict:
@@ -184,7 +193,9 @@ class SegmentationTask(StepSeededMixin, FrozenBackboneCheckpointMixin, Lightning
             transforms = [f"eval={size} window={y},{x},{h},{w}" for y, x, h, w in boxes]
             return self.forward(crops, None if path is None else [path] * len(boxes), transforms)[0]
 
-        logits = slide_logits(predict, image[None], self.num_classes, self.hparams.slide_crop, self.hparams.slide_stride)
+        logits = slide_logits(
+            predict, image[None], self.num_classes, self.hparams.slide_crop, self.hparams.slide_stride
+        )
         logits = F.interpolate(logits, size=tuple(out_size), mode="bilinear", align_corners=False)
         return logits.argmax(1)[0]
 

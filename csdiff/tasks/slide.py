@@ -39,7 +39,12 @@ def slide_logits(
     for i in range(0, len(boxes), batch_size):
         chunk = boxes[i : i + batch_size]
         crops = torch.cat([image[:, :, y : y + ch, x : x + cw] for y, x in chunk])
-        logits = F.interpolate(predict(crops, [(y, x, ch, cw) for y, x in chunk]).float(), size=(ch, cw), mode="bilinear", align_corners=False)
+        logits = F.interpolate(
+            predict(crops, [(y, x, ch, cw) for y, x in chunk]).float(),
+            size=(ch, cw),
+            mode="bilinear",
+            align_corners=False,
+        )
         for (y, x), crop_logits in zip(chunk, logits):
             total[0, :, y : y + ch, x : x + cw] += crop_logits
             count[0, :, y : y + ch, x : x + cw] += 1

@@ -38,7 +38,8 @@ def word_channels(tokenizer, prompt: str, word: str) -> list[int]:
     body = tokenizer.model_max_length - 2  # tokens per window, between BOS and EOS
     n = len(word_ids)
     starts = [
-        j for j in range(len(ids) - n + 1)
+        j
+        for j in range(len(ids) - n + 1)
         if word_ids and ids[j : j + n] == word_ids and (j == 0 or pieces[j - 1].endswith("</w>"))
     ]
     if not starts:
@@ -105,11 +106,15 @@ class AttentionPlan:
         """The layers the variant must capture for these maps."""
         return ([UP_CROSS] if self.words else []) + ([self.self_layer] if self.points else [])
 
-    def pictures(self, image: torch.Tensor, features: dict[str, torch.Tensor], cell: int) -> list[tuple[str, np.ndarray]]:
+    def pictures(
+        self, image: torch.Tensor, features: dict[str, torch.Tensor], cell: int
+    ) -> list[tuple[str, np.ndarray]]:
         """(title, RGB) cells: the input, each word's heat map, each point's (marked) heat map."""
         out = [(f"input ({self.variant})", image_to_rgb(image, (cell, cell)))]
         for word, channels in self.words.items():
-            out.append((repr(word), heat_overlay(image, word_map(features[UP_CROSS][None], channels, self.window)[0], cell)))
+            out.append(
+                (repr(word), heat_overlay(image, word_map(features[UP_CROSS][None], channels, self.window)[0], cell))
+            )
         for point in self.points:
             heat = heat_overlay(image, query_map(features[self.self_layer][None], point)[0], cell)
             out.append((f"point ({point[0]:.2f}, {point[1]:.2f})", mark(heat, point)))
@@ -120,13 +125,20 @@ def finest_self_map(unet: nn.Module) -> str:
     """The default self-attention layer for query points: the last (finest) one of the up-levels."""
     names = [n for n in enumerate_activations(unet) if n.startswith("up-level") and n.endswith("-self-map")]
     if not names:
-        raise ValueError("this UNet has no self-attention in its up-levels: name a `…-self-map` layer (see `csdiff layers`)")
+        raise ValueError(
+            "this UNet has no self-attention in its up-levels: name a `…-self-map` layer (see `csdiff layers`)"
+        )
     return names[-1]
 
 
 def plan_attention(
-    unet: nn.Module, tokenizer, variants: Sequence[Variant], words: Sequence[str],
-    points: Sequence[Sequence[float]], variant: str | None = None, self_layer: str | None = None,
+    unet: nn.Module,
+    tokenizer,
+    variants: Sequence[Variant],
+    words: Sequence[str],
+    points: Sequence[Sequence[float]],
+    variant: str | None = None,
+    self_layer: str | None = None,
 ) -> AttentionPlan | None:
     """Check the request against the model and the variant's prompt before anything is computed
     (None when neither words nor points are asked for)."""

@@ -48,7 +48,9 @@ def _text(canvas: np.ndarray, text: str, x: int, y: int, width: int) -> None:
     cv2.putText(canvas, text, (x, y), _FONT, _SCALE, (0, 0, 0), 1, cv2.LINE_AA)
 
 
-def feature_grid(image: torch.Tensor, columns: list[tuple[str, Maps]], bases: dict[str, PCABasis], cell: int = 128) -> np.ndarray:
+def feature_grid(
+    image: torch.Tensor, columns: list[tuple[str, Maps]], bases: dict[str, PCABasis], cell: int = 128
+) -> np.ndarray:
     """The labelled RGB grid of one image: ``image`` (3, H, W) in [-1, 1]; ``columns`` the
     reference first, then each variant, as (title, maps); ``bases`` one per layer, in row order."""
     layers = list(bases)
@@ -94,7 +96,9 @@ def extractor_options(model: Any) -> dict[str, Any]:
     from csdiff.cli import config_extractor_options
 
     if model is None:
-        raise ValueError("give --config with a model section (a `csdiff fit` config): its backbone, variants and layers are drawn")
+        raise ValueError(
+            "give --config with a model section (a `csdiff fit` config): its backbone, variants and layers are drawn"
+        )
     return dict(config_extractor_options(model, "give a task config whose extractor can be drawn"), fresh_noise=False)
 
 
@@ -119,24 +123,69 @@ def run_visualize(argv: list[str]) -> int:
     from csdiff.data.reading import output_names
     from csdiff.data.segmentation import ImageFolderDataset
 
-    parser = _parser("visualize", "Draw PCA pictures of a config's features per layer and variant, beside the t=0 reference.")
-    parser.add_subclass_arguments(LightningModule, "model", required=False, instantiate=False,
-                                  help="a task whose backbone, variants and layers are drawn (from a `csdiff fit` config)")
-    parser.add_subclass_arguments(LightningDataModule, "data", required=False, instantiate=False, help="read from task configs; unused")
+    parser = _parser(
+        "visualize", "Draw PCA pictures of a config's features per layer and variant, beside the t=0 reference."
+    )
+    parser.add_subclass_arguments(
+        LightningModule,
+        "model",
+        required=False,
+        instantiate=False,
+        help="a task whose backbone, variants and layers are drawn (from a `csdiff fit` config)",
+    )
+    parser.add_subclass_arguments(
+        LightningDataModule, "data", required=False, instantiate=False, help="read from task configs; unused"
+    )
     parser.add_class_arguments(Trainer, "trainer", instantiate=False)
-    parser.add_argument("--seed_everything", type=bool | int | None, default=None, help="read from task configs; unused")
-    parser.add_argument("--ckpt_path", type=str | None, default=None, help="a checkpoint of the config's task: also draw its learned gate per image (<name>.gate.png)")
+    parser.add_argument(
+        "--seed_everything", type=bool | int | None, default=None, help="read from task configs; unused"
+    )
+    parser.add_argument(
+        "--ckpt_path",
+        type=str | None,
+        default=None,
+        help="a checkpoint of the config's task: also draw its learned gate per image (<name>.gate.png)",
+    )
     parser.add_argument("--images", type=str, help="an image file or a folder of images")
     parser.add_argument("--output", type=str, help="folder for the grids: <image name>.png")
-    parser.add_argument("--joint", type=str, default="variants", choices=["variants", "images"],
-                        help="fit each layer's PCA basis over the variants of one image, or over all images too")
-    parser.add_argument("--words", type=list[str], default=[], help="words of a variant's prompt whose cross-attention is drawn")
-    parser.add_argument("--points", type=list[list[float]], default=[], help="query points [x, y] (fractions of the image) whose self-attention is drawn")
-    parser.add_argument("--attention_variant", type=str | None, default=None, help="the variant of the words and points (default: the first)")
-    parser.add_argument("--self_layer", type=str | None, default=None, help="a `-self-map` layer for points (default: the finest of the up-levels)")
+    parser.add_argument(
+        "--joint",
+        type=str,
+        default="variants",
+        choices=["variants", "images"],
+        help="fit each layer's PCA basis over the variants of one image, or over all images too",
+    )
+    parser.add_argument(
+        "--words", type=list[str], default=[], help="words of a variant's prompt whose cross-attention is drawn"
+    )
+    parser.add_argument(
+        "--points",
+        type=list[list[float]],
+        default=[],
+        help="query points [x, y] (fractions of the image) whose self-attention is drawn",
+    )
+    parser.add_argument(
+        "--attention_variant",
+        type=str | None,
+        default=None,
+        help="the variant of the words and points (default: the first)",
+    )
+    parser.add_argument(
+        "--self_layer",
+        type=str | None,
+        default=None,
+        help="a `-self-map` layer for points (default: the finest of the up-levels)",
+    )
     parser.add_argument("--cell", type=int, default=128, help="side of each picture in pixels")
-    parser.add_argument("--device", type=str | None, default=None, help="shorthand for one device, e.g. cpu or cuda:1 (else the trainer's devices)")
-    parser.add_argument("--tensorboard", type=bool, default=False, help="also log every picture to TensorBoard (<output>/tensorboard)")
+    parser.add_argument(
+        "--device",
+        type=str | None,
+        default=None,
+        help="shorthand for one device, e.g. cpu or cuda:1 (else the trainer's devices)",
+    )
+    parser.add_argument(
+        "--tensorboard", type=bool, default=False, help="also log every picture to TensorBoard (<output>/tensorboard)"
+    )
     cfg = parser.parse_args(argv)
     if not cfg.images or not cfg.output:
         raise ValueError("give --images (a folder or an image file) and --output (a folder)")
@@ -145,20 +194,34 @@ def run_visualize(argv: list[str]) -> int:
     trainer_options = {k: cfg.trainer[k] for k in ("accelerator", "devices", "strategy", "num_nodes")}
     if cfg.device is not None:
         kind, _, index = cfg.device.partition(":")
-        trainer_options.update(accelerator="gpu" if kind == "cuda" else kind, devices=[int(index)] if index else 1, strategy="auto")
+        trainer_options.update(
+            accelerator="gpu" if kind == "cuda" else kind, devices=[int(index)] if index else 1, strategy="auto"
+        )
     options = extractor_options(cfg.model)
     gated = load_gated_task(cfg.model.class_path, cfg.ckpt_path) if cfg.ckpt_path is not None else None
-    reference = DiffusionFeatureExtractor(**dict(options, timestep=0, noise=False, variants=[{"name": REFERENCE, "prompt": ""}]))
+    reference = DiffusionFeatureExtractor(
+        **dict(options, timestep=0, noise=False, variants=[{"name": REFERENCE, "prompt": ""}])
+    )
     variants = [as_variant(v) for v in options["variants"]]
-    plan = plan_attention(reference.unet, reference.tokenizer, variants, cfg.words, cfg.points, cfg.attention_variant, cfg.self_layer)
+    plan = plan_attention(
+        reference.unet, reference.tokenizer, variants, cfg.words, cfg.points, cfg.attention_variant, cfg.self_layer
+    )
     extractor = DiffusionFeatureExtractor(**dict(options, layers=[*options["layers"], *(plan.layers if plan else [])]))
-    module = VisualizationModule(extractor, reference, dataset, names, _Saver(cfg.output, cfg.tensorboard), cfg.cell, cfg.joint, plan, gated)
+    module = VisualizationModule(
+        extractor, reference, dataset, names, _Saver(cfg.output, cfg.tensorboard), cfg.cell, cfg.joint, plan, gated
+    )
     trainer = Trainer(
-        **trainer_options, logger=False, enable_checkpointing=False, enable_model_summary=False, use_distributed_sampler=False,
+        **trainer_options,
+        logger=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        use_distributed_sampler=False,
         callbacks=[StopPredicting("run the same command again: pictures already written are complete")],
     )
     if cfg.joint == "images" and trainer.world_size > 1:
-        raise ValueError("--joint images fits one basis over every image, in one process: give one device, or --joint variants")
+        raise ValueError(
+            "--joint images fits one basis over every image, in one process: give one device, or --joint variants"
+        )
     trainer.predict(module, return_predictions=False)
     module.finish()
     if trainer.is_global_zero:
@@ -172,14 +235,30 @@ class VisualizationModule(LightningModule):
     draws its own shard, one image per step), or with ``joint="images"`` keeps the feature
     columns until :meth:`finish` fits the shared bases."""
 
-    def __init__(self, extractor, reference, dataset, names: dict[str, str], save: _Saver, cell: int, joint: str, plan=None, gated=None) -> None:
+    def __init__(
+        self,
+        extractor,
+        reference,
+        dataset,
+        names: dict[str, str],
+        save: _Saver,
+        cell: int,
+        joint: str,
+        plan=None,
+        gated=None,
+    ) -> None:
         super().__init__()
-        self.extractor, self.reference, self.gated = extractor, reference, gated  # modules: moved to the device by Lightning
+        self.extractor, self.reference, self.gated = (
+            extractor,
+            reference,
+            gated,
+        )  # modules: moved to the device by Lightning
         self.dataset, self.names, self.save, self.cell, self.joint, self.plan = dataset, names, save, cell, joint, plan
         self.drawn = list(reference.layers)
         extra = plan.layers if plan else []  # captured for the attention picture only
         self.restrict = {
-            v.name: list(dict.fromkeys(self.drawn + (extra if plan and v.name == plan.variant else []))) for v in extractor.variants
+            v.name: list(dict.fromkeys(self.drawn + (extra if plan and v.name == plan.variant else [])))
+            for v in extractor.variants
         }
         self.kept: list[tuple[str, torch.Tensor, list]] = []
 
@@ -189,11 +268,16 @@ class VisualizationModule(LightningModule):
     def predict_step(self, item: dict[str, Any], batch_idx: int) -> None:
         name, raw = self.names[item["path"]], item["image"][None].to(self.device)
         if self.gated is not None:
-            self.save(f"{name}.gate", gate_picture(self.gated.levels, gate_weights(self.gated, raw), self.gated.variant_names))
+            self.save(
+                f"{name}.gate", gate_picture(self.gated.levels, gate_weights(self.gated, raw), self.gated.variant_names)
+            )
         image = self.extractor.resize(raw)
         features = _features(self.extractor, image, self.restrict)
         if self.plan:
-            self.save(f"{name}.attention", attention_grid(self.plan.pictures(image[0].cpu(), features[self.plan.variant], self.cell), self.cell))
+            self.save(
+                f"{name}.attention",
+                attention_grid(self.plan.pictures(image[0].cpu(), features[self.plan.variant], self.cell), self.cell),
+            )
         columns = [(REFERENCE, _features(self.reference, image)[REFERENCE])]
         columns += [(variant, {layer: maps[layer] for layer in self.drawn}) for variant, maps in features.items()]
         if self.joint == "variants":

@@ -19,7 +19,16 @@ import torch
 from csdiff.models.gate import GatedFusion
 
 # RGB, one per variant (cycled beyond eight)
-VARIANT_COLOURS = ((31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75), (227, 119, 194), (127, 127, 127))
+VARIANT_COLOURS = (
+    (31, 119, 180),
+    (255, 127, 14),
+    (44, 160, 44),
+    (214, 39, 40),
+    (148, 103, 189),
+    (140, 86, 75),
+    (227, 119, 194),
+    (127, 127, 127),
+)
 _FONT, _SCALE = cv2.FONT_HERSHEY_SIMPLEX, 0.4
 PAD, LINE, BAR = 4, 16, 48  # pixels: gaps, a text line, a level's bar height
 
@@ -31,7 +40,9 @@ def load_gated_task(class_path: str, ckpt_path: str) -> Any:
     task_class = getattr(importlib.import_module(module), name)
     task = task_class.load_from_checkpoint(ckpt_path, map_location="cpu", weights_only=True).eval()
     if not isinstance(getattr(task, "gate", None), GatedFusion) or not hasattr(task, "features"):
-        raise ValueError(f"{name} has no gate over feature maps to draw (SegmentationTask has): drop --ckpt_path {ckpt_path}")
+        raise ValueError(
+            f"{name} has no gate over feature maps to draw (SegmentationTask has): drop --ckpt_path {ckpt_path}"
+        )
     return task
 
 
@@ -59,15 +70,27 @@ def gate_picture(levels: list[str], weights: list[torch.Tensor], variants: list[
     for i, (level, w) in enumerate(zip(levels, weights, strict=True)):
         top = LINE + i * (2 * LINE + BAR + PAD)
         means = " ".join(f"{name} {float(m):.2f}" for name, m in zip(variants, w.mean(dim=1), strict=True))
-        cv2.putText(canvas, f"{level} ({w.shape[1]} channels)", (PAD, top + LINE - 4), _FONT, _SCALE, (0, 0, 0), 1, cv2.LINE_AA)
-        cv2.putText(canvas, f"mean weight: {means}", (PAD, top + 2 * LINE - 4), _FONT, _SCALE, (0, 0, 0), 1, cv2.LINE_AA)
-        shares = torch.stack([chunk.mean(dim=1) for chunk in w.tensor_split(min(groups, w.shape[1]), dim=1)], dim=1)  # (V, G)
+        cv2.putText(
+            canvas, f"{level} ({w.shape[1]} channels)", (PAD, top + LINE - 4), _FONT, _SCALE, (0, 0, 0), 1, cv2.LINE_AA
+        )
+        cv2.putText(
+            canvas, f"mean weight: {means}", (PAD, top + 2 * LINE - 4), _FONT, _SCALE, (0, 0, 0), 1, cv2.LINE_AA
+        )
+        shares = torch.stack(
+            [chunk.mean(dim=1) for chunk in w.tensor_split(min(groups, w.shape[1]), dim=1)], dim=1
+        )  # (V, G)
         bottom = top + 2 * LINE + BAR
         for g in range(shares.shape[1]):
             y = float(bottom)
             for v in range(shares.shape[0]):
                 h = float(shares[v, g]) * BAR
                 colour = VARIANT_COLOURS[v % len(VARIANT_COLOURS)]
-                cv2.rectangle(canvas, (PAD + g * bar_width, round(y - h)), (PAD + (g + 1) * bar_width - 2, round(y) - 1), colour, -1)
+                cv2.rectangle(
+                    canvas,
+                    (PAD + g * bar_width, round(y - h)),
+                    (PAD + (g + 1) * bar_width - 2, round(y) - 1),
+                    colour,
+                    -1,
+                )
                 y -= h
     return canvas

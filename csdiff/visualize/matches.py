@@ -9,8 +9,12 @@ GREEN, RED, WHITE = (40, 200, 40), (220, 40, 40), (255, 255, 255)
 
 
 def draw_matches(
-    src: np.ndarray, trg: np.ndarray, src_points: np.ndarray, pred_points: np.ndarray,
-    gt_points: np.ndarray | None = None, threshold: float | None = None,
+    src: np.ndarray,
+    trg: np.ndarray,
+    src_points: np.ndarray,
+    pred_points: np.ndarray,
+    gt_points: np.ndarray | None = None,
+    threshold: float | None = None,
 ) -> np.ndarray:
     """RGB uint8 images (any sizes) and (N, 2) points in their pixels → one RGB picture.
 

@@ -44,20 +44,45 @@ def make_tiny_sdxl(root: Path, seed: int = 0) -> Path:
     vae = AutoencoderKL(**{**tiny.VAE_CONFIG, "scaling_factor": 0.13025, "force_upcast": True})
     unet.save_pretrained(root / "unet")
     vae.save_pretrained(root / "vae")
-    for folder, width, cls in (("text_encoder", TE1, CLIPTextModel), ("text_encoder_2", TE2, CLIPTextModelWithProjection)):
+    for folder, width, cls in (
+        ("text_encoder", TE1, CLIPTextModel),
+        ("text_encoder_2", TE2, CLIPTextModelWithProjection),
+    ):
         vocab = tiny.write_tokenizer_files(WORDS, root / folder.replace("text_encoder", "tokenizer"))
-        encoder = cls(CLIPTextConfig(hidden_size=width, intermediate_size=2 * width, num_hidden_layers=2, num_attention_heads=4,
-                                     max_position_embeddings=77, projection_dim=width, hidden_act="gelu", vocab_size=vocab))
+        encoder = cls(
+            CLIPTextConfig(
+                hidden_size=width,
+                intermediate_size=2 * width,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                max_position_embeddings=77,
+                projection_dim=width,
+                hidden_act="gelu",
+                vocab_size=vocab,
+            )
+        )
         encoder.save_pretrained(root / folder)
     EulerDiscreteScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1, timestep_spacing="leading",
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        steps_offset=1,
+        timestep_spacing="leading",
     ).save_pretrained(root / "scheduler")
-    (root / "model_index.json").write_text(json.dumps({
-        "_class_name": "StableDiffusionXLPipeline", "unet": ["diffusers", "UNet2DConditionModel"],
-        "vae": ["diffusers", "AutoencoderKL"], "text_encoder": ["transformers", "CLIPTextModel"],
-        "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"], "tokenizer": ["transformers", "CLIPTokenizer"],
-        "tokenizer_2": ["transformers", "CLIPTokenizer"], "scheduler": ["diffusers", "EulerDiscreteScheduler"],
-    }))
+    (root / "model_index.json").write_text(
+        json.dumps(
+            {
+                "_class_name": "StableDiffusionXLPipeline",
+                "unet": ["diffusers", "UNet2DConditionModel"],
+                "vae": ["diffusers", "AutoencoderKL"],
+                "text_encoder": ["transformers", "CLIPTextModel"],
+                "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+                "tokenizer": ["transformers", "CLIPTokenizer"],
+                "tokenizer_2": ["transformers", "CLIPTokenizer"],
+                "scheduler": ["diffusers", "EulerDiscreteScheduler"],
+            }
+        )
+    )
     return root
 
 
