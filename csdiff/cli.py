@@ -14,7 +14,7 @@ import tempfile
 from argparse import ArgumentError
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from jsonargparse import ActionConfigFile, ArgumentParser
 
@@ -68,7 +68,7 @@ def run_layers(argv: list[str]) -> int:
     parser.add_argument(
         "--img_size", type=int | None, default=None, help="image side (default: the model's native size)"
     )
-    parser.add_argument("--format", type=str, default="table", choices=["table", "json"])
+    parser.add_argument("--format", type=Literal["table", "json"], default="table", help="`json` for scripts")
     cfg = parser.parse_args(argv)
     from csdiff.backbone.listing import list_layers
     from csdiff.backbone.loading import load_sd_components

@@ -159,18 +159,21 @@ class LoRATrainingTask(StepSeededMixin, LightningModule):
             default the model's native one; ``dtype`` of the frozen parts: float16 trains in
             mixed precision with float32 adapters, best with ``trainer.precision: 16-mixed``).
         prompt: the caption of images without their own (a same-stem ``.txt``).
-        rank, alpha: LoRA rank and alpha (paper: 64 / 32); the update is (alpha/rank)·B·A.
+        rank: LoRA rank (paper: 64); the update is (alpha/rank)·B·A.
+        alpha: LoRA alpha (paper: 32).
         targets: ``locon`` (attention, ResNet and sampler layers, the paper's) or
             ``attention`` (the transformer blocks only, classic LoRA).
         train_text_encoder: adapt the text encoder's transformer layers too (SD 1.x/2.x).
-        lr, text_encoder_lr, weight_decay: AdamW (constant rate, as kohya's default);
-            ``text_encoder_lr`` None uses ``lr``.
+        lr: AdamW's learning rate (constant, as kohya's default).
+        text_encoder_lr: the text encoder adapters' rate; None uses ``lr``.
+        weight_decay: AdamW's weight decay.
         latent: ``sample`` the VAE posterior (kohya) or take its ``mean``.
         gradient_checkpointing: recompute UNet activations in the backward pass (less memory).
         sample_every_n_steps: log [image | decoded one-step x0 prediction] pictures to
             TensorBoard every N steps (0: never, and the VAE decoder is not loaded).
-        num_samples, sample_timestep: how many images of the batch, and the timestep they
-            are noised to for those pictures (fixed, so pictures are comparable over a run).
+        num_samples: how many images of the batch those pictures show.
+        sample_timestep: the timestep they are noised to (fixed, so pictures are comparable
+            over a run).
     """
 
     def __init__(

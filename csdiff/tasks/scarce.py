@@ -50,8 +50,10 @@ class ScarceSegmentationTask(StepSeededMixin, FrozenBackboneCheckpointMixin, Lig
     Args:
         num_classes: the classifier's outputs (Horse-21: 21; Bedroom-28: 29 with 0 unscored, or
             28 under the datamodule's ``class_rule: paper_code``); must match the datamodule.
-        backbone, variants, layers: the extractor (as in the other tasks); the paper: ``legacy``
-            + ``up_cross`` (3674 channels per variant at SD 1.5 widths).
+        backbone: extractor options (model, img_size, timestep, ...), as in the other tasks.
+        variants: one dict per variant (name, prompt, seed, loras, controlnets, denoise_from).
+        layers: activation names; the paper: ``legacy`` + ``up_cross`` (3674 channels per
+            variant at SD 1.5 widths).
         gate: ``per_pixel``, the paper's (:class:`~csdiff.models.pixel.PixelVariantGate`: each
             pixel weighs the variants per channel), or ``per_channel`` (one weight per variant and
             channel, the same at every pixel; lighter, and tested at native size).

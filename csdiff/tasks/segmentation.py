@@ -34,13 +34,20 @@ class SegmentationTask(StepSeededMixin, FrozenBackboneCheckpointMixin, Lightning
         backbone: extractor options (model, img_size, timestep, ...).
         variants: one dict per variant (name, prompt, seed, loras, controlnets, denoise_from).
         layers: activation names; any order (they are sorted fine to coarse for the head).
-        gate: GatedFusion options. head_channels/pool_scales/dropout: UPerHead.
+        gate: GatedFusion options.
+        head_channels: UPerHead's channels.
+        pool_scales: UPerHead's pyramid pooling scales.
+        dropout: UPerHead's dropout before the classifier.
         aux_weight: FCN auxiliary head loss weight (0 = no auxiliary head), on ``aux_level``
             (index in fine-to-coarse order).
-        lr, weight_decay, poly_power, min_lr: AdamW with a per-iteration poly schedule.
+        lr: AdamW's initial learning rate.
+        weight_decay: AdamW's weight decay.
+        poly_power: power of the per-iteration poly schedule.
+        min_lr: the rate the poly schedule ends at.
         train_noise: ``seeded`` (each variant's fixed noise map) or ``fresh`` noise per
             image and step (augmentation).
-        slide_crop, slide_stride: sliding-window inference on evaluation images.
+        slide_crop: window size of sliding-window inference on evaluation images.
+        slide_stride: stride of those windows.
         feature_cache: a folder: evaluation features (seeded, deterministic) are computed once
             per image and window and read back by later validations, tests and predictions.
     """

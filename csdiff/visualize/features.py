@@ -13,7 +13,7 @@ where chosen words of one variant's prompt (cross-attention) or chosen image poi
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import cv2
 import numpy as np
@@ -150,9 +150,8 @@ def run_visualize(argv: list[str]) -> int:
     parser.add_argument("--output", type=str, help="folder for the grids: <image name>.png")
     parser.add_argument(
         "--joint",
-        type=str,
+        type=Literal["variants", "images"],
         default="variants",
-        choices=["variants", "images"],
         help="fit each layer's PCA basis over the variants of one image, or over all images too",
     )
     parser.add_argument(
