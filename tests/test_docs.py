@@ -92,3 +92,14 @@ def test_site_builds_strictly(tmp_path, monkeypatch, caplog):
     api = (site / "reference" / "api" / "backbone" / "index.html").read_text()
     assert "DiffusionFeatureExtractor" in api and "feature_shapes" in api
     assert (site / "changelog" / "index.html").read_text().count("Unreleased") >= 1
+
+
+def test_readme_stays_short_and_links_into_the_docs():
+    """The README is the front page (what, the two commands, the tasks, where to read on, how to
+    cite); the documentation lives in docs/. Its links to docs/ pages must exist."""
+    text = (ROOT / "README.md").read_text()
+    assert len(text.splitlines()) <= 150
+    links = re.findall(r"\]\((docs/[^)#]+)", text)
+    assert links and all((ROOT / link).exists() for link in links), [
+        link for link in links if not (ROOT / link).exists()
+    ]
