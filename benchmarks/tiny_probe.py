@@ -1,7 +1,7 @@
 """How much content the tiny backbone's features carry: a 1×1-conv probe on synthetic shapes.
 
 Trained tiny model vs a random-weight copy, at several noise levels t. Prints a table; the
-README quotes it.
+docs/guides/families.md quotes it.
 
     python benchmarks/tiny_probe.py
 """

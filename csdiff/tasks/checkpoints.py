@@ -3,7 +3,7 @@
 A checkpoint keeps only trainable weights (and their optimizer state) plus a description
 of the backbone (fingerprints of its weights, ControlNets and LoRAs; layers; variants), so
 no Stable Diffusion weights are copied into it; its size is that of the heads (a few MB on
-the tiny backbone, GBs for the paper's gate at SD 1.5 widths: see the README). Loading it
+the tiny backbone, GBs for the paper's gate at SD 1.5 widths: see docs/guides/segmentation.md). Loading it
 beside other weights or another feature configuration fails with a message saying what differs.
 An exported head (csdiff/tasks/export.py: weights and config, no optimizer state) loads the same way.
 """
