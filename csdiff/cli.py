@@ -231,6 +231,13 @@ def run_scarce_splits(argv: list[str]) -> int:
     return 0
 
 
+def run_assess(argv: list[str]) -> int:
+    """GATE: img2img grids and content-shift scores of a config's variants (csdiff.assess.command)."""
+    from csdiff.assess.command import run_assess as run
+
+    return run(argv)
+
+
 def run_visualize(argv: list[str]) -> int:
     """PCA pictures of a config's features (csdiff.visualize.features), imported when used."""
     from csdiff.visualize.features import run_visualize as run
@@ -246,6 +253,7 @@ OWN_VERBS: dict[str, tuple[Callable[[list[str]], int], str]] = {
         "PCA pictures of a config's features per layer and variant beside t = 0; attention maps",
     ),
     "scarce-splits": (run_scarce_splits, "fit + test a label-scarce config on 5 random splits, mean ± std"),
+    "assess": (run_assess, "does each variant suppress content shift? img2img grids and GATE scores"),
 }
 
 

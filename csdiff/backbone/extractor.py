@@ -8,7 +8,8 @@ ControlNet models, condition maps and identical ControlNet calls are computed on
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -88,6 +89,8 @@ class DiffusionFeatureExtractor(nn.Module):
         compile: ``torch.compile`` the blocks of the UNet, ControlNets and VAE encoder (true:
             inductor; or a backend name, e.g. ``aot_eager`` to debug). The first calls at each
             batch size compile (minutes at SD size); see ``benchmarks/acceleration.py``.
+        vae_decoder: load the VAE's decoder too (off: features never decode; ``csdiff assess``
+            decodes its img2img reconstructions).
     """
 
     def __init__(
@@ -109,6 +112,7 @@ class DiffusionFeatureExtractor(nn.Module):
         batch_variants: bool = True,
         channels_last: bool = False,
         compile: bool | str = False,
+        vae_decoder: bool = False,
     ) -> None:
         super().__init__()
         if latent not in LATENTS:
@@ -119,7 +123,7 @@ class DiffusionFeatureExtractor(nn.Module):
         names = [v.name for v in self.variants]
         if len(set(names)) != len(names):
             raise ValueError(f"variant names must be unique, got {names}")
-        parts = load_sd_components(model, base_model=base_model, dtype=dtype, unet=unet)
+        parts = load_sd_components(model, base_model=base_model, dtype=dtype, unet=unet, load_vae_decoder=vae_decoder)
         self.unet, self.vae, self.text_encoder = parts.unet, parts.vae, parts.text_encoder
         self.tokenizer, self.scheduler, self.spec = parts.tokenizer, parts.scheduler, parts.spec
         self.text_encoder_2, self.tokenizer_2, self.family = parts.text_encoder_2, parts.tokenizer_2, parts.family
@@ -246,6 +250,22 @@ class DiffusionFeatureExtractor(nn.Module):
         return activation_shapes(self.unet, self.layers, (size, size), self.tokenizer.model_max_length)
 
     # --- pieces ---
+    @contextmanager
+    def at_timestep(self, timestep: int, noise: bool = True) -> Iterator["DiffusionFeatureExtractor"]:
+        """Extract at another timestep (and with or without noise) for the duration of a block,
+        without loading the model again: `csdiff assess` reads the clean t = 0 reference and a
+        larger-t anchor from the extractor it assesses. Chain variants (``denoise_from``) are not
+        for such calls."""
+        n_steps = self.scheduler.config.num_train_timesteps
+        if not 0 <= timestep < n_steps:
+            raise ValueError(f"timestep {timestep} is outside the scheduler's range [0, {n_steps})")
+        saved = self.timestep, self.noise
+        self.timestep, self.noise = timestep, noise
+        try:
+            yield self
+        finally:
+            self.timestep, self.noise = saved
+
     def _weights_key(self, variant: Variant) -> str | None:
         return None if variant.weights is None else self._weight_keys[_same_file(variant.weights)]
 

@@ -8,6 +8,7 @@ every datamodule shares (file reading, errors, samplers) lives in ``reading`` an
 
 from __future__ import annotations
 
+import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -158,6 +159,17 @@ class ImageFolderDataset(Dataset):
         if not self.paths:
             raise DataError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found under {root}")
         self.transform = transform or EvalTransform()
+
+    @classmethod
+    def from_paths(cls, paths: list[str], transform: EvalTransform | None = None) -> ImageFolderDataset:
+        """The given image files (e.g. a datamodule's split), rooted at their common folder."""
+        if not paths:
+            raise DataError("no images to read")
+        dataset = cls.__new__(cls)
+        dataset.paths = [str(p) for p in paths]
+        dataset.root = Path(os.path.commonpath([str(Path(p).parent) for p in dataset.paths]))
+        dataset.transform = transform or EvalTransform()
+        return dataset
 
     def __len__(self) -> int:
         return len(self.paths)

@@ -41,7 +41,7 @@ def grid_size(n_layers: int, n_columns: int, cell: int) -> tuple[int, int]:
     return HEADER + n_layers * (LABEL + cell + CAPTION) + PAD, n_columns * (cell + PAD) + PAD
 
 
-def _text(canvas: np.ndarray, text: str, x: int, y: int, width: int) -> None:
+def draw_label(canvas: np.ndarray, text: str, x: int, y: int, width: int) -> None:
     """Black text with its baseline at ``y``, cut to fit ``width`` (ending in '..')."""
     while text and cv2.getTextSize(text, _FONT, _SCALE, 1)[0][0] > width:
         text = text[:-4] + ".." if len(text) > 3 else ""
@@ -57,19 +57,19 @@ def feature_grid(
     height, width = grid_size(len(layers), len(columns) + 1, cell)
     canvas = np.full((height, width, 3), 255, np.uint8)
     for j, title in enumerate(["input", *(name for name, _ in columns)]):
-        _text(canvas, title, PAD + j * (cell + PAD), HEADER - 5, cell)
+        draw_label(canvas, title, PAD + j * (cell + PAD), HEADER - 5, cell)
     reference = columns[0][1]
     picture = image_to_rgb(image, (cell, cell))
     for i, layer in enumerate(layers):
         top = HEADER + i * (LABEL + cell + CAPTION)
         shape = "x".join(map(str, reference[layer].shape))
-        _text(canvas, f"{layer} ({shape})", PAD, top + LABEL - 4, width - 2 * PAD)
+        draw_label(canvas, f"{layer} ({shape})", PAD, top + LABEL - 4, width - 2 * PAD)
         canvas[top + LABEL : top + LABEL + cell, PAD : PAD + cell] = picture
         for j, (_, maps) in enumerate(columns, start=1):
             x = PAD + j * (cell + PAD)
             canvas[top + LABEL : top + LABEL + cell, x : x + cell] = bases[layer].to_rgb(maps[layer], (cell, cell))
             distance = cosine_distance(maps[layer], reference[layer])
-            _text(canvas, f"cos dist {distance:.3f}", x, top + LABEL + cell + CAPTION - 4, cell)
+            draw_label(canvas, f"cos dist {distance:.3f}", x, top + LABEL + cell + CAPTION - 4, cell)
     return canvas
 
 
@@ -78,7 +78,7 @@ def attention_grid(pictures: list[tuple[str, np.ndarray]], cell: int = 128) -> n
     canvas = np.full((HEADER + cell + PAD, len(pictures) * (cell + PAD) + PAD, 3), 255, np.uint8)
     for j, (title, picture) in enumerate(pictures):
         x = PAD + j * (cell + PAD)
-        _text(canvas, title, x, HEADER - 5, cell)
+        draw_label(canvas, title, x, HEADER - 5, cell)
         canvas[HEADER : HEADER + cell, x : x + cell] = picture
     return canvas
 
@@ -207,7 +207,15 @@ def run_visualize(argv: list[str]) -> int:
     )
     extractor = DiffusionFeatureExtractor(**dict(options, layers=[*options["layers"], *(plan.layers if plan else [])]))
     module = VisualizationModule(
-        extractor, reference, dataset, names, _Saver(cfg.output, cfg.tensorboard), cfg.cell, cfg.joint, plan, gated
+        extractor,
+        reference,
+        dataset,
+        names,
+        PictureSaver(cfg.output, cfg.tensorboard),
+        cfg.cell,
+        cfg.joint,
+        plan,
+        gated,
     )
     trainer = Trainer(
         **trainer_options,
@@ -240,7 +248,7 @@ class VisualizationModule(LightningModule):
         reference,
         dataset,
         names: dict[str, str],
-        save: _Saver,
+        save: PictureSaver,
         cell: int,
         joint: str,
         plan=None,
@@ -298,7 +306,7 @@ def _single(items: list[dict[str, Any]]) -> dict[str, Any]:
     return items[0]
 
 
-class _Saver:
+class PictureSaver:
     """Writes each picture as ``<output>/<name>.png`` (atomically) and, if asked, as a
     TensorBoard image tagged by its name."""
 
