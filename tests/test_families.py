@@ -430,3 +430,54 @@ def test_sdxl_long_prompt_windows(sdxl, images):
     f = ex(images)
     assert f["long"]["up_cross"].shape == f["short"]["up_cross"].shape == (2, 154, 8, 8)
     assert (f["long"]["up_cross"] - f["short"]["up_cross"]).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("family", ["sd2", "sdxl"])
+def test_assess_runs_on_each_family(family, sd2, sdxl, images, tmp_path, capsys):
+    """`csdiff assess` on SD 2.x (v-prediction: the img2img chain follows the scheduler's
+    prediction type; the no-technique reconstruction is the stock img2img pipeline's) and on
+    SDXL (time ids, two text encoders, its float32 VAE), each with its ControlNet."""
+    import cv2
+    from diffusers import StableDiffusionImg2ImgPipeline
+
+    from csdiff.backbone.img2img import NO_TECHNIQUE, reconstruct
+    from csdiff.cli import main
+
+    folder, controlnet = sd2 if family == "sd2" else sdxl
+    variants = [{"name": "canny", "prompt": "a photo", "controlnets": [{"model": str(controlnet)}]}]
+    model = {"num_classes": 4, "backbone": {"model": str(folder), "img_size": 64}, "variants": variants}
+    config = tmp_path / "assess.yaml"
+    config.write_text(yaml.safe_dump({"model": {"class_path": "csdiff.tasks.SegmentationTask", "init_args": model}}))
+    (tmp_path / "images").mkdir()
+    rgb = ((images[0].permute(1, 2, 0).numpy() + 1) * 127.5).round().clip(0, 255).astype("uint8")
+    cv2.imwrite(str(tmp_path / "images" / "a.png"), rgb[..., ::-1])
+    args = ["assess", "--config", str(config), "--images", str(tmp_path / "images"), "--steps", "4"]
+    assert main([*args, "--output", str(tmp_path / "out"), "--layers", "[unet-after-conv-in]"]) == 0
+    rows = json.loads((tmp_path / "out" / "gate_scores.json").read_text())["rows"]
+    assert {r["variant"] for r in rows} == {"no technique", "canny"}
+    assert "canny: " in capsys.readouterr().out
+    if family == "sd2":
+        extractor = DiffusionFeatureExtractor(str(folder), ["unet-in"], img_size=64, vae_decoder=True)
+        assert extractor.prediction_type == "v_prediction"
+        ours = reconstruct(extractor, images[:1], NO_TECHNIQUE, strength=0.6, steps=10, seed=2)
+        pipe = StableDiffusionImg2ImgPipeline(
+            vae=extractor.vae,
+            text_encoder=extractor.text_encoder,
+            tokenizer=extractor.tokenizer,
+            unet=extractor.unet,
+            scheduler=DDIMScheduler.from_config(extractor.scheduler.config),
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+        pipe.set_progress_bar_config(disable=True)
+        stock = pipe(
+            "",
+            image=extractor.encode_images(images[:1], NO_TECHNIQUE),
+            strength=0.6,
+            num_inference_steps=10,
+            guidance_scale=1.0,
+            generator=torch.Generator().manual_seed(2),
+            output_type="pt",
+        ).images
+        assert_close_up_to_rounding(ours * 0.5 + 0.5, stock)

@@ -301,6 +301,8 @@ def run_assess(argv: list[str]) -> int:
         raise ValueError("give --output FOLDER")
     if cfg.model is None:
         raise ValueError("give --config with a model section (a task config): its backbone and variants are assessed")
+    if cfg.layers:  # given here, a config need not name any
+        cfg.model.init_args.layers = cfg.layers
     options = dict(config_extractor_options(cfg.model, "give a task config"), fresh_noise=False, vae_decoder=True)
     variants = [as_variant(v) for v in options["variants"]]
     known = [v.name for v in variants]
@@ -339,8 +341,7 @@ def run_assess(argv: list[str]) -> int:
     for index in range(len(dataset)):  # whole and readable, from the header: before hours of work
         dataset.check(index)
 
-    layers = cfg.layers or options["layers"]
-    extractor = DiffusionFeatureExtractor(**dict(options, layers=layers, variants=[*variants, *own]))
+    extractor = DiffusionFeatureExtractor(**dict(options, variants=[*variants, *own]))
     small = [f"{name} ({h}x{w})" for name, (_, h, w) in extractor.feature_shapes().items() if min(h, w) < 3]
     if small:
         raise ValueError(
