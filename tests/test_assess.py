@@ -16,7 +16,7 @@ import pytest
 import torch
 from helpers import assert_close_up_to_rounding, shapes_images
 
-from csdiff.assess.command import CAPTION, anchor_name, default_anchor_timestep
+from csdiff.assess.command import CAPTION, anchor_name, default_anchor_timestep, summarize
 from csdiff.backbone import DiffusionFeatureExtractor
 from csdiff.backbone.img2img import NO_TECHNIQUE, chain_timesteps, reconstruct
 from csdiff.backbone.variants import Variant
@@ -154,6 +154,16 @@ def test_assess_writes_grids_and_scores_and_a_resumed_run_equals_an_uninterrupte
     assert "strength: 0.6 (folder) vs 0.8 (now)" in err and "--overwrite true" in err
     assert assess(config, images, resumed, "--strength", "0.8", "--overwrite", "true", "--limit", "1") == 0
     assert sorted(p.name for p in (resumed / "images").iterdir()) == ["shape0.json"]
+    assert sorted(p.name for p in (resumed / "grids").iterdir()) == ["shape0.png"]  # the old settings' are gone
+
+    # a record is reused only for the file it was made from: another folder's shape0.png is assessed anew
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "shape0.png").write_bytes((images / "shape1.png").read_bytes())
+    before = json.loads((resumed / "images" / "shape0.json").read_text())
+    assert assess(config, other, resumed, "--strength", "0.8") == 0
+    after = json.loads((resumed / "images" / "shape0.json").read_text())
+    assert after["image"] == str(other / "shape0.png") and after["score"] != before["score"]
 
 
 @pytest.mark.parametrize(
@@ -163,6 +173,8 @@ def test_assess_writes_grids_and_scores_and_a_resumed_run_equals_an_uninterrupte
         (["--layers", "[up-level1-upsampler-outt]"], "up-level1-upsampler-out"),  # the closest valid name
         (["--layers", "[up-level0-upsampler-out]"], "smaller than the 3x3 Laplacian"),
         (["--anchor_timestep", "40"], "must be above the assessed one (50)"),
+        (["--strength", "0"], "--strength must be in (0, 1], got 0.0"),
+        (["--limit", "0"], "--limit must be positive, got 0"),
     ],
 )
 def test_bad_options_stop_with_one_line(setup, tmp_path, capsys, extra, message):
@@ -199,6 +211,10 @@ def test_the_vae_decoder_is_loaded_only_for_assess():
     clean = DiffusionFeatureExtractor("tiny", LAYERS, img_size=64, timestep=0, noise=False)(images)["plain"]
     for layer in LAYERS:
         assert_close_up_to_rounding(at_zero[layer], clean[layer], msg=layer)
+    chain = DiffusionFeatureExtractor("tiny", LAYERS, img_size=64, variants=[Variant(name="c", denoise_from=60)])
+    with pytest.raises(ValueError, match=r"denoise_from \(60\) must be above the timestep it extracts at \(150\)"):
+        with chain.at_timestep(150):
+            chain(images)
         assert (at_zero[layer] - assessing(images)["plain"][layer]).abs().max() > 1e-3  # t=50 with noise differs
 
 
@@ -214,3 +230,27 @@ def test_the_shipped_assess_config_runs_on_its_datamodule_split(tmp_path, capsys
     out = capsys.readouterr().out
     assert "long prompt: " in out and "canny: " in out
     assert [p.name for p in (tmp_path / "out" / "images").iterdir()] == ["shapes_validation_00000.json"]
+
+
+def test_summary_compares_each_variant_with_no_technique_of_its_seed_and_skips_undefined_scores():
+    """Hand-made records: variant `s2` (seed 2) against `no technique, seed 2`, `s0` against
+    `no technique`; a layer whose anchor equals the reference (NaN score) is left out."""
+    records = []
+    for i in range(4):
+        score = {
+            "no technique": {"x": 0.5, "y": float("nan")},
+            "no technique, seed 2": {"x": 0.1, "y": float("nan")},
+            "s0": {"x": 0.6 + 0.01 * i, "y": float("nan")},
+            "s2": {"x": 0.3 + 0.01 * i, "y": float("nan")},
+        }
+        quality = {"no technique": 20.0, "s0": 21.0, "s2": 22.0}
+        records.append({"score": score, "psnr": quality, "ssim": {k: 0.5 for k in quality}})
+    baselines = {"no technique": "no technique", "no technique, seed 2": "no technique, seed 2"}
+    baselines.update({"s0": "no technique", "s2": "no technique, seed 2"})
+    rows = {(r["variant"], r["layer"]): r for r in summarize(records, baselines, 0.95, 200, 0)}
+    assert rows["s2", "x"]["delta"] == pytest.approx(0.215) and rows["s2", "x"]["verdict"] == "helps"
+    assert rows["s0", "x"]["delta"] == pytest.approx(0.115) and rows["s0", "x"]["baseline"] == "no technique"
+    assert rows["s2", "all"]["score"] == pytest.approx(rows["s2", "x"]["score"])  # the NaN layer left out
+    assert np.isnan(rows["s2", "y"]["score"]) and rows["s2", "y"]["images"] == 0
+    assert rows["s2", "y"]["verdict"] == "undefined" and rows["s2", "x"]["images"] == 4
+    assert np.isnan(rows["no technique, seed 2", "all"]["psnr"])  # scored, never reconstructed

@@ -75,12 +75,14 @@ def split_images(datamodule: Any, split: str) -> list[str]:
 class AssessmentModule(LightningModule):
     """One image per predict step: its features at t, t = 0 and the anchor's timestep, the GATE
     scores, the img2img reconstructions and their grid, written as ``images/<name>.json`` and
-    ``grids/<name>.png``. Images whose record exists are skipped (resume)."""
+    ``grids/<name>.png``. Images whose record exists (for that very file) are skipped: resume.
+    ``baselines``: no-technique variants of the other noise seeds, scored but not drawn."""
 
     def __init__(
         self,
         extractor,
         assessed: list[Variant],
+        baselines: list[Variant],
         anchor_timestep: int,
         dataset,
         names: dict[str, str],
@@ -93,7 +95,7 @@ class AssessmentModule(LightningModule):
     ) -> None:
         super().__init__()
         self.extractor = extractor  # a module: moved to the device by Lightning
-        self.assessed, self.anchor_timestep = assessed, anchor_timestep
+        self.assessed, self.baselines, self.anchor_timestep = assessed, baselines, anchor_timestep
         self.dataset, self.names, self.output, self.save = dataset, names, output, save
         self.strength, self.steps, self.seed, self.cell = strength, steps, seed, cell
 
@@ -105,8 +107,9 @@ class AssessmentModule(LightningModule):
 
     def predict_step(self, item: dict[str, Any], batch_idx: int) -> None:
         name = self.names[item["path"]]
-        if self.record_path(name).is_file():
-            return
+        record = self.record_path(name)
+        if record.is_file() and json.loads(record.read_text()).get("image") == item["path"]:
+            return  # assessed by an earlier run with these settings
         image = self.extractor.resize(item["image"][None].to(self.device))
         record = {"image": item["path"], **self.scores(image)}
         pictures, quality = self.reconstructions(image)
@@ -117,7 +120,7 @@ class AssessmentModule(LightningModule):
     def scores(self, image: torch.Tensor) -> dict[str, Any]:
         """Contour differences to the t = 0 features and GATE scores, per variant and layer."""
         ex = self.extractor
-        names = [v.name for v in self.assessed]
+        names = [v.name for v in [*self.assessed, *self.baselines]]
         features = ex(image, variants=names)
         with ex.at_timestep(0, noise=False):
             reference = ex(image, variants=[REFERENCE])[REFERENCE]
@@ -173,34 +176,50 @@ def _single(items: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 # --- the summary ----------------------------------------------------------------------------
-def summarize(records: list[dict], variants: list[str], level: float, resamples: int, seed: int) -> list[dict]:
+def baseline_name(seed: int, main_seed: int) -> str:
+    """The no-technique variant that shares a variant's noise seed (its fair comparison)."""
+    return NO_TECHNIQUE.name if seed == main_seed else f"{NO_TECHNIQUE.name}, seed {seed}"
+
+
+def summarize(records: list[dict], baselines: dict[str, str], level: float, resamples: int, seed: int) -> list[dict]:
     """One row per (variant, layer) and per variant over all layers (``layer`` "all"): mean
-    score with its bootstrap interval, the paired difference to no technique with its interval
-    and verdict, mean PSNR and SSIM. Ranked by the mean score over all layers."""
-    layers = list(records[0]["score"][variants[0]])
+    score with its bootstrap interval, the paired difference to the no-technique variant of the
+    same noise seed (``baselines``: variant → its baseline; a baseline maps to itself) with its
+    interval and verdict, mean PSNR and SSIM. Ranked by the mean score over all layers. Scores
+    that are undefined (an anchor equal to the reference) are left out and not counted."""
+    layers = list(records[0]["score"][next(iter(baselines))])
     rows = []
 
     def per_image(variant: str, layer: str) -> np.ndarray:
         if layer == "all":
-            return np.array([np.mean([r["score"][variant][k] for k in layers]) for r in records])
-        return np.array([r["score"][variant][layer] for r in records])
+            scores = np.array([[r["score"][variant][k] for k in layers] for r in records], dtype=float)
+            with np.errstate(all="ignore"):
+                return np.array([np.nanmean(s) if np.isfinite(s).any() else np.nan for s in scores])
+        return np.array([r["score"][variant][layer] for r in records], dtype=float)
 
-    for variant in variants:
+    def interval(fn, *values) -> tuple[float, float, float]:
+        try:
+            return fn(*values, level, resamples, seed)
+        except ValueError:  # no finite value at all
+            return (float("nan"),) * 3
+
+    for variant, baseline in baselines.items():
         for layer in ["all", *layers]:
             values = per_image(variant, layer)
-            mean, low, high = bootstrap_mean_interval(values, level, resamples, seed)
-            row = dict(variant=variant, layer=layer, score=mean, low=low, high=high, images=len(values))
-            if variant != NO_TECHNIQUE.name:
-                delta, d_low, d_high = paired_bootstrap_difference(
-                    values, per_image(NO_TECHNIQUE.name, layer), level, resamples, seed
-                )
-                row.update(delta=delta, delta_low=d_low, delta_high=d_high, verdict=verdict(d_low, d_high))
+            mean, low, high = interval(bootstrap_mean_interval, values)
+            row = dict(variant=variant, layer=layer, score=mean, low=low, high=high)
+            row["images"] = int(np.isfinite(values).sum())
+            if variant != baseline:
+                delta, d_low, d_high = interval(paired_bootstrap_difference, values, per_image(baseline, layer))
+                words = verdict(d_low, d_high) if np.isfinite(d_low) else "undefined"
+                row.update(delta=delta, delta_low=d_low, delta_high=d_high, verdict=words, baseline=baseline)
             else:
-                row.update(delta=0.0, delta_low=0.0, delta_high=0.0, verdict="reference")
-            row["psnr"] = float(np.mean([r["psnr"][variant] for r in records]))
-            row["ssim"] = float(np.mean([r["ssim"][variant] for r in records]))
+                row.update(delta=0.0, delta_low=0.0, delta_high=0.0, verdict="reference", baseline=baseline)
+            quality = [(r["psnr"].get(variant), r["ssim"].get(variant)) for r in records]
+            row["psnr"] = float(np.mean([q[0] for q in quality])) if quality[0][0] is not None else float("nan")
+            row["ssim"] = float(np.mean([q[1] for q in quality])) if quality[0][1] is not None else float("nan")
             rows.append(row)
-    order = {r["variant"]: -r["score"] for r in rows if r["layer"] == "all"}
+    order = {r["variant"]: -r["score"] if np.isfinite(r["score"]) else np.inf for r in rows if r["layer"] == "all"}
     return sorted(rows, key=lambda r: (order[r["variant"]], r["layer"] != "all", r["layer"]))
 
 
@@ -230,8 +249,8 @@ def print_summary(rows: list[dict], level: float, anchor: str) -> None:
             f"[{r['low']:.3f}, {r['high']:.3f}]",
             f"{r['delta']:+.3f}" if r["verdict"] != "reference" else "",
             f"[{r['delta_low']:+.3f}, {r['delta_high']:+.3f}]" if r["verdict"] != "reference" else "",
-            f"{r['psnr']:.1f} dB",
-            f"{r['ssim']:.3f}",
+            f"{r['psnr']:.1f} dB" if np.isfinite(r["psnr"]) else "—",
+            f"{r['ssim']:.3f}" if np.isfinite(r["ssim"]) else "—",
         )
     console = Console(width=120)
     console.print(table)
@@ -241,7 +260,7 @@ def print_summary(rows: list[dict], level: float, anchor: str) -> None:
                 f"{x['layer']} {x['verdict']}" for x in rows if x["variant"] == r["variant"] and x["layer"] != "all"
             )
             console.print(
-                f"{r['variant']}: {r['verdict']} (score {r['delta']:+.3f} vs no technique, {pct} interval "
+                f"{r['variant']}: {r['verdict']} (score {r['delta']:+.3f} vs {r['baseline']}, {pct} interval "
                 f"[{r['delta_low']:+.3f}, {r['delta_high']:+.3f}] over {r['images']} images; per layer: {layers})",
                 highlight=False,
                 soft_wrap=True,
@@ -299,6 +318,18 @@ def run_assess(argv: list[str]) -> int:
     cfg = parser.parse_args(argv)
     if not cfg.output:
         raise ValueError("give --output FOLDER")
+    checks = [
+        (0 < cfg.strength <= 1, f"--strength must be in (0, 1], got {cfg.strength}"),
+        (cfg.steps >= 1 and int(cfg.steps * cfg.strength) >= 1, "--steps × --strength must leave at least one step"),
+        (0 < cfg.level < 1, f"--level must be in (0, 1), got {cfg.level}"),
+        (cfg.resamples >= 1, f"--resamples must be positive, got {cfg.resamples}"),
+        (cfg.limit is None or cfg.limit >= 1, f"--limit must be positive, got {cfg.limit}"),
+        (cfg.anchor_timestep is None or 0 < cfg.anchor_timestep < 1000, "--anchor_timestep must be in (0, 1000)"),
+        ("{" not in cfg.anchor_prompt, "--anchor_prompt cannot have {fields}: a folder of images cannot fill them"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ValueError(message)
     if cfg.model is None:
         raise ValueError("give --config with a model section (a task config): its backbone and variants are assessed")
     if cfg.layers:  # given here, a config need not name any
@@ -318,8 +349,11 @@ def run_assess(argv: list[str]) -> int:
     anchor_t = default_anchor_timestep(timestep) if cfg.anchor_timestep is None else cfg.anchor_timestep
     if anchor_t <= timestep:
         raise ValueError(f"the anchor's timestep ({anchor_t}) must be above the assessed one ({timestep})")
+    # each variant is compared with no technique under its own noise seed (--seed: the main one)
+    baselines = {seed: Variant(name=baseline_name(seed, cfg.seed), prompt="", seed=seed) for seed in {cfg.seed}}
+    baselines.update({v.seed: Variant(name=baseline_name(v.seed, cfg.seed), prompt="", seed=v.seed) for v in variants})
     own = [
-        Variant(name=NO_TECHNIQUE.name, prompt="", seed=cfg.seed),
+        *baselines.values(),
         Variant(name=REFERENCE, prompt="", seed=cfg.seed),
         Variant(name=anchor_name(anchor_t), prompt=cfg.anchor_prompt, seed=cfg.seed),
     ]
@@ -349,8 +383,11 @@ def run_assess(argv: list[str]) -> int:
             f"{extractor.img_size}: raise img_size or leave them out with --layers"
         )
     output = Path(cfg.output)
+    from csdiff.backbone.extractor import _comparable
+
+    description = extractor.describe()
     settings = dict(
-        extractor=extractor.describe(),
+        features=dict(_comparable(description), dtype=description["dtype"]),  # weights by content, not path
         variants=[v.name for v in variants],
         strength=cfg.strength,
         steps=cfg.steps,
@@ -368,9 +405,11 @@ def run_assess(argv: list[str]) -> int:
             accelerator="gpu" if kind == "cuda" else kind, devices=[int(index)] if index else 1, strategy="auto"
         )
     save = PictureSaver(str(output), cfg.tensorboard)
-    assessed = [own[0], *variants]
+    main = baselines[cfg.seed]
+    assessed = [main, *variants]
+    extra = [b for seed, b in baselines.items() if seed != cfg.seed]
     module = AssessmentModule(
-        extractor, assessed, anchor_t, dataset, names, output, save, cfg.strength, cfg.steps, cfg.seed, cfg.cell
+        extractor, assessed, extra, anchor_t, dataset, names, output, save, cfg.strength, cfg.steps, cfg.seed, cfg.cell
     )
     trainer = Trainer(
         **trainer_options,
@@ -385,7 +424,9 @@ def run_assess(argv: list[str]) -> int:
     trainer.strategy.barrier()  # every rank's records are written
     if trainer.is_global_zero:
         records = [json.loads(module.record_path(names[p]).read_text()) for p in dataset.paths]
-        rows = summarize(records, [v.name for v in assessed], cfg.level, cfg.resamples, cfg.seed)
+        compared = {b.name: b.name for b in [main, *extra]}
+        compared.update({v.name: baselines[v.seed].name for v in variants})
+        rows = summarize(records, compared, cfg.level, cfg.resamples, cfg.seed)
         write_summary(output, rows, settings)
         print_summary(rows, cfg.level, anchor_name(anchor_t))
         print(f"wrote {output / 'gate_scores.csv'}, gate_scores.json and {len(records)} grids in {output / 'grids'}")
@@ -393,26 +434,35 @@ def run_assess(argv: list[str]) -> int:
 
 
 def check_settings(output: Path, settings: dict, overwrite: bool) -> None:
-    """Per-image records are kept only for the settings they were computed with: another
-    backbone, variant, strength or anchor stops the run (or, with ``--overwrite``, starts over)."""
+    """Per-image records are kept only for the settings they were computed with: other weights,
+    variants, layers, dtype, strength or anchor stop the run with one line per difference (or,
+    with ``--overwrite``, start over). Weights are compared by content: the same model from
+    another folder is the same."""
     path = output / "settings.json"
     if path.is_file():
         saved = json.loads(path.read_text())
         records = list((output / "images").rglob("*.json"))
         if saved != settings and records:
             if not overwrite:
-                from csdiff.backbone.extractor import describe_differences
-
-                keys = sorted(k for k in set(saved) | set(settings) if saved.get(k) != settings.get(k))
-                lines = [f"{k}: {saved.get(k)} (folder) vs {settings.get(k)} (now)" for k in keys if k != "extractor"]
-                if "extractor" in keys:
-                    lines += describe_differences(saved.get("extractor", {}), settings["extractor"], "folder")
+                lines = _differences(saved, settings) or ["the settings file differs"]
                 raise ValueError(
                     f"{output} holds an assessment made with other settings — {'; '.join(lines)}: "
                     "give another --output, or --overwrite true to start over"
                 )
             if rank_zero_only.rank == 0:
-                for record in records:
-                    record.unlink()
+                for stale in [*records, *(output / "grids").rglob("*.png"), output / "gate_scores.csv"]:
+                    stale.unlink(missing_ok=True)
+                (output / "gate_scores.json").unlink(missing_ok=True)
     if rank_zero_only.rank == 0:
         save_text(path, json.dumps(settings, indent=1) + "\n")
+
+
+def _differences(saved: Any, now: Any, key: str = "") -> list[str]:
+    """``key: value (folder) vs value (now)`` for each leaf that differs."""
+    if isinstance(saved, dict) and isinstance(now, dict):
+        return [
+            line
+            for k in dict.fromkeys([*saved, *now])
+            for line in _differences(saved.get(k), now.get(k), f"{key}.{k}" if key else str(k))
+        ]
+    return [] if saved == now else [f"{key}: {saved} (folder) vs {now} (now)"]

@@ -525,6 +525,11 @@ class DiffusionFeatureExtractor(nn.Module):
             # (the seed fixes a variant_sample latent too).
             share_key = None if self.fresh_noise else (variant.seed, variant.prompt, text_key)
         else:
+            if variant.denoise_from <= self.timestep:  # only reachable inside at_timestep
+                raise ValueError(
+                    f"variant {variant.name!r}: denoise_from ({variant.denoise_from}) must be above the timestep "
+                    f"it extracts at ({self.timestep})"
+                )
             noisy = self.add_noise(latents, noise, variant.denoise_from)
             for t in range(variant.denoise_from, self.timestep, -1):
                 extra = self.control_residuals(variant, noisy, t, emb, conds, None, None, added)
