@@ -106,6 +106,18 @@ def config_extractor_options(model: Any, otherwise: str) -> dict[str, Any]:
     return dict(backbone, layers=list(options.layers), variants=variants)
 
 
+def device_options(trainer: Any, device: str | None) -> dict[str, Any]:
+    """The Trainer options a predict-loop verb (extract, visualize, assess) uses: the config's
+    accelerator, devices, strategy and nodes, or ``--device`` (``cpu``, ``cuda:1``) for one device."""
+    options = {k: trainer[k] for k in ("accelerator", "devices", "strategy", "num_nodes")}
+    if device is not None:
+        kind, _, index = device.partition(":")
+        options.update(
+            accelerator="gpu" if kind == "cuda" else kind, devices=[int(index)] if index else 1, strategy="auto"
+        )
+    return options
+
+
 def run_extract(argv: list[str]) -> int:
     """Write features of a folder of images, or of a task config's dataset, into a feature folder.
 
@@ -192,12 +204,7 @@ def run_extract(argv: list[str]) -> int:
     from csdiff.tasks.extraction import check_output_folder, extract_to_folder
 
     check_output_folder(output)  # before loading any weights
-    trainer_options = {k: cfg.trainer[k] for k in ("accelerator", "devices", "strategy", "num_nodes")}
-    if cfg.device is not None:
-        kind, _, index = cfg.device.partition(":")
-        trainer_options.update(
-            accelerator="gpu" if kind == "cuda" else kind, devices=[int(index)] if index else 1, strategy="auto"
-        )
+    trainer_options = device_options(cfg.trainer, cfg.device)
     if not isinstance(trainer_options["strategy"], str):
         raise ValueError("give --trainer.strategy as a name (e.g. ddp) for extraction")
     extractor = DiffusionFeatureExtractor(**kwargs)

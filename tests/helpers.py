@@ -151,3 +151,39 @@ def write_merged_copy(source: Path, out: Path, modules: dict, scale: float = 1.0
         shutil.rmtree(out / name)
         model.save_pretrained(out / name)
     return out
+
+
+def stock_img2img(extractor, images: torch.Tensor, strength: float, steps: int, seed: int) -> torch.Tensor:
+    """diffusers' own StableDiffusionImg2ImgPipeline on the extractor's components (DDIM, guidance
+    1, empty prompt), started from the extractor's latent, one image per call with a generator
+    seeded by ``seed``: the reference for csdiff's no-technique reconstruction. Pictures in [0, 1]."""
+    from diffusers import DDIMScheduler, StableDiffusionImg2ImgPipeline
+
+    from csdiff.backbone.img2img import NO_TECHNIQUE
+
+    pipe = StableDiffusionImg2ImgPipeline(
+        vae=extractor.vae,
+        text_encoder=extractor.text_encoder,
+        tokenizer=extractor.tokenizer,
+        unet=extractor.unet,
+        scheduler=DDIMScheduler.from_config(extractor.scheduler.config),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    latents = extractor.encode_images(images, NO_TECHNIQUE)
+    return torch.cat(
+        [
+            pipe(
+                "",
+                image=latents[i : i + 1],  # a 4-channel image is taken as the latent
+                strength=strength,
+                num_inference_steps=steps,
+                guidance_scale=1.0,
+                generator=torch.Generator().manual_seed(seed),
+                output_type="pt",
+            ).images
+            for i in range(len(images))
+        ]
+    )

@@ -13,8 +13,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-import torch
-from helpers import assert_close_up_to_rounding, shapes_images
+from helpers import assert_close_up_to_rounding, shapes_images, stock_img2img
 
 from csdiff.assess.command import CAPTION, anchor_name, default_anchor_timestep, summarize
 from csdiff.backbone import DiffusionFeatureExtractor
@@ -62,7 +61,7 @@ def test_no_technique_reconstruction_is_the_stock_img2img_pipeline():
     """Same strength, DDIM schedule, latent and noise: diffusers' img2img pipeline at guidance 1
     gives the same pictures (another code path: equal up to float32 rounding); a ControlNet's
     guidance changes them."""
-    from diffusers import DDIMScheduler, StableDiffusionImg2ImgPipeline
+    from diffusers import DDIMScheduler
 
     extractor = DiffusionFeatureExtractor(
         "tiny",
@@ -73,32 +72,7 @@ def test_no_technique_reconstruction_is_the_stock_img2img_pipeline():
     )
     images = shapes_images(2, 64, seed=3)
     ours = reconstruct(extractor, images, NO_TECHNIQUE, strength=0.6, steps=10, seed=5)
-    pipe = StableDiffusionImg2ImgPipeline(
-        vae=extractor.vae,
-        text_encoder=extractor.text_encoder,
-        tokenizer=extractor.tokenizer,
-        unet=extractor.unet,
-        scheduler=DDIMScheduler.from_config(extractor.scheduler.config),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.set_progress_bar_config(disable=True)
-    latents = extractor.encode_images(images, NO_TECHNIQUE)
-    stock = torch.cat(
-        [
-            pipe(
-                "",
-                image=latents[i : i + 1],  # a 4-channel image is taken as the latent
-                strength=0.6,
-                num_inference_steps=10,
-                guidance_scale=1.0,
-                generator=torch.Generator().manual_seed(5),
-                output_type="pt",
-            ).images
-            for i in range(2)
-        ]
-    )
+    stock = stock_img2img(extractor, images, strength=0.6, steps=10, seed=5)
     assert_close_up_to_rounding(ours * 0.5 + 0.5, stock)
     steps = chain_timesteps(DDIMScheduler.from_config(extractor.scheduler.config), 0.6, 10)
     assert steps.tolist() == [501, 401, 301, 201, 101, 1]  # SD 1.5's "leading" DDIM schedule, last 6 of 10

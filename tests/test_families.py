@@ -16,7 +16,7 @@ import pytest
 import torch
 import yaml
 from diffusers import DDIMScheduler, UNet2DConditionModel
-from helpers import assert_close_up_to_rounding, load_script, shapes_images
+from helpers import assert_close_up_to_rounding, load_script, shapes_images, stock_img2img
 from test_backbone import assert_every_name_equals_an_independent_hook
 
 from csdiff.backbone import ControlNet, DiffusionFeatureExtractor, LoRA, Variant, enumerate_activations
@@ -438,7 +438,6 @@ def test_assess_runs_on_each_family(family, sd2, sdxl, images, tmp_path, capsys)
     prediction type; the no-technique reconstruction is the stock img2img pipeline's) and on
     SDXL (time ids, two text encoders, its float32 VAE), each with its ControlNet."""
     import cv2
-    from diffusers import StableDiffusionImg2ImgPipeline
 
     from csdiff.backbone.img2img import NO_TECHNIQUE, reconstruct
     from csdiff.cli import main
@@ -460,24 +459,5 @@ def test_assess_runs_on_each_family(family, sd2, sdxl, images, tmp_path, capsys)
         extractor = DiffusionFeatureExtractor(str(folder), ["unet-in"], img_size=64, vae_decoder=True)
         assert extractor.prediction_type == "v_prediction"
         ours = reconstruct(extractor, images[:1], NO_TECHNIQUE, strength=0.6, steps=10, seed=2)
-        pipe = StableDiffusionImg2ImgPipeline(
-            vae=extractor.vae,
-            text_encoder=extractor.text_encoder,
-            tokenizer=extractor.tokenizer,
-            unet=extractor.unet,
-            scheduler=DDIMScheduler.from_config(extractor.scheduler.config),
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
-        )
-        pipe.set_progress_bar_config(disable=True)
-        stock = pipe(
-            "",
-            image=extractor.encode_images(images[:1], NO_TECHNIQUE),
-            strength=0.6,
-            num_inference_steps=10,
-            guidance_scale=1.0,
-            generator=torch.Generator().manual_seed(2),
-            output_type="pt",
-        ).images
+        stock = stock_img2img(extractor, images[:1], strength=0.6, steps=10, seed=2)
         assert_close_up_to_rounding(ours * 0.5 + 0.5, stock)

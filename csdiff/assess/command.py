@@ -274,7 +274,7 @@ def run_assess(argv: list[str]) -> int:
 
     from csdiff.backbone import DiffusionFeatureExtractor
     from csdiff.backbone.variants import as_variant
-    from csdiff.cli import _parser, config_extractor_options
+    from csdiff.cli import _parser, config_extractor_options, device_options
     from csdiff.data.reading import DataError, output_names
     from csdiff.data.segmentation import ImageFolderDataset
     from csdiff.resume import StopPredicting
@@ -398,12 +398,7 @@ def run_assess(argv: list[str]) -> int:
     settings = json.loads(json.dumps(settings))  # as it reads back from disk
     check_settings(output, settings, cfg.overwrite)
 
-    trainer_options = {k: cfg.trainer[k] for k in ("accelerator", "devices", "strategy", "num_nodes")}
-    if cfg.device is not None:
-        kind, _, index = cfg.device.partition(":")
-        trainer_options.update(
-            accelerator="gpu" if kind == "cuda" else kind, devices=[int(index)] if index else 1, strategy="auto"
-        )
+    trainer_options = device_options(cfg.trainer, cfg.device)
     save = PictureSaver(str(output), cfg.tensorboard)
     main = baselines[cfg.seed]
     assessed = [main, *variants]

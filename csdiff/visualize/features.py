@@ -119,7 +119,7 @@ def run_visualize(argv: list[str]) -> int:
 
     from csdiff.backbone import DiffusionFeatureExtractor
     from csdiff.backbone.variants import as_variant
-    from csdiff.cli import _parser
+    from csdiff.cli import _parser, device_options
     from csdiff.data.reading import output_names
     from csdiff.data.segmentation import ImageFolderDataset
 
@@ -190,12 +190,7 @@ def run_visualize(argv: list[str]) -> int:
         raise ValueError("give --images (a folder or an image file) and --output (a folder)")
     dataset = ImageFolderDataset(cfg.images)  # before loading any weights: a bad folder fails at once
     names = dict(zip(dataset.paths, output_names(dataset.paths, dataset.root), strict=True))
-    trainer_options = {k: cfg.trainer[k] for k in ("accelerator", "devices", "strategy", "num_nodes")}
-    if cfg.device is not None:
-        kind, _, index = cfg.device.partition(":")
-        trainer_options.update(
-            accelerator="gpu" if kind == "cuda" else kind, devices=[int(index)] if index else 1, strategy="auto"
-        )
+    trainer_options = device_options(cfg.trainer, cfg.device)
     options = extractor_options(cfg.model)
     gated = load_gated_task(cfg.model.class_path, cfg.ckpt_path) if cfg.ckpt_path is not None else None
     reference = DiffusionFeatureExtractor(
