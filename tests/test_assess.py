@@ -228,3 +228,5 @@ def test_summary_compares_each_variant_with_no_technique_of_its_seed_and_skips_u
     assert np.isnan(rows["s2", "y"]["score"]) and rows["s2", "y"]["images"] == 0
     assert rows["s2", "y"]["verdict"] == "undefined" and rows["s2", "x"]["images"] == 4
     assert np.isnan(rows["no technique, seed 2", "all"]["psnr"])  # scored, never reconstructed
+    two = {(r["variant"], r["layer"]): r for r in summarize(records[:2], baselines, 0.95, 200, 0)}
+    assert two["s2", "x"]["verdict"] == "too few images (2)"  # a bootstrap of two values says nothing

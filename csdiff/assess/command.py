@@ -46,6 +46,7 @@ from csdiff.visualize.features import HEADER, PAD, draw_label
 from csdiff.visualize.overlays import image_to_rgb
 
 REFERENCE = "t=0"
+MIN_IMAGES = 3  # below this a bootstrap interval says nothing: no verdict
 CAPTION = 16
 
 
@@ -211,7 +212,9 @@ def summarize(records: list[dict], baselines: dict[str, str], level: float, resa
             row["images"] = int(np.isfinite(values).sum())
             if variant != baseline:
                 delta, d_low, d_high = interval(paired_bootstrap_difference, values, per_image(baseline, layer))
-                words = verdict(d_low, d_high) if np.isfinite(d_low) else "undefined"
+                paired = int((np.isfinite(values) & np.isfinite(per_image(baseline, layer))).sum())
+                words = "undefined" if not np.isfinite(d_low) else verdict(d_low, d_high)
+                words = f"too few images ({paired})" if 0 < paired < MIN_IMAGES else words
                 row.update(delta=delta, delta_low=d_low, delta_high=d_high, verdict=words, baseline=baseline)
             else:
                 row.update(delta=0.0, delta_low=0.0, delta_high=0.0, verdict="reference", baseline=baseline)
