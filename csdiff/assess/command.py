@@ -386,11 +386,11 @@ def run_assess(argv: list[str]) -> int:
             f"{extractor.img_size}: raise img_size or leave them out with --layers"
         )
     output = Path(cfg.output)
-    from csdiff.backbone.extractor import _comparable
+    from csdiff.backbone.extractor import comparable_description
 
     description = extractor.describe()
     settings = dict(
-        features=dict(_comparable(description), dtype=description["dtype"]),  # weights by content, not path
+        features=dict(comparable_description(description), dtype=description["dtype"]),  # weights by content, not path
         variants=[v.name for v in variants],
         strength=cfg.strength,
         steps=cfg.steps,

@@ -341,12 +341,12 @@ class DiffusionFeatureExtractor(nn.Module):
         """The posterior sample's standard normal draw: shared and seeded (``sample``), the variant's
         seeded one, or (``variant_sample`` with ``fresh_noise``) fresh per image and call."""
         if self.latent == "sample":
-            return self._seeded_noise(self._vae_noise_seed(), shape, batch)
+            return self.seeded_noise(self._vae_noise_seed(), shape, batch)
         if variant is None:
             raise ValueError("latent 'variant_sample' draws one latent per variant: pass the variant")
         if self.fresh_noise:
             return torch.randn((batch, *shape), device=self.device, dtype=torch.float32)
-        return self._seeded_noise(self._vae_noise_seed(variant.seed), shape, batch)
+        return self.seeded_noise(self._vae_noise_seed(variant.seed), shape, batch)
 
     def resize(self, images: torch.Tensor) -> torch.Tensor:
         if images.ndim != 4 or images.shape[1] != 3:
@@ -361,7 +361,7 @@ class DiffusionFeatureExtractor(nn.Module):
             antialias=True,
         )
 
-    def _seeded_noise(self, seed: int, shape: Sequence[int], batch: int) -> torch.Tensor:
+    def seeded_noise(self, seed: int, shape: Sequence[int], batch: int) -> torch.Tensor:
         """One noise map per seed, broadcast over the batch: an image's features never depend on its batch."""
         gen = torch.Generator(device="cpu").manual_seed(seed)
         noise = torch.randn((1, *shape), generator=gen, dtype=torch.float32)
@@ -374,7 +374,7 @@ class DiffusionFeatureExtractor(nn.Module):
     def _noise(self, variant: Variant, shape: Sequence[int], batch: int) -> torch.Tensor:
         if self.fresh_noise:
             return torch.randn((batch, *shape), device=self.device, dtype=self.dtype)
-        return self._seeded_noise(variant.seed, shape, batch)
+        return self.seeded_noise(variant.seed, shape, batch)
 
     def add_noise(self, latents: torch.Tensor, noise: torch.Tensor, t: int) -> torch.Tensor:
         """Forward diffusion to exactly step ``t`` with the scheduler's own ``add_noise``."""
@@ -634,7 +634,7 @@ def _cat_along_batch(parts: list[dict]) -> dict:
     }
 
 
-def _comparable(description: dict) -> dict:
+def comparable_description(description: dict) -> dict:
     """What fixes the features, with every weight named by its fingerprint (not its path or hub id)."""
     out = {
         key: description[key]
@@ -667,7 +667,7 @@ def describe_differences(saved: dict, current: dict, saved_as: str = "checkpoint
     """What differs between two :meth:`DiffusionFeatureExtractor.describe` results, one line per
     difference (empty: the features are the same), ``saved`` named as ``saved_as``. Keys missing
     from ``saved`` are not compared."""
-    a, b = _comparable(saved), _comparable(current)
+    a, b = comparable_description(saved), comparable_description(current)
     lines = []
     for key in a:
         if key == "variants" or key not in b or a[key] == b[key]:

@@ -63,7 +63,7 @@ def reconstruct(
     images = extractor.resize(images)
     latents = extractor.encode_images(images, variant)
     batch = latents.shape[0]
-    noise = extractor._seeded_noise(seed, latents.shape[1:], batch)
+    noise = extractor.seeded_noise(seed, latents.shape[1:], batch)
     x = scheduler.add_noise(latents, noise, timesteps[:1].repeat(batch).to(latents.device))
     text_key = extractor.text_key(variant)  # activates the variant's LoRAs
     emb = extractor.prompt_embedding(variant.prompt, text_key).to(extractor.device, extractor.dtype)
