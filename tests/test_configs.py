@@ -92,6 +92,18 @@ SD15_RUNS = [
 ]
 
 
+def _is_pixart(config: dict) -> bool:
+    """A PixArt config: it runs on a tiny PixArt, and at real size on random-pixart-alpha."""
+    return "PixArt" in config["model"]["init_args"]["backbone"]["model"]
+
+
+@pytest.fixture(scope="module")
+def tiny_pixart(tmp_path_factory) -> Path:
+    return load_script("make_tiny_pixart").make_tiny_pixart(
+        tmp_path_factory.mktemp("pixart") / "tiny-pixart", sigma=True
+    )
+
+
 def _trains(config: dict) -> bool:
     """False for a zero-shot config (nothing to train: it is run with `test`)."""
     model = config["model"]["init_args"]
@@ -185,9 +197,10 @@ def _run(config: dict, path: Path, test: bool = True):
 @pytest.mark.parametrize(
     "config", [c for c in CONFIGS if c.name != "assess_quickstart.yaml"], ids=lambda p: p.name
 )  # the assess config is run by `csdiff assess` in tests/test_assess.py
-def test_config_runs_with_tiny_backbone(config, tmp_path):
+def test_config_runs_with_tiny_backbone(config, tmp_path, tiny_pixart):
     text = yaml.safe_load(config.read_text())
-    cli, score = _run(_substitute_tiny(text, tmp_path), tmp_path / config.name)
+    backbone = str(tiny_pixart) if _is_pixart(text) else "tiny"
+    cli, score = _run(_substitute_tiny(text, tmp_path, backbone), tmp_path / config.name)
     assert score in cli.trainer.callback_metrics
 
 
@@ -208,14 +221,15 @@ def test_paper_config_instantiates_at_sd15_size_in_its_dtype_without_running_the
     float32: DIFT's setting): the constructor must not extract."""
     import importlib
 
-    from diffusers import ControlNetModel, UNet2DConditionModel
+    from diffusers import ControlNetModel, PixArtTransformer2DModel, UNet2DConditionModel
     from diffusers.models.autoencoders.vae import Encoder
     from torch._subclasses.fake_tensor import FakeTensor
 
     text = yaml.safe_load(config.read_text())
     model = text["model"]["init_args"]
     lora = lambda path, seed: str(write_random_lora(path, sd15_lora_unet, seed=seed))  # noqa: E731
-    _substitute_models(model, tmp_path, "random-sd15", "random-sd15-controlnet-canny", lora)
+    backbone = "random-pixart-alpha" if _is_pixart(text) else "random-sd15"
+    _substitute_models(model, tmp_path, backbone, "random-sd15-controlnet-canny", lora)
     dtype = model["backbone"]["dtype"]
     assert (dtype == "float16" or config.name == "corr_spair_zeroshot_sd21.yaml") and model["backbone"]["img_size"] in (
         512,
@@ -224,7 +238,8 @@ def test_paper_config_instantiates_at_sd15_size_in_its_dtype_without_running_the
     )
     module, name = text["model"]["class_path"].rsplit(".", 1)
     task_class = getattr(importlib.import_module(module), name)
-    heavy = (UNet2DConditionModel, ControlNetModel, Encoder)  # Encoder: the VAE's, which `vae.encode` runs
+    # Encoder: the VAE's, which `vae.encode` runs
+    heavy = (UNet2DConditionModel, PixArtTransformer2DModel, ControlNetModel, Encoder)
     real_calls = []
 
     def count(module, args):  # a pre-hook: a call counts when it starts (the extractor stops the UNet early)

@@ -133,25 +133,27 @@ class ActivationCapture:
         self._sizes: dict[str, tuple[int, int]] = {}
         self._handles: list[Any] = []
         self._processors: dict[str, Any] = {}
+        self._map_spatial: dict[str, str] = {}
 
-    def _install_map(self, path: str) -> None:
+    def _install_map(self, path: str, spatial: str, patch: int = 1) -> None:
         if path not in self._processors:
             attn = self.unet.get_submodule(path)
             self._processors[path] = attn.processor
             attn.set_processor(AttentionMapProcessor(self._maps, path))
-            self._track_size(path.rsplit(".transformer_blocks", 1)[0])
+            self._map_spatial[path] = spatial
+            self._track_size(spatial, patch)
 
-    def _track_size(self, spatial: str) -> None:
-        """Record the H×W entering a transformer, to fold its tokens back into a map."""
+    def _track_size(self, spatial: str, patch: int = 1) -> None:
+        """Record the H×W entering a transformer (divided by its patch size), to fold its tokens back into a map."""
         if spatial not in self._sizes:
             self._sizes[spatial] = (0, 0)
             module = self.unet.get_submodule(spatial)
-            self._handles.append(module.register_forward_pre_hook(self._size_hook(spatial)))
+            self._handles.append(module.register_forward_pre_hook(self._size_hook(spatial, patch)))
 
     def __enter__(self) -> "ActivationCapture":
         for act in self.acts:
             if act.kind in ("self-map", "cross-map"):
-                self._install_map(act.module)
+                self._install_map(act.module, act.spatial, act.patch)
                 continue
             module = self.unet.get_submodule(act.module)
             if act.kind == "input":
@@ -159,10 +161,10 @@ class ActivationCapture:
             else:
                 self._handles.append(module.register_forward_hook(self._output_hook(act)))
             if act.spatial is not None:
-                self._track_size(act.spatial)
+                self._track_size(act.spatial, act.patch)
         for paths in self.up_cross.values():
             for path in paths:
-                self._install_map(path)
+                self._install_map(path, path.rsplit(".transformer_blocks", 1)[0])
         if self.stop_early and (
             self.acts or self.up_cross
         ):  # registered last: the module's own capture hook runs first
@@ -200,9 +202,9 @@ class ActivationCapture:
 
         return hook
 
-    def _size_hook(self, path: str):
+    def _size_hook(self, path: str, patch: int):
         def hook(module, args, *_):
-            self._sizes[path] = tuple(args[0].shape[-2:])
+            self._sizes[path] = tuple(int(d) // patch for d in args[0].shape[-2:])
 
         return hook
 
@@ -219,7 +221,7 @@ class ActivationCapture:
         """(B, N_q, N_k) probabilities → (B, N_k, H, W) on the query grid."""
         probs = self._maps[path]
         b, n_q, n_k = probs.shape
-        size = self._sizes[path.rsplit(".transformer_blocks", 1)[0]]
+        size = self._sizes[self._map_spatial[path]]
         return probs.transpose(1, 2).reshape(b, n_k, *size)
 
     def _collect_maps(self) -> None:

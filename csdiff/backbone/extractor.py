@@ -127,6 +127,7 @@ class DiffusionFeatureExtractor(nn.Module):
         self.unet, self.vae, self.text_encoder = parts.unet, parts.vae, parts.text_encoder
         self.tokenizer, self.scheduler, self.spec = parts.tokenizer, parts.scheduler, parts.spec
         self.text_encoder_2, self.tokenizer_2, self.family = parts.text_encoder_2, parts.tokenizer_2, parts.family
+        self._refuse_unsupported(model)
         self.layers = resolve_layers(self.unet, layers)
         self.latent_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         img_size = self.unet.config.sample_size * self.latent_factor if img_size is None else img_size
@@ -201,6 +202,21 @@ class DiffusionFeatureExtractor(nn.Module):
             compile_blocks(self.vae.encoder, backend)
             for net in self.controlnets.values():
                 compile_blocks(net, backend)
+
+    def _refuse_unsupported(self, model: str) -> None:
+        """One line per variant that asks this family for what csdiff does not run on it yet."""
+        asks = {
+            "ControlNet": lambda v: bool(v.controlnets),
+            "LoRA": lambda v: bool(v.loras),
+            "own weights": lambda v: v.weights is not None,
+        }
+        for v in self.variants:
+            for what in self.family.unsupported:
+                if what in asks and asks[what](v):
+                    raise ValueError(
+                        f"variant {v.name!r} uses {what}, which csdiff does not run on {self.family.name} models "
+                        f"({model}) yet: use prompts, seeds and denoise_from there, or an SD 1.x/2.x/XL backbone"
+                    )
 
     # --- frozen: stays in eval mode even when an enclosing module trains ---
     def train(self, mode: bool = True) -> "DiffusionFeatureExtractor":
@@ -533,7 +549,7 @@ class DiffusionFeatureExtractor(nn.Module):
             noisy = self.add_noise(latents, noise, variant.denoise_from)
             for t in range(variant.denoise_from, self.timestep, -1):
                 extra = self.control_residuals(variant, noisy, t, emb, conds, None, None, added)
-                prediction = unet(noisy, t, encoder_hidden_states=emb, **extra, **added).sample
+                prediction = self.family.run(unet, noisy, t, emb, added, extra)
                 noisy = self.ddim_step(noisy, prediction, t)
             share_key = None  # the chain depends on every guidance setting: never shared
         extra = self.control_residuals(variant, noisy, self.timestep, emb, conds, control_cache, share_key, added)
@@ -580,7 +596,7 @@ class DiffusionFeatureExtractor(nn.Module):
         with ActivationCapture(
             unet, names, tuple(shape[-2:]), self.tokenizer.model_max_length, stop_early=True
         ) as capture:
-            unet(noisy, self.timestep, encoder_hidden_states=emb, **extra, **added)
+            self.family.run(unet, noisy, self.timestep, emb, added, extra)
         return {
             c.variant.name: {
                 n: capture.features[n][i * batch : (i + 1) * batch].to(self.feature_dtype).contiguous() for n in names

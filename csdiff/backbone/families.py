@@ -1,9 +1,10 @@
 """What differs between model families, in one place: one ``Family`` per architecture.
 
-Every family shares the name grammar, hooks, noise, chains and tasks; a family supplies only
-its named layer sets, the up-levels of ``up_cross``, how a prompt becomes the UNet's text
-conditioning, and the extra UNet arguments that conditioning needs. The family is read from
-the UNet's configuration, never from a model's name.
+Every family shares hooks, noise, chains and tasks; a family supplies only its name grammar
+(``unet``: SD's levels; ``dit``: a diffusion transformer's blocks), its named layer sets, the
+up-levels of ``up_cross``, how a prompt becomes the denoiser's text conditioning, the extra
+arguments that conditioning needs, and how the denoiser is called. The family is read from the
+denoiser's configuration, never from a model's name.
 """
 
 from __future__ import annotations
@@ -13,11 +14,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch import nn
 
-from csdiff.backbone.prompts import encode_prompt, encode_prompt_sdxl
+from csdiff.backbone.prompts import encode_prompt, encode_prompt_sdxl, encode_prompt_t5
 
-# A prompt → (text embedding (1, tokens, D), pooled embedding (1, P) or None), given the
-# tokenizers and text encoders of the family, in order.
+# A prompt → (text embedding (1, tokens, D), a second tensor or None: SDXL's pooled embedding
+# (1, P), a T5 family's attention mask (1, tokens)), given the family's tokenizers and text
+# encoders, in order.
 Encoder = Callable[[tuple, tuple, str], tuple[torch.Tensor, "torch.Tensor | None"]]
 
 
@@ -27,13 +30,56 @@ def _encode_sd(tokenizers: tuple, encoders: tuple, prompt: str) -> tuple[torch.T
 
 @dataclass(frozen=True)
 class Family:
-    """One architecture family: its named sets, ``up_cross`` levels and text conditioning."""
+    """One architecture family: its name grammar, named sets, ``up_cross`` levels, text
+    conditioning and denoiser call."""
 
     name: str
     layer_sets: dict[str, tuple[str, ...]]
     up_cross_levels: tuple[int, ...]
     encode: Encoder
     time_ids: bool = False  # SDXL: pooled text embedding and six time ids as added conditioning
+    grammar: str = "unet"  # "unet": levels, repeats and samplers (DESIGN §2); "dit": transformer blocks
+    # What csdiff does not run on this family yet (each refused with one line when asked for).
+    unsupported: tuple[str, ...] = ()
+
+    def run(self, model: nn.Module, noisy: torch.Tensor, t: int, emb: torch.Tensor, added: dict, extra: dict):
+        """One denoiser call at integer step ``t``; returns its noise (or v) prediction, without a
+        learned-variance half. ``added`` comes from :meth:`added_conditions`, ``extra`` holds
+        ControlNet residuals (UNet families)."""
+        if self.grammar == "unet":
+            return model(noisy, t, encoder_hidden_states=emb, **extra, **added).sample
+        steps = torch.full((noisy.shape[0],), t, device=noisy.device, dtype=torch.long)
+        sizes = {"resolution": added["resolution"], "aspect_ratio": added["aspect_ratio"]}
+        if not model.use_additional_conditions:
+            sizes = {"resolution": None, "aspect_ratio": None}
+        out = model(
+            noisy,
+            encoder_hidden_states=emb,
+            timestep=steps,
+            added_cond_kwargs=sizes,
+            encoder_attention_mask=added["encoder_attention_mask"],
+        ).sample
+        return out[:, : noisy.shape[1]]  # learned variance: the mean (ε) half, as PixArt's pipeline takes it
+
+    def shape_inputs(self, model: nn.Module, latent_size: Sequence[int], window: int, dtype: torch.dtype):
+        """(latent, text embedding, added conditions) of one image: what a shape-only call needs."""
+        config = model.config
+        latent = torch.zeros(1, config.in_channels, *latent_size, dtype=dtype)
+        if self.grammar == "dit":
+            emb = torch.zeros(1, window, config.caption_channels, dtype=dtype)
+            size = latent_size[0] * 8  # pixels: PixArt's VAEs downsample 8×; only the embedding reads it
+            return latent, emb, self.added_conditions(torch.ones(1, window), size, 1, dtype, "cpu")
+        emb = torch.zeros(1, window, config.cross_attention_dim, dtype=dtype)
+        if not self.time_ids:
+            return latent, emb, {}
+        pooled = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
+        return latent, emb, self.added_conditions(torch.zeros(1, pooled), latent_size[0] * 8, 1, dtype, "cpu")
+
+    def downsampling(self, model: nn.Module) -> int:
+        """How many times the denoiser shrinks its input's side: UNet downsamplings or the patch size."""
+        if self.grammar == "dit":
+            return model.config.patch_size
+        return 2 ** (len(model.config.block_out_channels) - 1)
 
     def added_conditions(
         self,
@@ -46,7 +92,14 @@ class Family:
     ) -> dict:
         """Extra UNet/ControlNet arguments: none for SD 1.x/2.x; for SDXL the pooled embedding and
         the time ids (original height, width, crop top, left, target height, width), by default
-        the image at ``img_size``, uncropped."""
+        the image at ``img_size``, uncropped. For PixArt (``pooled`` is then the prompt's attention
+        mask) the mask and the resolution and aspect-ratio conditions of a square ``img_size``."""
+        if self.grammar == "dit":
+            return {
+                "encoder_attention_mask": pooled.to(device).expand(batch, -1),
+                "resolution": torch.tensor([[img_size, img_size]], device=device, dtype=dtype).expand(batch, -1),
+                "aspect_ratio": torch.ones((batch, 1), device=device, dtype=dtype),
+            }
         if not self.time_ids:
             return {}
         values = [float(v) for v in (time_ids or (img_size, img_size, 0, 0, img_size, img_size))]
@@ -91,11 +144,25 @@ SDXL = Family(
     encode=encode_prompt_sdxl,
     time_ids=True,
 )
-FAMILIES = {f.name: f for f in (SD, SDXL)}
+PIXART = Family(
+    name="pixart",
+    # csdiff's own choice (the companion paper defines no set for PixArt): block outputs evenly
+    # spaced through the middle of PixArt-α/Σ's 28 blocks, where DiT features are most semantic.
+    layer_sets={"practical": ("vit-block8-out", "vit-block12-out", "vit-block16-out", "vit-block20-out")},
+    up_cross_levels=(),
+    encode=encode_prompt_t5,
+    grammar="dit",
+    unsupported=("ControlNet", "LoRA", "own weights", "up_cross"),
+)
+FAMILIES = {f.name: f for f in (SD, SDXL, PIXART)}
+# Denoiser classes csdiff can place, by family.
+DENOISER_CLASSES = {"UNet2DConditionModel": "sd / sdxl", "PixArtTransformer2DModel": "pixart"}
 
 
 def family_of_config(unet_config: dict) -> Family:
-    """SDXL for UNets conditioned on pooled text and time ids, else SD 1.x / 2.x."""
+    """PixArt for its transformer; SDXL for UNets conditioned on pooled text and time ids; else SD 1.x / 2.x."""
+    if unet_config.get("_class_name") == "PixArtTransformer2DModel" or "caption_channels" in unet_config:
+        return PIXART
     return SDXL if unet_config.get("addition_embed_type") == "text_time" else SD
 
 

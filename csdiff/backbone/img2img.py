@@ -73,7 +73,7 @@ def reconstruct(
     unet = extractor.unet_of(variant)
     for t in timesteps.tolist():
         extra = extractor.control_residuals(variant, x, t, emb, conditions, None, None, added)
-        prediction = unet(x, t, encoder_hidden_states=emb, **extra, **added).sample
+        prediction = extractor.family.run(unet, x, t, emb, added, extra)
         x = scheduler.step(prediction, t, x).prev_sample
     decoded = vae.decode(x.to(vae.dtype) / vae.config.scaling_factor).sample
     return decoded.float().clamp(-1, 1)

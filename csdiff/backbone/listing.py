@@ -11,7 +11,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import torch
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -32,35 +31,30 @@ def activation_shapes(
     unet: nn.Module, names: Sequence[str], latent_size: tuple[int, int], prompt_window: int = 77
 ) -> dict[str, tuple[int, int, int]]:
     """(C, H, W) of each named activation for one image whose latent is ``latent_size``."""
-    cross_dim = unet.config.cross_attention_dim
+    family = family_of(unet)
     dtype = next(unet.parameters()).dtype
     with FakeTensorMode(allow_non_fake_inputs=True):
-        latent = torch.zeros(1, unet.config.in_channels, *latent_size, dtype=dtype)
-        emb = torch.zeros(1, prompt_window, cross_dim, dtype=dtype)
-        added = {}
-        if family_of(unet).time_ids:  # pooled text embedding + 6 time ids
-            pooled = unet.config.projection_class_embeddings_input_dim - 6 * unet.config.addition_time_embed_dim
-            added = {
-                "added_cond_kwargs": {
-                    "text_embeds": torch.zeros(1, pooled, dtype=dtype),
-                    "time_ids": torch.zeros(1, 6, dtype=dtype),
-                }
-            }
+        latent, emb, added = family.shape_inputs(unet, latent_size, prompt_window, dtype)
         with ActivationCapture(unet, list(names), latent_size=latent_size, prompt_window=prompt_window) as capture:
-            unet(latent, 0, encoder_hidden_states=emb, **added)
+            family.run(unet, latent, 0, emb, added, {})
         return {name: tuple(int(d) for d in capture.features[name].shape[1:]) for name in names}
 
 
 def check_img_size(img_size: int, vae: nn.Module, unet: nn.Module) -> None:
-    """The extractor's rule: an image side must survive the VAE's and the UNet's downsamplings
-    exactly (a positive multiple of their product), or skip connections do not line up."""
+    """The extractor's rule: an image side must survive the VAE's and the denoiser's downsamplings
+    exactly (a positive multiple of their product), or skip connections (or patches) do not line up."""
     factor = 2 ** (len(vae.config.block_out_channels) - 1)
-    downsamplings = len(unet.config.block_out_channels) - 1
-    multiple = factor * 2**downsamplings
+    shrink = family_of(unet).downsampling(unet)
+    multiple = factor * shrink
     if img_size <= 0 or img_size % multiple:
+        how = (
+            f"patches of {shrink}"
+            if family_of(unet).grammar == "dit"
+            else f"{shrink.bit_length() - 1} UNet downsamplings"
+        )
         raise ValueError(
             f"img_size={img_size} does not suit this model: it must be a positive multiple of {multiple} "
-            f"(VAE ×{factor}, then {downsamplings} UNet downsamplings)"
+            f"(VAE ×{factor}, then {how})"
         )
 
 

@@ -29,9 +29,13 @@ from csdiff.backbone.families import Family, family_of, family_of_config
 from csdiff.backbone.tiny import TINY_ALIASES
 
 SD_SUBFOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+# A diffusion transformer's pipeline (PixArt) holds transformer/ where SD holds unet/.
+DIT_SUBFOLDERS = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
 # What is fetched for a pipeline: SDXL-architecture models add a second text encoder.
-SNAPSHOT_SUBFOLDERS = (*SD_SUBFOLDERS, "text_encoder_2", "tokenizer_2")
-WEIGHT_SUBFOLDERS = ("unet", "vae", "text_encoder", "text_encoder_2")
+SNAPSHOT_SUBFOLDERS = (*SD_SUBFOLDERS, "transformer", "text_encoder_2", "tokenizer_2")
+WEIGHT_SUBFOLDERS = ("unet", "transformer", "vae", "text_encoder", "text_encoder_2")
+# PixArt's prompt length (its pipelines' ``max_sequence_length``), by pipeline class.
+T5_PROMPT_TOKENS = {"PixArtAlphaPipeline": 120, "PixArtSigmaPipeline": 300}
 # Files that loading never reads when the plain weights are present: precision/EMA variants.
 _VARIANT_MARKS = (".fp16.", "non_ema", ".ema.")
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
@@ -221,7 +225,10 @@ def _snapshot(repo_id: str, subfolders: tuple[str, ...] | None) -> Path:
     patterns = (
         ["*.json", "*.txt", "*.safetensors"]
         if subfolders is None
-        else (["model_index.json"] + [f"{s}/*.{ext}" for s in subfolders for ext in ("json", "txt", "safetensors")])
+        else (
+            ["model_index.json"]
+            + [f"{s}/*.{ext}" for s in subfolders for ext in ("json", "txt", "safetensors", "model")]
+        )
     )
     offline = _hub_offline()
     try:
@@ -257,6 +264,7 @@ def load_sd_components(
     """
     torch_dtype = parse_dtype(dtype)
     path = Path(model).expanduser()
+    components = None
     if random_models.is_random_model(model):
         components = _build_random(model, torch_dtype, load_vae_decoder)
     elif path.suffix in SINGLE_FILE_SUFFIXES and path.is_file():
@@ -264,6 +272,9 @@ def load_sd_components(
     else:
         folder, weights_id = resolve_model_folder(model)
         check_architecture(folder)
+    if components is None and (folder / "transformer").is_dir():
+        components = _load_transformer_folder(folder, BackboneSpec(model, weights_id, base_model), torch_dtype)
+    elif components is None:
         missing = [s for s in SD_SUBFOLDERS if not (folder / s).is_dir()]
         if missing:
             hint = (
@@ -306,7 +317,10 @@ def load_sd_components(
     return components
 
 
-SUPPORTED_FAMILIES = "SD 1.x, SD 2.x and SDXL (UNet2DConditionModel with CLIP text encoders)"
+SUPPORTED_FAMILIES = (
+    "SD 1.x, SD 2.x and SDXL (UNet2DConditionModel with CLIP text encoders) and PixArt-α/Σ "
+    "(PixArtTransformer2DModel with T5)"
+)
 # UNet settings that fix the architecture: a UNet override must match the base model in all.
 _ARCHITECTURE_KEYS = (
     "in_channels",
@@ -327,9 +341,21 @@ def check_architecture(folder: Path) -> None:
     pipeline = json.loads(index.read_text()).get("_class_name", "") if index.is_file() else ""
     unet_config = folder / "unet" / "config.json"
     unet = json.loads(unet_config.read_text()) if unet_config.is_file() else {}
+    transformer_config = folder / "transformer" / "config.json"
     sdxl = unet.get("addition_embed_type") == "text_time"
     if (folder / "transformer").is_dir() and not unet:
-        why = "a diffusion-transformer model (transformer/ instead of unet/)"
+        denoiser = (
+            json.loads(transformer_config.read_text()).get("_class_name", "") if transformer_config.is_file() else ""
+        )
+        if denoiser == "PixArtTransformer2DModel" and pipeline in T5_PROMPT_TOKENS:
+            return
+        if denoiser == "PixArtTransformer2DModel":
+            why = (
+                f"a PixArt transformer whose model_index.json names {pipeline or 'no pipeline'}: it must name "
+                f"{' or '.join(T5_PROMPT_TOKENS)}, which fixes the prompt length"
+            )
+        else:
+            why = f"a diffusion transformer of class {denoiser or 'unknown (no transformer/config.json)'}"
     elif sdxl != (folder / "text_encoder_2").is_dir() or unet.get("addition_embed_type") not in (None, "text_time"):
         why = f"a UNet with addition_embed_type {unet.get('addition_embed_type')!r} and {'two text encoders' if (folder / 'text_encoder_2').is_dir() else 'one text encoder'}"
     elif unet and unet.get("_class_name", "UNet2DConditionModel") != "UNet2DConditionModel":
@@ -340,8 +366,49 @@ def check_architecture(folder: Path) -> None:
     raise BackboneNotAvailableError(f"{folder}{name} is {why}; csdiff supports {SUPPORTED_FAMILIES}")
 
 
+def _load_transformer_folder(folder: Path, spec: BackboneSpec, torch_dtype: torch.dtype) -> SDComponents:
+    """A PixArt-α/Σ folder: transformer, VAE, T5 encoder and tokenizer, and a DDPM scheduler with
+    the folder's betas (noise is added as in training; PixArt's sampler is irrelevant to features)."""
+    from diffusers import DDPMScheduler, PixArtTransformer2DModel
+    from transformers import T5EncoderModel, T5Tokenizer
+
+    missing = [s for s in DIT_SUBFOLDERS if not (folder / s).is_dir()]
+    if missing:
+        raise BackboneNotAvailableError(
+            f"{folder} is not a PixArt folder in the diffusers layout: missing {', '.join(missing)}/"
+        )
+    pipeline = json.loads((folder / "model_index.json").read_text())["_class_name"]
+    text_encoder = T5EncoderModel.from_pretrained(folder, subfolder="text_encoder", dtype=torch_dtype)
+    try:
+        tokenizer = T5Tokenizer.from_pretrained(folder / "tokenizer")
+    except Exception as err:
+        raise BackboneNotAvailableError(
+            f"tokenizer at {folder / 'tokenizer'} could not be loaded ({type(err).__name__}: {err}): its "
+            f"spiece.model / tokenizer.json are missing or unreadable"
+        ) from err
+    if len(tokenizer) > text_encoder.config.vocab_size:
+        raise BackboneNotAvailableError(
+            f"tokenizer at {folder / 'tokenizer'} has {len(tokenizer)} tokens but the text encoder knows "
+            f"{text_encoder.config.vocab_size}: they belong to different models"
+        )
+    tokenizer.model_max_length = T5_PROMPT_TOKENS[pipeline]
+    return SDComponents(
+        PixArtTransformer2DModel.from_pretrained(folder, subfolder="transformer", torch_dtype=torch_dtype),
+        AutoencoderKL.from_pretrained(folder, subfolder="vae", torch_dtype=torch_dtype),
+        text_encoder,
+        tokenizer,
+        DDPMScheduler.from_pretrained(folder, subfolder="scheduler"),
+        spec,
+    )
+
+
 def _override_unet(components: SDComponents, unet: str, torch_dtype: torch.dtype) -> None:
     """Swap in a fine-tuned UNet of the same architecture; the spec records it by fingerprint."""
+    if components.family.grammar != "unet":
+        raise BackboneNotAvailableError(
+            f"a `unet` override replaces a UNet, and {components.spec.model} is a {components.family.name} "
+            f"diffusion transformer: csdiff takes no transformer override yet"
+        )
     path = Path(unet).expanduser()
     if path.is_dir():
         folder = path
@@ -377,18 +444,28 @@ def _plain(value):
 
 def _build_random(model: str, torch_dtype: torch.dtype, load_vae_decoder: bool) -> SDComponents:
     """A real-size pipeline with seeded random weights (see :mod:`csdiff.backbone.random_models`)."""
-    if model not in ("random-sd15",):
+    if model not in ("random-sd15", "random-pixart-alpha"):
         raise BackboneNotAvailableError(
             f"{model} is a ControlNet, not a Stable Diffusion model: use it in a variant's `controlnets`"
         )
+    spec = BackboneSpec(model, random_models.random_weights_id(model))
+    vae = random_models.random_vae(torch_dtype, with_decoder=load_vae_decoder)
+    if model == "random-pixart-alpha":
+        from diffusers import DDPMScheduler
+
+        tokenizer = random_models.random_t5_tokenizer()
+        tokenizer.model_max_length = T5_PROMPT_TOKENS["PixArtAlphaPipeline"]
+        transformer = random_models.random_pixart_transformer(torch_dtype)
+        scheduler = DDPMScheduler.from_pretrained(random_models.RANDOM_MODELS[model], subfolder="scheduler")
+        return SDComponents(transformer, vae, random_models.random_t5_encoder(torch_dtype), tokenizer, scheduler, spec)
     text_encoder = random_models.random_text_encoder(torch_dtype)
     return SDComponents(
         random_models.random_unet(torch_dtype),
-        random_models.random_vae(torch_dtype, with_decoder=load_vae_decoder),
+        vae,
         text_encoder,
         random_models.random_tokenizer(text_encoder.config.vocab_size),
         random_models.random_scheduler(),
-        BackboneSpec(model, random_models.random_weights_id(model)),
+        spec,
     )
 
 

@@ -1,8 +1,10 @@
-"""Activation names: one grammar for every UNet feature (DESIGN §2).
+"""Activation names: one grammar per kind of denoiser (DESIGN §2, §7).
 
-``{down-level{L} | mid | up-level{L}}[-repeat{R}]-{res|vit}[...]-{suffix}`` plus samplers and
-``unet-in`` / ``unet-after-conv-in`` / ``unet-out``. A name resolves to a module path on a
-stock diffusers ``UNet2DConditionModel`` and a *kind* that says how the feature is read.
+UNets: ``{down-level{L} | mid | up-level{L}}[-repeat{R}]-{res|vit}[...]-{suffix}`` plus samplers
+and ``unet-in`` / ``unet-after-conv-in`` / ``unet-out``. Diffusion transformers (PixArt):
+``vit-block{i}-{suffix}`` plus ``dit-in`` / ``dit-after-patch-embed`` / ``dit-out``, image tokens
+on the patch grid. A name resolves to a module path on the stock diffusers model and a *kind*
+that says how the feature is read.
 """
 
 from __future__ import annotations
@@ -34,14 +36,16 @@ class Activation:
     ``module`` is the dotted path of the hooked module; ``kind``: ``output`` (a (B,C,H,W)
     output), ``input`` (the module's input, for ``unet-in``), ``tokens`` (a (B,HW,C) output of
     a transformer sub-module), ``self-map`` / ``cross-map`` (attention probabilities of the
-    ``Attention`` module at ``module``). ``spatial`` is the transformer (``Transformer2DModel``)
-    whose input size gives token-shaped outputs their H×W.
+    ``Attention`` module at ``module``). ``spatial`` is the module whose input size, divided by
+    ``patch``, gives token-shaped outputs their H×W: a UNet level's ``Transformer2DModel``, or a
+    diffusion transformer's patch embedding.
     """
 
     name: str
     module: str
     kind: Kind
     spatial: str | None = None
+    patch: int = 1
 
 
 _TRANSFORMER_PARTS: tuple[tuple[str, str, Kind], ...] = (
@@ -75,8 +79,41 @@ def _block_activations(prefix: str, path: str, block: nn.Module) -> list[Activat
     return acts
 
 
+# A diffusion transformer block's parts (PixArt's BasicTransformerBlock): the research code's names.
+_DIT_PARTS: tuple[tuple[str, str, Kind], ...] = (
+    ("self-q", ".attn1.to_q", "tokens"),
+    ("self-k", ".attn1.to_k", "tokens"),
+    ("self-v", ".attn1.to_v", "tokens"),
+    ("self-out", ".attn1", "tokens"),
+    ("self-map", ".attn1", "self-map"),
+    ("cross-q", ".attn2.to_q", "tokens"),
+    ("cross-out", ".attn2", "tokens"),
+    ("cross-map", ".attn2", "cross-map"),
+    ("ffn-out", ".ff", "tokens"),
+    ("out", "", "tokens"),
+)
+
+
+def _dit_activations(model: nn.Module) -> dict[str, Activation]:
+    """Every activation name of a PixArt-style diffusion transformer, in network order."""
+    patch = model.config.patch_size
+    acts = [
+        Activation("dit-in", "pos_embed", "input"),
+        Activation("dit-after-patch-embed", "pos_embed", "tokens", spatial="pos_embed", patch=patch),
+    ]
+    for i in range(len(model.transformer_blocks)):
+        acts += [
+            Activation(f"vit-block{i}-{suffix}", f"transformer_blocks.{i}{sub}", kind, spatial="pos_embed", patch=patch)
+            for suffix, sub, kind in _DIT_PARTS
+        ]
+    acts.append(Activation("dit-out", "proj_out", "tokens", spatial="pos_embed", patch=patch))
+    return {a.name: a for a in acts}
+
+
 def enumerate_activations(unet: nn.Module) -> dict[str, Activation]:
-    """Every valid activation name of a diffusers UNet2DConditionModel, in network order."""
+    """Every valid activation name of a denoiser (UNet or diffusion transformer), in network order."""
+    if family_of(unet).grammar == "dit":
+        return _dit_activations(unet)
     acts = [Activation("unet-in", "conv_in", "input"), Activation("unet-after-conv-in", "conv_in", "output")]
     for level, block in enumerate(unet.down_blocks):
         acts += _block_activations(f"down-level{level}", f"down_blocks.{level}", block)
@@ -97,6 +134,11 @@ def up_cross_problem(unet: nn.Module) -> str | None:
     """Why this UNet has no ``up_cross`` (an up-level it averages over is missing or has no
     cross-attention, e.g. a UNet built with plain ``UpBlock2D`` there), or None."""
     levels = family_of(unet).up_cross_levels
+    if not levels:
+        return (
+            f"up_cross averages the cross-attention maps of UNet up-levels, and {family_of(unet).name} is a "
+            f"diffusion transformer: ask for its blocks' maps by name instead (`vit-block{{i}}-cross-map`)"
+        )
     for level in levels:
         block = unet.up_blocks[level] if level < len(unet.up_blocks) else None
         if block is None or not getattr(block, "attentions", None):
@@ -149,7 +191,8 @@ def resolve_layers(unet: nn.Module, layers: str | Iterable[str]) -> list[str]:
         raise UnknownLayerError(problem)
     for name in names:
         if name != UP_CROSS and name not in valid:
-            close = difflib.get_close_matches(name, list(valid) + [UP_CROSS, *LAYER_SETS], n=3, cutoff=0.6)
+            sets = family_of(unet).layer_sets
+            close = difflib.get_close_matches(name, list(valid) + [UP_CROSS, *sets], n=3, cutoff=0.6)
             hint = f" (did you mean {', '.join(repr(c) for c in close)}?)" if close else ""
             raise UnknownLayerError(
                 f"unknown layer name {name!r}{hint}. Run `csdiff layers --model <model>` to list all valid names."

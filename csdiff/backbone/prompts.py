@@ -1,4 +1,4 @@
-"""Prompt encoding without the 77-token limit.
+"""Prompt encoding: CLIP without the 77-token limit, and T5 as PixArt's pipelines encode.
 
 A fine-grained prompt may exceed CLIP's 77 tokens: it is cut into windows of 75 tokens,
 each wrapped in BOS/EOS (and padded to 77), encoded separately and concatenated along the
@@ -6,6 +6,8 @@ token axis, so the UNet's cross-attention sees every word.
 """
 
 from __future__ import annotations
+
+import warnings
 
 import torch
 from transformers import CLIPTextModel, CLIPTokenizer
@@ -57,3 +59,31 @@ def encode_prompt_sdxl(tokenizers: tuple, text_encoders: tuple, prompt: str) -> 
             "SDXL needs a text encoder with projection (CLIPTextModelWithProjection) as its second encoder"
         )
     return torch.cat(hidden, dim=-1), pooled
+
+
+@torch.no_grad()
+def encode_prompt_t5(tokenizers: tuple, text_encoders: tuple, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """A T5 family's text conditioning (PixArt): (1, L, D) and the attention mask (1, L).
+
+    As PixArt's pipelines do (without caption cleaning): padded to the model's maximum length
+    L (the tokenizer's ``model_max_length``: 120 tokens for PixArt-α, 300 for Σ), longer
+    prompts truncated, the encoder run with the padding masked out.
+    """
+    tokenizer, encoder = tokenizers[0], text_encoders[0]
+    tokens = tokenizer(
+        prompt,
+        padding="max_length",
+        max_length=tokenizer.model_max_length,
+        truncation=True,
+        add_special_tokens=True,
+        return_tensors="pt",
+    )
+    length = len(tokenizer(prompt, add_special_tokens=True, verbose=False).input_ids)
+    if length > tokenizer.model_max_length:
+        warnings.warn(
+            f"prompt {prompt[:60]!r}… has {length} T5 tokens: the model reads its first {tokenizer.model_max_length} "
+            f"(as its pipeline does); shorten it so no word is lost",
+            stacklevel=2,
+        )
+    mask = tokens.attention_mask.to(encoder.device)
+    return encoder(tokens.input_ids.to(encoder.device), attention_mask=mask)[0], mask

@@ -1,8 +1,9 @@
 """Real-size backbones with seeded random weights: SD 1.5's exact architecture, no download.
 
-``random-sd15`` (UNet 859.5 M, VAE, CLIP ViT-L text encoder, SD 1.5 scheduler) and
-``random-sd15-controlnet-canny`` (ControlNet 361.3 M) are built from the diffusers
-configurations shipped in ``csdiff/backbone/configs/``. They make real-scale behaviour
+``random-sd15`` (UNet 859.5 M, VAE, CLIP ViT-L text encoder, SD 1.5 scheduler),
+``random-sd15-controlnet-canny`` (ControlNet 361.3 M) and ``random-pixart-alpha`` (PixArt-α's
+transformer 610.9 M, SD's VAE, a T5 of T5-XXL's width with 1 of its 24 layers) are built from
+the diffusers configurations shipped in ``csdiff/backbone/configs/``. They make real-scale behaviour
 (memory, fp16, 278 M-parameter gates, LoRA at SD widths) testable on any machine and
 measurable on a GPU; their features mean nothing.
 
@@ -31,6 +32,7 @@ from transformers import CLIPTextConfig, CLIPTextModel
 CONFIG_DIR = Path(__file__).parent / "configs"
 RANDOM_MODELS = {
     "random-sd15": CONFIG_DIR / "random-sd15",
+    "random-pixart-alpha": CONFIG_DIR / "random-pixart-alpha",
     "random-sd15-controlnet-canny": CONFIG_DIR / "random-sd15-controlnet-canny",
 }
 RANDOM_SEED = 0
@@ -203,3 +205,39 @@ def meta_unet(model: str = "random-sd15") -> UNet2DConditionModel:
 def random_controlnet(model: str, dtype: torch.dtype, seed: int = RANDOM_SEED) -> ControlNetModel:
     config = ControlNetModel.load_config(RANDOM_MODELS[model])
     return fill_random_(_on_meta(lambda: ControlNetModel.from_config(config)), seed + 3, dtype)
+
+
+# random-pixart-alpha's T5 keeps T5-XXL's width, heads and vocabulary but 1 of its 24 layers: the
+# whole encoder is 4.76 B parameters (19 GB in float32), and it runs once per prompt, not per image.
+RANDOM_T5_LAYERS = 1
+
+
+def random_pixart_transformer(dtype: torch.dtype, seed: int = RANDOM_SEED):
+    """PixArt-α's transformer (610.9 M parameters). Its sin-cos position table is a buffer a meta
+    build leaves empty: it is taken from a block-less build of the same configuration on the CPU."""
+    from diffusers import PixArtTransformer2DModel
+
+    config = PixArtTransformer2DModel.load_config(RANDOM_MODELS["random-pixart-alpha"], subfolder="transformer")
+    model = _on_meta(lambda: PixArtTransformer2DModel.from_config(config))
+    with torch.random.fork_rng(devices=[]):
+        shell = PixArtTransformer2DModel.from_config({**config, "num_layers": 0})
+    for name, buffer in shell.named_buffers():
+        owner, _, leaf = name.rpartition(".")
+        model.get_submodule(owner).register_buffer(leaf, buffer.to(dtype), persistent=False)
+    return fill_random_(model, seed, dtype)
+
+
+def random_t5_encoder(dtype: torch.dtype, seed: int = RANDOM_SEED):
+    from transformers import T5Config, T5EncoderModel
+
+    config = T5Config.from_pretrained(RANDOM_MODELS["random-pixart-alpha"] / "text_encoder")
+    config.num_layers = RANDOM_T5_LAYERS
+    model = fill_random_(_on_meta(lambda: T5EncoderModel(config)), seed + 2, dtype)
+    model.encoder.embed_tokens.weight = model.shared.weight  # one table, as T5 ties them
+    return model
+
+
+def random_t5_tokenizer():
+    from csdiff.backbone.tiny import t5_tokenizer
+
+    return t5_tokenizer(list(_TOKENIZER_WORDS))

@@ -151,3 +151,15 @@ def write_tokenizer_files(words: list[str], folder: Path, vocab_size: int | None
         )
     )
     return len(vocab)
+
+
+def t5_tokenizer(words: list[str]):
+    """A working T5 (SentencePiece unigram) tokenizer over ``words`` (whole-word pieces) and
+    single characters, so any lowercase text tokenizes: for random and test T5 models."""
+    from transformers import T5Tokenizer
+
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
+    pieces += [(f"\u2581{w}", -1.0) for w in dict.fromkeys(words)]
+    pieces += [(f"\u2581{c}", -4.0) for c in "abcdefghijklmnopqrstuvwxyz"]
+    pieces += [(c, -5.0) for c in "abcdefghijklmnopqrstuvwxyz0123456789.,"]
+    return T5Tokenizer(vocab=pieces, extra_ids=0)

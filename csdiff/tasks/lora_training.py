@@ -201,6 +201,11 @@ class LoRATrainingTask(StepSeededMixin, LightningModule):
         options = dict(backbone or {})
         img_size = options.pop("img_size", None)
         parts = load_sd_components(load_vae_decoder=sample_every_n_steps > 0, **options)
+        if parts.family.grammar != "unet":
+            raise ValueError(
+                f"LoRA training adapts SD 1.x/2.x/XL UNets; {parts.spec.model} is a {parts.family.name} diffusion "
+                f"transformer, which csdiff cannot train adapters for yet"
+            )
         self.sd = FrozenDiffusion(parts)
         if train_text_encoder and self.sd.family.time_ids:
             raise ValueError("train_text_encoder supports SD 1.x/2.x; for SDXL train the UNet adapter only")
