@@ -44,9 +44,9 @@ class _SideMapProcessor:
 class _StepCapture(ActivationCapture):
     """One UNet call's capture whose attention maps never change the call's output."""
 
-    def _install_map(self, path: str) -> None:
+    def _install_map(self, path: str, spatial: str, patch: int = 1) -> None:
         if path not in self._processors:
-            super()._install_map(path)
+            super()._install_map(path, spatial, patch)
             self.unet.get_submodule(path).set_processor(_SideMapProcessor(self._processors[path], self._maps, path))
 
 
