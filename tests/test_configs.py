@@ -92,16 +92,23 @@ SD15_RUNS = [
 ]
 
 
-def _is_pixart(config: dict) -> bool:
-    """A PixArt config: it runs on a tiny PixArt, and at real size on random-pixart-alpha."""
-    return "PixArt" in config["model"]["init_args"]["backbone"]["model"]
+# A diffusion-transformer config runs on a tiny model of its family, and at real size on its random model.
+DIT_RANDOM = {"PixArt": "random-pixart-alpha", "stable-diffusion-3": "random-sd3-medium"}
+
+
+def _dit(config: dict) -> str | None:
+    """The DIT_RANDOM key of a diffusion-transformer config's backbone, or None (an SD-family config)."""
+    model = config["model"]["init_args"]["backbone"]["model"]
+    return next((key for key in DIT_RANDOM if key in model), None)
 
 
 @pytest.fixture(scope="module")
-def tiny_pixart(tmp_path_factory) -> Path:
-    return load_script("make_tiny_pixart").make_tiny_pixart(
-        tmp_path_factory.mktemp("pixart") / "tiny-pixart", sigma=True
-    )
+def tiny_dits(tmp_path_factory) -> dict[str, str]:
+    work = tmp_path_factory.mktemp("dits")
+    return {
+        "PixArt": str(load_script("make_tiny_pixart").make_tiny_pixart(work / "tiny-pixart", sigma=True)),
+        "stable-diffusion-3": str(load_script("make_tiny_sd3").make_tiny_sd3(work / "tiny-sd3")),
+    }
 
 
 def _trains(config: dict) -> bool:
@@ -197,9 +204,9 @@ def _run(config: dict, path: Path, test: bool = True):
 @pytest.mark.parametrize(
     "config", [c for c in CONFIGS if c.name != "assess_quickstart.yaml"], ids=lambda p: p.name
 )  # the assess config is run by `csdiff assess` in tests/test_assess.py
-def test_config_runs_with_tiny_backbone(config, tmp_path, tiny_pixart):
+def test_config_runs_with_tiny_backbone(config, tmp_path, tiny_dits):
     text = yaml.safe_load(config.read_text())
-    backbone = str(tiny_pixart) if _is_pixart(text) else "tiny"
+    backbone = tiny_dits[_dit(text)] if _dit(text) else "tiny"
     cli, score = _run(_substitute_tiny(text, tmp_path, backbone), tmp_path / config.name)
     assert score in cli.trainer.callback_metrics
 
@@ -221,17 +228,20 @@ def test_paper_config_instantiates_at_sd15_size_in_its_dtype_without_running_the
     float32: DIFT's setting): the constructor must not extract."""
     import importlib
 
-    from diffusers import ControlNetModel, PixArtTransformer2DModel, UNet2DConditionModel
+    from diffusers import ControlNetModel, PixArtTransformer2DModel, SD3Transformer2DModel, UNet2DConditionModel
     from diffusers.models.autoencoders.vae import Encoder
     from torch._subclasses.fake_tensor import FakeTensor
 
     text = yaml.safe_load(config.read_text())
     model = text["model"]["init_args"]
     lora = lambda path, seed: str(write_random_lora(path, sd15_lora_unet, seed=seed))  # noqa: E731
-    backbone = "random-pixart-alpha" if _is_pixart(text) else "random-sd15"
-    _substitute_models(model, tmp_path, backbone, "random-sd15-controlnet-canny", lora)
+    family = _dit(text)
+    _substitute_models(
+        model, tmp_path, DIT_RANDOM[family] if family else "random-sd15", "random-sd15-controlnet-canny", lora
+    )
     dtype = model["backbone"]["dtype"]
-    assert (dtype == "float16" or config.name == "corr_spair_zeroshot_sd21.yaml") and model["backbone"]["img_size"] in (
+    expected = "bfloat16" if family == "stable-diffusion-3" else "float16"  # bf16: SD3's usual GPU dtype
+    assert (dtype == expected or config.name == "corr_spair_zeroshot_sd21.yaml") and model["backbone"]["img_size"] in (
         512,
         768,
         1024,
@@ -239,7 +249,7 @@ def test_paper_config_instantiates_at_sd15_size_in_its_dtype_without_running_the
     module, name = text["model"]["class_path"].rsplit(".", 1)
     task_class = getattr(importlib.import_module(module), name)
     # Encoder: the VAE's, which `vae.encode` runs
-    heavy = (UNet2DConditionModel, PixArtTransformer2DModel, ControlNetModel, Encoder)
+    heavy = (UNet2DConditionModel, PixArtTransformer2DModel, SD3Transformer2DModel, ControlNetModel, Encoder)
     real_calls = []
 
     def count(module, args):  # a pre-hook: a call counts when it starts (the extractor stops the UNet early)

@@ -60,11 +60,11 @@ class AttentionMapProcessor:
         return out / attn.rescale_output_factor
 
 
-def _first_tensor(output: Any) -> torch.Tensor:
+def _first_tensor(output: Any, index: int = 0) -> torch.Tensor:
     if isinstance(output, torch.Tensor):
         return output
     if isinstance(output, (tuple, list)):
-        return output[0]
+        return output[index]
     return output.sample  # diffusers output dataclasses
 
 
@@ -210,7 +210,7 @@ class ActivationCapture:
 
     def _output_hook(self, act: Activation):
         def hook(module, args, output):
-            out = _first_tensor(output)
+            out = _first_tensor(output, act.index)
             if act.kind == "tokens":
                 out = _tokens_to_map(out, self._sizes[act.spatial])
             self.features[act.name] = out

@@ -127,6 +127,7 @@ class DiffusionFeatureExtractor(nn.Module):
         self.unet, self.vae, self.text_encoder = parts.unet, parts.vae, parts.text_encoder
         self.tokenizer, self.scheduler, self.spec = parts.tokenizer, parts.scheduler, parts.spec
         self.text_encoder_2, self.tokenizer_2, self.family = parts.text_encoder_2, parts.tokenizer_2, parts.family
+        self.text_encoder_3, self.tokenizer_3 = parts.text_encoder_3, parts.tokenizer_3
         self._refuse_unsupported(model)
         self.layers = resolve_layers(self.unet, layers)
         self.latent_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
@@ -300,7 +301,7 @@ class DiffusionFeatureExtractor(nn.Module):
         return key
 
     def _encoders(self, text_key: tuple) -> tuple[nn.Module, ...]:
-        base = tuple(e for e in (self.text_encoder, self.text_encoder_2) if e is not None)
+        base = tuple(e for e in (self.text_encoder, self.text_encoder_2, self.text_encoder_3) if e is not None)
         if not text_key or text_key[0][0] != "weights":
             return base
         own = text_key[0][1]
@@ -316,7 +317,7 @@ class DiffusionFeatureExtractor(nn.Module):
     def _prompt(self, prompt: str, text_key: tuple) -> tuple[torch.Tensor, torch.Tensor | None]:
         key = (prompt, text_key)
         if key not in self._prompt_cache:
-            tokenizers = tuple(t for t in (self.tokenizer, self.tokenizer_2) if t is not None)
+            tokenizers = tuple(t for t in (self.tokenizer, self.tokenizer_2, self.tokenizer_3) if t is not None)
             self._prompt_cache[key] = self.family.encode(tokenizers, self._encoders(text_key), prompt)
         return self._prompt_cache[key]
 
@@ -351,7 +352,8 @@ class DiffusionFeatureExtractor(nn.Module):
             z = mean
         else:
             z = mean + std * self._vae_eps(variant, mean.shape[1:], mean.shape[0]).to(mean.dtype)
-        return (z * self.vae.config.scaling_factor).to(self.dtype)
+        shift = self.vae.config.get("shift_factor") or 0.0  # SD3's VAE centres its latents
+        return ((z - shift) * self.vae.config.scaling_factor).to(self.dtype)
 
     def _vae_eps(self, variant: Variant | None, shape: Sequence[int], batch: int) -> torch.Tensor:
         """The posterior sample's standard normal draw: shared and seeded (``sample``), the variant's
@@ -392,10 +394,41 @@ class DiffusionFeatureExtractor(nn.Module):
             return torch.randn((batch, *shape), device=self.device, dtype=self.dtype)
         return self.seeded_noise(variant.seed, shape, batch)
 
+    def model_timestep(self, t: int):
+        """What the denoiser reads as the timestep of integer step ``t``: ``t`` itself (DDPM
+        families), or σ(t)·1000 for flow models (see :meth:`sigma`)."""
+        if self.family.noise == "flow":
+            return float(self.scheduler.timesteps[self._flow_index(t)])
+        return t
+
+    def _flow_index(self, t: int) -> int:
+        return self.scheduler.config.num_train_timesteps - 1 - t
+
+    def sigma(self, t: int) -> float:
+        """A flow model's noise level at integer step ``t``: the training schedule's σ, as its
+        scheduler holds it before ``set_timesteps`` (SD3: shift 3, σ(t) = 3s / (1 + 2s) with
+        s = (t + 1) / 1000; t = 0 is almost clean, t = 999 pure noise)."""
+        return float(self.scheduler.sigmas[self._flow_index(t)])
+
     def add_noise(self, latents: torch.Tensor, noise: torch.Tensor, t: int) -> torch.Tensor:
-        """Forward diffusion to exactly step ``t`` with the scheduler's own ``add_noise``."""
+        """Forward diffusion to exactly step ``t`` with the scheduler's own ``add_noise`` (DDPM
+        families) or ``scale_noise`` (flow models: x_t = (1 − σ)·x_0 + σ·ε)."""
+        if self.family.noise == "flow":
+            step = torch.tensor([self.model_timestep(t)], device=latents.device)
+            return self.scheduler.scale_noise(latents, step, noise)
         steps = torch.full((latents.shape[0],), t, dtype=torch.long, device=latents.device)
         return self.scheduler.add_noise(latents, noise, steps)
+
+    def chain_step(self, x: torch.Tensor, model_output: torch.Tensor, t: int) -> torch.Tensor:
+        """One deterministic step of a ``denoise_from`` chain, from step t to t − 1: DDIM for
+        DDPM families, Euler for flow models."""
+        if self.family.noise == "flow":
+            return self.euler_step(x, model_output, t)
+        return self.ddim_step(x, model_output, t)
+
+    def euler_step(self, x: torch.Tensor, velocity: torch.Tensor, t: int) -> torch.Tensor:
+        """Flow matching's Euler update from σ(t) to σ(t − 1): x + (σ(t−1) − σ(t))·v."""
+        return (x.float() + (self.sigma(t - 1) - self.sigma(t)) * velocity.float()).to(velocity.dtype)
 
     def ddim_step(self, x: torch.Tensor, model_output: torch.Tensor, t: int) -> torch.Tensor:
         """Deterministic DDIM update from step t to t-1 (eta 0), for ε- and v-predicting models."""
@@ -549,8 +582,8 @@ class DiffusionFeatureExtractor(nn.Module):
             noisy = self.add_noise(latents, noise, variant.denoise_from)
             for t in range(variant.denoise_from, self.timestep, -1):
                 extra = self.control_residuals(variant, noisy, t, emb, conds, None, None, added)
-                prediction = self.family.run(unet, noisy, t, emb, added, extra)
-                noisy = self.ddim_step(noisy, prediction, t)
+                prediction = self.family.run(unet, noisy, self.model_timestep(t), emb, added, extra)
+                noisy = self.chain_step(noisy, prediction, t)
             share_key = None  # the chain depends on every guidance setting: never shared
         extra = self.control_residuals(variant, noisy, self.timestep, emb, conds, control_cache, share_key, added)
         names = [n for n in self.layers if n in (layers or {}).get(variant.name, self.layers)]
@@ -596,7 +629,7 @@ class DiffusionFeatureExtractor(nn.Module):
         with ActivationCapture(
             unet, names, tuple(shape[-2:]), self.tokenizer.model_max_length, stop_early=True
         ) as capture:
-            self.family.run(unet, noisy, self.timestep, emb, added, extra)
+            self.family.run(unet, noisy, self.model_timestep(self.timestep), emb, added, extra)
         return {
             c.variant.name: {
                 n: capture.features[n][i * batch : (i + 1) * batch].to(self.feature_dtype).contiguous() for n in names

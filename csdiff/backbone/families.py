@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from csdiff.backbone.prompts import encode_prompt, encode_prompt_sdxl, encode_prompt_t5
+from csdiff.backbone.prompts import encode_prompt, encode_prompt_sd3, encode_prompt_sdxl, encode_prompt_t5
 
 # A prompt → (text embedding (1, tokens, D), a second tensor or None: SDXL's pooled embedding
 # (1, P), a T5 family's attention mask (1, tokens)), given the family's tokenizers and text
@@ -31,7 +31,7 @@ def _encode_sd(tokenizers: tuple, encoders: tuple, prompt: str) -> tuple[torch.T
 @dataclass(frozen=True)
 class Family:
     """One architecture family: its name grammar, named sets, ``up_cross`` levels, text
-    conditioning and denoiser call."""
+    conditioning, noise and denoiser call."""
 
     name: str
     layer_sets: dict[str, tuple[str, ...]]
@@ -39,16 +39,21 @@ class Family:
     encode: Encoder
     time_ids: bool = False  # SDXL: pooled text embedding and six time ids as added conditioning
     grammar: str = "unet"  # "unet": levels, repeats and samplers (DESIGN §2); "dit": transformer blocks
+    noise: str = "ddpm"  # "ddpm": x_t = √ᾱ_t·x_0 + √(1−ᾱ_t)·ε, DDIM chains; "flow": x_t = (1−σ)·x_0 + σ·ε, Euler chains
     # What csdiff does not run on this family yet (each refused with one line when asked for).
     unsupported: tuple[str, ...] = ()
 
-    def run(self, model: nn.Module, noisy: torch.Tensor, t: int, emb: torch.Tensor, added: dict, extra: dict):
-        """One denoiser call at integer step ``t``; returns its noise (or v) prediction, without a
-        learned-variance half. ``added`` comes from :meth:`added_conditions`, ``extra`` holds
-        ControlNet residuals (UNet families)."""
+    def run(self, model: nn.Module, noisy: torch.Tensor, t, emb: torch.Tensor, added: dict, extra: dict):
+        """One denoiser call at the model's timestep ``t`` (the integer step for DDPM families,
+        σ·1000 for flow models); returns its ε, v or flow prediction, without a learned-variance
+        half. ``added`` comes from :meth:`added_conditions`, ``extra`` holds ControlNet residuals."""
         if self.grammar == "unet":
             return model(noisy, t, encoder_hidden_states=emb, **extra, **added).sample
-        steps = torch.full((noisy.shape[0],), t, device=noisy.device, dtype=torch.long)
+        steps = torch.full((noisy.shape[0],), float(t), device=noisy.device)
+        if self.name == "sd3":
+            return model(
+                noisy, encoder_hidden_states=emb, pooled_projections=added["pooled_projections"], timestep=steps
+            ).sample
         sizes = {"resolution": added["resolution"], "aspect_ratio": added["aspect_ratio"]}
         if not model.use_additional_conditions:
             sizes = {"resolution": None, "aspect_ratio": None}
@@ -65,15 +70,22 @@ class Family:
         """(latent, text embedding, added conditions) of one image: what a shape-only call needs."""
         config = model.config
         latent = torch.zeros(1, config.in_channels, *latent_size, dtype=dtype)
+        size = latent_size[0] * 8  # pixels (every family's VAE downsamples 8×); only embeddings read it
+        if self.name == "sd3":
+            emb = torch.zeros(1, window, config.joint_attention_dim, dtype=dtype)
+            return (
+                latent,
+                emb,
+                self.added_conditions(torch.zeros(1, config.pooled_projection_dim), size, 1, dtype, "cpu"),
+            )
         if self.grammar == "dit":
             emb = torch.zeros(1, window, config.caption_channels, dtype=dtype)
-            size = latent_size[0] * 8  # pixels: PixArt's VAEs downsample 8×; only the embedding reads it
             return latent, emb, self.added_conditions(torch.ones(1, window), size, 1, dtype, "cpu")
         emb = torch.zeros(1, window, config.cross_attention_dim, dtype=dtype)
         if not self.time_ids:
             return latent, emb, {}
         pooled = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
-        return latent, emb, self.added_conditions(torch.zeros(1, pooled), latent_size[0] * 8, 1, dtype, "cpu")
+        return latent, emb, self.added_conditions(torch.zeros(1, pooled), size, 1, dtype, "cpu")
 
     def downsampling(self, model: nn.Module) -> int:
         """How many times the denoiser shrinks its input's side: UNet downsamplings or the patch size."""
@@ -90,10 +102,13 @@ class Family:
         device,
         time_ids: Sequence[int] | None = None,
     ) -> dict:
-        """Extra UNet/ControlNet arguments: none for SD 1.x/2.x; for SDXL the pooled embedding and
-        the time ids (original height, width, crop top, left, target height, width), by default
-        the image at ``img_size``, uncropped. For PixArt (``pooled`` is then the prompt's attention
-        mask) the mask and the resolution and aspect-ratio conditions of a square ``img_size``."""
+        """Extra denoiser/ControlNet arguments: none for SD 1.x/2.x; for SDXL the pooled embedding
+        and the time ids (original height, width, crop top, left, target height, width), by
+        default the image at ``img_size``, uncropped; for SD3 the pooled embedding. For PixArt
+        (``pooled`` is then the prompt's attention mask) the mask and the resolution and
+        aspect-ratio conditions of a square ``img_size``."""
+        if self.name == "sd3":
+            return {"pooled_projections": pooled.to(device, dtype).expand(batch, -1)}
         if self.grammar == "dit":
             return {
                 "encoder_attention_mask": pooled.to(device).expand(batch, -1),
@@ -154,14 +169,26 @@ PIXART = Family(
     grammar="dit",
     unsupported=("ControlNet", "LoRA", "own weights", "up_cross"),
 )
-FAMILIES = {f.name: f for f in (SD, SDXL, PIXART)}
-# Denoiser classes csdiff can place, by family.
-DENOISER_CLASSES = {"UNet2DConditionModel": "sd / sdxl", "PixArtTransformer2DModel": "pixart"}
+SD3 = Family(
+    name="sd3",
+    # csdiff's own choice (no paper defines one for SD3): block outputs through the middle of
+    # SD3-medium's 24 blocks.
+    layer_sets={"practical": ("vit-block6-out", "vit-block9-out", "vit-block12-out", "vit-block15-out")},
+    up_cross_levels=(),
+    encode=encode_prompt_sd3,
+    grammar="dit",
+    noise="flow",
+    unsupported=("ControlNet", "LoRA", "own weights", "up_cross", "attention maps"),
+)
+FAMILIES = {f.name: f for f in (SD, SDXL, PIXART, SD3)}
 
 
 def family_of_config(unet_config: dict) -> Family:
-    """PixArt for its transformer; SDXL for UNets conditioned on pooled text and time ids; else SD 1.x / 2.x."""
-    if unet_config.get("_class_name") == "PixArtTransformer2DModel" or "caption_channels" in unet_config:
+    """PixArt and SD3 for their transformers; SDXL for UNets conditioned on pooled text and time
+    ids; else SD 1.x / 2.x."""
+    if "caption_projection_dim" in unet_config:
+        return SD3
+    if "caption_channels" in unet_config:
         return PIXART
     return SDXL if unet_config.get("addition_embed_type") == "text_time" else SD
 

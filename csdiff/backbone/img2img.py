@@ -1,25 +1,26 @@
 """img2img with a variant's guidance: the qualitative half of the GATE guideline.
 
 An image is encoded, noised part of the way (``strength``) and brought back to a picture by the
-model's deterministic DDIM chain (ε- or v-prediction, as the scheduler's config says), each step
+model's deterministic chain (DDIM for ε- or v-prediction, as the scheduler's config says; flow
+matching's Euler steps for SD3), each step
 guided by one variant's prompt, LoRAs, ControlNets and weights — the guidance the extractor's
 ``denoise_from`` chains use, never classifier-free guidance. With no technique (empty prompt)
-this is diffusers' stock img2img pipeline at ``guidance_scale`` 1 with a DDIM scheduler; a
+this is diffusers' stock img2img pipeline at ``guidance_scale`` 1 with a DDIM (flow: Euler) scheduler; a
 technique that suppresses content shift brings the picture closer to the input.
 """
 
 from __future__ import annotations
 
 import torch
-from diffusers import DDIMScheduler
+from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
 
 from csdiff.backbone.variants import Variant
 
 NO_TECHNIQUE = Variant(name="no technique", prompt="")
 
 
-def chain_timesteps(scheduler: DDIMScheduler, strength: float, steps: int) -> torch.Tensor:
-    """The DDIM timesteps img2img runs at ``strength``: the last ``int(steps · strength)`` of a
+def chain_timesteps(scheduler, strength: float, steps: int) -> torch.Tensor:
+    """The timesteps (DDIM's, or a flow model's Euler schedule) img2img runs at ``strength``: the last ``int(steps · strength)`` of a
     ``steps``-step schedule, as diffusers' img2img pipelines take them (the first is the noise
     level; SD 1.5, 50 steps, strength 0.6: t = 581 … 1)."""
     if not 0 < strength <= 1:
@@ -58,13 +59,15 @@ def reconstruct(
         raise ValueError(
             f"variant {variant.name!r}: a prompt with fields ({variant.prompt!r}) needs a task to fill them"
         )
-    scheduler = DDIMScheduler.from_config(extractor.scheduler.config)
+    flow = extractor.family.noise == "flow"
+    scheduler = (FlowMatchEulerDiscreteScheduler if flow else DDIMScheduler).from_config(extractor.scheduler.config)
     timesteps = chain_timesteps(scheduler, strength, steps)
     images = extractor.resize(images)
     latents = extractor.encode_images(images, variant)
     batch = latents.shape[0]
     noise = extractor.seeded_noise(seed, latents.shape[1:], batch)
-    x = scheduler.add_noise(latents, noise, timesteps[:1].repeat(batch).to(latents.device))
+    start = timesteps[:1].repeat(batch).to(latents.device)
+    x = scheduler.scale_noise(latents, start[:1], noise) if flow else scheduler.add_noise(latents, noise, start)
     text_key = extractor.text_key(variant)  # activates the variant's LoRAs
     emb = extractor.prompt_embedding(variant.prompt, text_key).to(extractor.device, extractor.dtype)
     emb = emb.expand(batch, -1, -1)
@@ -75,5 +78,6 @@ def reconstruct(
         extra = extractor.control_residuals(variant, x, t, emb, conditions, None, None, added)
         prediction = extractor.family.run(unet, x, t, emb, added, extra)
         x = scheduler.step(prediction, t, x).prev_sample
-    decoded = vae.decode(x.to(vae.dtype) / vae.config.scaling_factor).sample
+    shift = vae.config.get("shift_factor") or 0.0
+    decoded = vae.decode(x.to(vae.dtype) / vae.config.scaling_factor + shift).sample
     return decoded.float().clamp(-1, 1)

@@ -32,8 +32,15 @@ SD_SUBFOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 # A diffusion transformer's pipeline (PixArt) holds transformer/ where SD holds unet/.
 DIT_SUBFOLDERS = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
 # What is fetched for a pipeline: SDXL-architecture models add a second text encoder.
-SNAPSHOT_SUBFOLDERS = (*SD_SUBFOLDERS, "transformer", "text_encoder_2", "tokenizer_2")
-WEIGHT_SUBFOLDERS = ("unet", "transformer", "vae", "text_encoder", "text_encoder_2")
+SNAPSHOT_SUBFOLDERS = (*SD_SUBFOLDERS, "transformer", "text_encoder_2", "tokenizer_2", "text_encoder_3", "tokenizer_3")
+WEIGHT_SUBFOLDERS = ("unet", "transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3")
+# SD3's T5 prompt length: its pipeline's default ``max_sequence_length``.
+SD3_T5_TOKENS = 256
+# Diffusion transformers csdiff runs: transformer class → pipeline classes.
+TRANSFORMER_PIPELINES = {
+    "PixArtTransformer2DModel": ("PixArtAlphaPipeline", "PixArtSigmaPipeline"),
+    "SD3Transformer2DModel": ("StableDiffusion3Pipeline",),
+}
 # PixArt's prompt length (its pipelines' ``max_sequence_length``), by pipeline class.
 T5_PROMPT_TOKENS = {"PixArtAlphaPipeline": 120, "PixArtSigmaPipeline": 300}
 # Files that loading never reads when the plain weights are present: precision/EMA variants.
@@ -67,7 +74,8 @@ class BackboneSpec:
 
 @dataclass
 class SDComponents:
-    """The frozen parts; SDXL-architecture models also have a second text encoder and tokenizer."""
+    """The frozen parts; SDXL-architecture models also have a second text encoder and tokenizer, SD3
+    a third. ``unet`` is the denoiser: a UNet, or a diffusion transformer (PixArt, SD3)."""
 
     unet: UNet2DConditionModel
     vae: AutoencoderKL
@@ -77,6 +85,8 @@ class SDComponents:
     spec: BackboneSpec
     text_encoder_2: CLIPTextModelWithProjection | None = None
     tokenizer_2: CLIPTokenizer | None = None
+    text_encoder_3: nn.Module | None = None  # SD3's T5
+    tokenizer_3: object | None = None
 
     @property
     def family(self) -> Family:
@@ -311,15 +321,16 @@ def load_sd_components(
     if not load_vae_decoder:
         components.vae.decoder = None
         components.vae.post_quant_conv = None
-    for module in (components.unet, components.vae, components.text_encoder, components.text_encoder_2):
+    encoders = (components.text_encoder, components.text_encoder_2, components.text_encoder_3)
+    for module in (components.unet, components.vae, *encoders):
         if module is not None:
             module.requires_grad_(False).eval()
     return components
 
 
 SUPPORTED_FAMILIES = (
-    "SD 1.x, SD 2.x and SDXL (UNet2DConditionModel with CLIP text encoders) and PixArt-α/Σ "
-    "(PixArtTransformer2DModel with T5)"
+    "SD 1.x, SD 2.x and SDXL (UNet2DConditionModel with CLIP text encoders), PixArt-α/Σ "
+    "(PixArtTransformer2DModel with T5) and SD3 / 3.5 (SD3Transformer2DModel with two CLIPs and T5)"
 )
 # UNet settings that fix the architecture: a UNet override must match the base model in all.
 _ARCHITECTURE_KEYS = (
@@ -347,12 +358,13 @@ def check_architecture(folder: Path) -> None:
         denoiser = (
             json.loads(transformer_config.read_text()).get("_class_name", "") if transformer_config.is_file() else ""
         )
-        if denoiser == "PixArtTransformer2DModel" and pipeline in T5_PROMPT_TOKENS:
+        pipelines = TRANSFORMER_PIPELINES.get(denoiser)
+        if pipelines and pipeline in pipelines:
             return
-        if denoiser == "PixArtTransformer2DModel":
+        if pipelines:
             why = (
-                f"a PixArt transformer whose model_index.json names {pipeline or 'no pipeline'}: it must name "
-                f"{' or '.join(T5_PROMPT_TOKENS)}, which fixes the prompt length"
+                f"a {denoiser} whose model_index.json names {pipeline or 'no pipeline'}: it must name "
+                f"{' or '.join(pipelines)}, which fixes the prompt length"
             )
         else:
             why = f"a diffusion transformer of class {denoiser or 'unknown (no transformer/config.json)'}"
@@ -367,39 +379,76 @@ def check_architecture(folder: Path) -> None:
 
 
 def _load_transformer_folder(folder: Path, spec: BackboneSpec, torch_dtype: torch.dtype) -> SDComponents:
-    """A PixArt-α/Σ folder: transformer, VAE, T5 encoder and tokenizer, and a DDPM scheduler with
-    the folder's betas (noise is added as in training; PixArt's sampler is irrelevant to features)."""
-    from diffusers import DDPMScheduler, PixArtTransformer2DModel
-    from transformers import T5EncoderModel, T5Tokenizer
+    """A PixArt-α/Σ or SD3 folder. PixArt: transformer, VAE, T5 and a DDPM scheduler with the
+    folder's betas (noise is added as in training; PixArt's sampler does not touch features).
+    SD3: transformer, VAE, two CLIPs, T5 and its flow-matching scheduler."""
+    from diffusers import (
+        DDPMScheduler,
+        FlowMatchEulerDiscreteScheduler,
+        PixArtTransformer2DModel,
+        SD3Transformer2DModel,
+    )
+    from transformers import T5EncoderModel
 
-    missing = [s for s in DIT_SUBFOLDERS if not (folder / s).is_dir()]
-    if missing:
-        raise BackboneNotAvailableError(
-            f"{folder} is not a PixArt folder in the diffusers layout: missing {', '.join(missing)}/"
-        )
     pipeline = json.loads((folder / "model_index.json").read_text())["_class_name"]
-    text_encoder = T5EncoderModel.from_pretrained(folder, subfolder="text_encoder", dtype=torch_dtype)
-    try:
-        tokenizer = T5Tokenizer.from_pretrained(folder / "tokenizer")
-    except Exception as err:
+    sd3 = pipeline == "StableDiffusion3Pipeline"
+    wanted = (
+        (*DIT_SUBFOLDERS, "text_encoder_2", "tokenizer_2", "text_encoder_3", "tokenizer_3") if sd3 else DIT_SUBFOLDERS
+    )
+    missing = [s for s in wanted if not (folder / s).is_dir()]
+    if missing:
+        what = "an SD3 folder (csdiff needs all three text encoders)" if sd3 else "a PixArt folder"
         raise BackboneNotAvailableError(
-            f"tokenizer at {folder / 'tokenizer'} could not be loaded ({type(err).__name__}: {err}): its "
-            f"spiece.model / tokenizer.json are missing or unreadable"
-        ) from err
-    if len(tokenizer) > text_encoder.config.vocab_size:
-        raise BackboneNotAvailableError(
-            f"tokenizer at {folder / 'tokenizer'} has {len(tokenizer)} tokens but the text encoder knows "
-            f"{text_encoder.config.vocab_size}: they belong to different models"
+            f"{folder} is not {what} in the diffusers layout: missing {', '.join(missing)}/"
         )
-    tokenizer.model_max_length = T5_PROMPT_TOKENS[pipeline]
+    vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", torch_dtype=torch_dtype)
+    if sd3:
+        clips = [
+            CLIPTextModelWithProjection.from_pretrained(folder, subfolder=sub, dtype=torch_dtype)
+            for sub in ("text_encoder", "text_encoder_2")
+        ]
+        t5 = T5EncoderModel.from_pretrained(folder, subfolder="text_encoder_3", dtype=torch_dtype)
+        return SDComponents(
+            SD3Transformer2DModel.from_pretrained(folder, subfolder="transformer", torch_dtype=torch_dtype),
+            vae,
+            clips[0],
+            load_tokenizer(folder / "tokenizer", clips[0].config.vocab_size),
+            FlowMatchEulerDiscreteScheduler.from_pretrained(folder, subfolder="scheduler"),
+            spec,
+            clips[1],
+            load_tokenizer(folder / "tokenizer_2", clips[1].config.vocab_size),
+            t5,
+            load_t5_tokenizer(folder / "tokenizer_3", t5.config.vocab_size, SD3_T5_TOKENS),
+        )
+    text_encoder = T5EncoderModel.from_pretrained(folder, subfolder="text_encoder", dtype=torch_dtype)
     return SDComponents(
         PixArtTransformer2DModel.from_pretrained(folder, subfolder="transformer", torch_dtype=torch_dtype),
-        AutoencoderKL.from_pretrained(folder, subfolder="vae", torch_dtype=torch_dtype),
+        vae,
         text_encoder,
-        tokenizer,
+        load_t5_tokenizer(folder / "tokenizer", text_encoder.config.vocab_size, T5_PROMPT_TOKENS[pipeline]),
         DDPMScheduler.from_pretrained(folder, subfolder="scheduler"),
         spec,
     )
+
+
+def load_t5_tokenizer(folder: Path, vocab_size: int, length: int):
+    """A T5 tokenizer that reads ``length`` tokens per prompt, checked against its encoder."""
+    from transformers import T5Tokenizer
+
+    try:
+        tokenizer = T5Tokenizer.from_pretrained(folder)
+    except Exception as err:
+        raise BackboneNotAvailableError(
+            f"tokenizer at {folder} could not be loaded ({type(err).__name__}: {err}): its spiece.model / "
+            f"tokenizer.json are missing or unreadable"
+        ) from err
+    if len(tokenizer) > vocab_size:
+        raise BackboneNotAvailableError(
+            f"tokenizer at {folder} has {len(tokenizer)} tokens but the text encoder knows {vocab_size}: they "
+            f"belong to different models"
+        )
+    tokenizer.model_max_length = length
+    return tokenizer
 
 
 def _override_unet(components: SDComponents, unet: str, torch_dtype: torch.dtype) -> None:
@@ -444,20 +493,42 @@ def _plain(value):
 
 def _build_random(model: str, torch_dtype: torch.dtype, load_vae_decoder: bool) -> SDComponents:
     """A real-size pipeline with seeded random weights (see :mod:`csdiff.backbone.random_models`)."""
-    if model not in ("random-sd15", "random-pixart-alpha"):
+    if model not in ("random-sd15", "random-pixart-alpha", "random-sd3-medium"):
         raise BackboneNotAvailableError(
             f"{model} is a ControlNet, not a Stable Diffusion model: use it in a variant's `controlnets`"
         )
     spec = BackboneSpec(model, random_models.random_weights_id(model))
-    vae = random_models.random_vae(torch_dtype, with_decoder=load_vae_decoder)
+    vae = random_models.random_vae(torch_dtype, with_decoder=load_vae_decoder, model=model)
     if model == "random-pixart-alpha":
         from diffusers import DDPMScheduler
 
         tokenizer = random_models.random_t5_tokenizer()
         tokenizer.model_max_length = T5_PROMPT_TOKENS["PixArtAlphaPipeline"]
-        transformer = random_models.random_pixart_transformer(torch_dtype)
+        transformer = random_models.random_transformer(model, torch_dtype)
         scheduler = DDPMScheduler.from_pretrained(random_models.RANDOM_MODELS[model], subfolder="scheduler")
-        return SDComponents(transformer, vae, random_models.random_t5_encoder(torch_dtype), tokenizer, scheduler, spec)
+        t5 = random_models.random_t5_encoder(model, torch_dtype)
+        return SDComponents(transformer, vae, t5, tokenizer, scheduler, spec)
+    if model == "random-sd3-medium":
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        clips = [
+            random_models.random_clip_with_projection(model, sub, torch_dtype)
+            for sub in ("text_encoder", "text_encoder_2")
+        ]
+        t5_tokenizer = random_models.random_t5_tokenizer()
+        t5_tokenizer.model_max_length = SD3_T5_TOKENS
+        return SDComponents(
+            random_models.random_transformer(model, torch_dtype),
+            vae,
+            clips[0],
+            random_models.random_tokenizer(clips[0].config.vocab_size),
+            FlowMatchEulerDiscreteScheduler.from_pretrained(random_models.RANDOM_MODELS[model], subfolder="scheduler"),
+            spec,
+            clips[1],
+            random_models.random_tokenizer(clips[1].config.vocab_size),
+            random_models.random_t5_encoder(model, torch_dtype),
+            t5_tokenizer,
+        )
     text_encoder = random_models.random_text_encoder(torch_dtype)
     return SDComponents(
         random_models.random_unet(torch_dtype),

@@ -46,6 +46,7 @@ class Activation:
     kind: Kind
     spatial: str | None = None
     patch: int = 1
+    index: int = 0  # which element of a tuple output holds the image (SD3's blocks: (text, image))
 
 
 _TRANSFORMER_PARTS: tuple[tuple[str, str, Kind], ...] = (
@@ -79,32 +80,55 @@ def _block_activations(prefix: str, path: str, block: nn.Module) -> list[Activat
     return acts
 
 
-# A diffusion transformer block's parts (PixArt's BasicTransformerBlock): the research code's names.
-_DIT_PARTS: tuple[tuple[str, str, Kind], ...] = (
-    ("self-q", ".attn1.to_q", "tokens"),
-    ("self-k", ".attn1.to_k", "tokens"),
-    ("self-v", ".attn1.to_v", "tokens"),
-    ("self-out", ".attn1", "tokens"),
-    ("self-map", ".attn1", "self-map"),
-    ("cross-q", ".attn2.to_q", "tokens"),
-    ("cross-out", ".attn2", "tokens"),
-    ("cross-map", ".attn2", "cross-map"),
-    ("ffn-out", ".ff", "tokens"),
-    ("out", "", "tokens"),
-)
+# A diffusion transformer block's parts, in network order: (suffix, module below the block, kind,
+# index of the image in a tuple output). The research code's names.
+_DIT_PARTS: dict[str, tuple[tuple[str, str, Kind, int], ...]] = {
+    # PixArt's BasicTransformerBlock: self-attention, cross-attention to T5, feed-forward.
+    "pixart": (
+        ("self-q", ".attn1.to_q", "tokens", 0),
+        ("self-k", ".attn1.to_k", "tokens", 0),
+        ("self-v", ".attn1.to_v", "tokens", 0),
+        ("self-out", ".attn1", "tokens", 0),
+        ("self-map", ".attn1", "self-map", 0),
+        ("cross-q", ".attn2.to_q", "tokens", 0),
+        ("cross-out", ".attn2", "tokens", 0),
+        ("cross-map", ".attn2", "cross-map", 0),
+        ("ffn-out", ".ff", "tokens", 0),
+        ("out", "", "tokens", 0),
+    ),
+    # SD3's JointTransformerBlock: one joint attention over image and text tokens (its image
+    # stream's q, k, v and output are the image's), then the image stream's feed-forward; the
+    # block returns (text, image).
+    "sd3": (
+        ("self-q", ".attn.to_q", "tokens", 0),
+        ("self-k", ".attn.to_k", "tokens", 0),
+        ("self-v", ".attn.to_v", "tokens", 0),
+        ("self-out", ".attn", "tokens", 0),
+        ("ffn-out", ".ff", "tokens", 0),
+        ("out", "", "tokens", 1),
+    ),
+}
 
 
 def _dit_activations(model: nn.Module) -> dict[str, Activation]:
-    """Every activation name of a PixArt-style diffusion transformer, in network order."""
+    """Every activation name of a diffusion transformer (PixArt, SD3), in network order."""
     patch = model.config.patch_size
+    parts = _DIT_PARTS[family_of(model).name]
     acts = [
         Activation("dit-in", "pos_embed", "input"),
         Activation("dit-after-patch-embed", "pos_embed", "tokens", spatial="pos_embed", patch=patch),
     ]
     for i in range(len(model.transformer_blocks)):
         acts += [
-            Activation(f"vit-block{i}-{suffix}", f"transformer_blocks.{i}{sub}", kind, spatial="pos_embed", patch=patch)
-            for suffix, sub, kind in _DIT_PARTS
+            Activation(
+                f"vit-block{i}-{suffix}",
+                f"transformer_blocks.{i}{sub}",
+                kind,
+                spatial="pos_embed",
+                patch=patch,
+                index=index,
+            )
+            for suffix, sub, kind, index in parts
         ]
     acts.append(Activation("dit-out", "proj_out", "tokens", spatial="pos_embed", patch=patch))
     return {a.name: a for a in acts}

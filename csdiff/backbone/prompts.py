@@ -1,4 +1,4 @@
-"""Prompt encoding: CLIP without the 77-token limit, and T5 as PixArt's pipelines encode.
+"""Prompt encoding: CLIP without the 77-token limit (SD, SDXL), and as PixArt's and SD3's pipelines encode.
 
 A fine-grained prompt may exceed CLIP's 77 tokens: it is cut into windows of 75 tokens,
 each wrapped in BOS/EOS (and padded to 77), encoded separately and concatenated along the
@@ -10,6 +10,7 @@ from __future__ import annotations
 import warnings
 
 import torch
+import torch.nn.functional as F
 from transformers import CLIPTextModel, CLIPTokenizer
 
 
@@ -78,12 +79,43 @@ def encode_prompt_t5(tokenizers: tuple, text_encoders: tuple, prompt: str) -> tu
         add_special_tokens=True,
         return_tensors="pt",
     )
-    length = len(tokenizer(prompt, add_special_tokens=True, verbose=False).input_ids)
-    if length > tokenizer.model_max_length:
-        warnings.warn(
-            f"prompt {prompt[:60]!r}… has {length} T5 tokens: the model reads its first {tokenizer.model_max_length} "
-            f"(as its pipeline does); shorten it so no word is lost",
-            stacklevel=2,
-        )
+    _warn_if_cut(tokenizer, prompt, tokenizer.model_max_length, "T5")
     mask = tokens.attention_mask.to(encoder.device)
     return encoder(tokens.input_ids.to(encoder.device), attention_mask=mask)[0], mask
+
+
+def _warn_if_cut(tokenizer, prompt: str, length: int, name: str) -> None:
+    n = len(tokenizer(prompt, add_special_tokens=True, verbose=False).input_ids)
+    if n > length:
+        warnings.warn(
+            f"prompt {prompt[:60]!r}… has {n} {name} tokens: the model reads its first {length} (as its pipeline "
+            f"does); shorten it so no word is lost",
+            stacklevel=3,
+        )
+
+
+@torch.no_grad()
+def encode_prompt_sd3(tokenizers: tuple, text_encoders: tuple, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """SD3's joint text conditioning: (1, 77 + L, D_T5) and the pooled embedding (1, P_L + P_G).
+
+    As SD3's pipeline does: both CLIPs' penultimate hidden states (77 tokens each, cut there),
+    concatenated along features and zero-padded to T5's width, then T5's L tokens (the
+    tokenizer's ``model_max_length``: 256, the pipeline's default) appended along the tokens;
+    the two CLIPs' pooled projections concatenated.
+    """
+    hidden, pooled = [], []
+    for tokenizer, encoder in zip(tokenizers[:2], text_encoders[:2]):
+        _warn_if_cut(tokenizer, prompt, tokenizer.model_max_length, "CLIP")
+        ids = tokenizer(prompt, padding="max_length", max_length=tokenizer.model_max_length, truncation=True).input_ids
+        out = encoder(torch.tensor([ids], device=encoder.device), output_hidden_states=True)
+        hidden.append(out.hidden_states[-2])
+        pooled.append(out[0])
+    t5_tokenizer, t5 = tokenizers[2], text_encoders[2]
+    _warn_if_cut(t5_tokenizer, prompt, t5_tokenizer.model_max_length, "T5")
+    ids = t5_tokenizer(
+        prompt, padding="max_length", max_length=t5_tokenizer.model_max_length, truncation=True, add_special_tokens=True
+    ).input_ids
+    t5_hidden = t5(torch.tensor([ids], device=t5.device))[0]
+    clip = torch.cat(hidden, dim=-1)
+    clip = F.pad(clip, (0, t5_hidden.shape[-1] - clip.shape[-1]))
+    return torch.cat([clip, t5_hidden.to(clip.dtype)], dim=-2), torch.cat(pooled, dim=-1)

@@ -1,9 +1,11 @@
 """Real-size backbones with seeded random weights: SD 1.5's exact architecture, no download.
 
 ``random-sd15`` (UNet 859.5 M, VAE, CLIP ViT-L text encoder, SD 1.5 scheduler),
-``random-sd15-controlnet-canny`` (ControlNet 361.3 M) and ``random-pixart-alpha`` (PixArt-α's
-transformer 610.9 M, SD's VAE, a T5 of T5-XXL's width with 1 of its 24 layers) are built from
-the diffusers configurations shipped in ``csdiff/backbone/configs/``. They make real-scale behaviour
+``random-sd15-controlnet-canny`` (ControlNet 361.3 M), ``random-pixart-alpha`` (PixArt-α's
+transformer 610.9 M, SD's VAE, a T5 of T5-XXL's width with 1 of its 24 layers) and
+``random-sd3-medium`` (SD3-medium's transformer 2,028.3 M, its 16-channel VAE, CLIP-L at full
+size, CLIP-G and T5 cut to one layer) are built from the diffusers configurations shipped in
+``csdiff/backbone/configs/``. They make real-scale behaviour
 (memory, fp16, 278 M-parameter gates, LoRA at SD widths) testable on any machine and
 measurable on a GPU; their features mean nothing.
 
@@ -33,6 +35,7 @@ CONFIG_DIR = Path(__file__).parent / "configs"
 RANDOM_MODELS = {
     "random-sd15": CONFIG_DIR / "random-sd15",
     "random-pixart-alpha": CONFIG_DIR / "random-pixart-alpha",
+    "random-sd3-medium": CONFIG_DIR / "random-sd3-medium",
     "random-sd15-controlnet-canny": CONFIG_DIR / "random-sd15-controlnet-canny",
 }
 RANDOM_SEED = 0
@@ -117,8 +120,10 @@ def random_unet(dtype: torch.dtype, seed: int = RANDOM_SEED) -> UNet2DConditionM
     return fill_random_(meta_unet(), seed, dtype)
 
 
-def random_vae(dtype: torch.dtype, with_decoder: bool, seed: int = RANDOM_SEED) -> AutoencoderKL:
-    config = AutoencoderKL.load_config(RANDOM_MODELS["random-sd15"], subfolder="vae")
+def random_vae(
+    dtype: torch.dtype, with_decoder: bool, seed: int = RANDOM_SEED, model: str = "random-sd15"
+) -> AutoencoderKL:
+    config = AutoencoderKL.load_config(RANDOM_MODELS[model], subfolder="vae")
     vae = _on_meta(lambda: AutoencoderKL.from_config(config))
     if not with_decoder:
         vae.decoder = None
@@ -207,30 +212,53 @@ def random_controlnet(model: str, dtype: torch.dtype, seed: int = RANDOM_SEED) -
     return fill_random_(_on_meta(lambda: ControlNetModel.from_config(config)), seed + 3, dtype)
 
 
-# random-pixart-alpha's T5 keeps T5-XXL's width, heads and vocabulary but 1 of its 24 layers: the
-# whole encoder is 4.76 B parameters (19 GB in float32), and it runs once per prompt, not per image.
+# The random DiTs' T5 keeps T5-XXL's width, heads and vocabulary but 1 of its 24 layers (the whole
+# encoder is 4.76 B parameters, 19 GB in float32), and SD3's CLIP-G 1 of its 32: text encoders run
+# once per prompt, not per image, and their depth changes nothing the tests can see.
 RANDOM_T5_LAYERS = 1
 
 
-def random_pixart_transformer(dtype: torch.dtype, seed: int = RANDOM_SEED):
-    """PixArt-α's transformer (610.9 M parameters). Its sin-cos position table is a buffer a meta
-    build leaves empty: it is taken from a block-less build of the same configuration on the CPU."""
-    from diffusers import PixArtTransformer2DModel
-
-    config = PixArtTransformer2DModel.load_config(RANDOM_MODELS["random-pixart-alpha"], subfolder="transformer")
-    model = _on_meta(lambda: PixArtTransformer2DModel.from_config(config))
-    with torch.random.fork_rng(devices=[]):
-        shell = PixArtTransformer2DModel.from_config({**config, "num_layers": 0})
+def _with_buffers_of(model: nn.Module, shell: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """Give a meta-built model the buffers (position tables, position ids) of a small CPU build of
+    the same configuration without its blocks: they depend on the configuration, not the depth."""
     for name, buffer in shell.named_buffers():
         owner, _, leaf = name.rpartition(".")
-        model.get_submodule(owner).register_buffer(leaf, buffer.to(dtype), persistent=False)
-    return fill_random_(model, seed, dtype)
+        value = buffer.to(dtype) if buffer.is_floating_point() else buffer
+        model.get_submodule(owner).register_buffer(leaf, value, persistent=False)
+    return model
 
 
-def random_t5_encoder(dtype: torch.dtype, seed: int = RANDOM_SEED):
+def random_transformer(model: str, dtype: torch.dtype, seed: int = RANDOM_SEED):
+    """The diffusion transformer of ``random-pixart-alpha`` (PixArt-α's, 610.9 M parameters) or
+    ``random-sd3-medium`` (SD3-medium's, 2,028.3 M)."""
+    from diffusers import PixArtTransformer2DModel, SD3Transformer2DModel
+
+    cls = PixArtTransformer2DModel if model == "random-pixart-alpha" else SD3Transformer2DModel
+    config = cls.load_config(RANDOM_MODELS[model], subfolder="transformer")
+    built = _on_meta(lambda: cls.from_config(config))
+    with torch.random.fork_rng(devices=[]):
+        shell = cls.from_config({**config, "num_layers": 0 if cls is PixArtTransformer2DModel else 1})
+    return fill_random_(_with_buffers_of(built, shell, dtype), seed, dtype)
+
+
+def random_clip_with_projection(model: str, subfolder: str, dtype: torch.dtype, seed: int = RANDOM_SEED):
+    """SD3's CLIP-L (at full size) or CLIP-G (its width, heads and projection, with 1 of its 32
+    layers: 695 M parameters in full, run once per prompt), with the pooled projection."""
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    config = CLIPTextConfig.from_pretrained(RANDOM_MODELS[model] / subfolder)
+    if subfolder == "text_encoder_2":
+        config.num_hidden_layers = RANDOM_T5_LAYERS
+    built = _on_meta(lambda: CLIPTextModelWithProjection(config))
+    shell = CLIPTextModelWithProjection(CLIPTextConfig.from_dict({**config.to_dict(), "num_hidden_layers": 0}))
+    return fill_random_(_with_buffers_of(built, shell, dtype), seed, dtype)
+
+
+def random_t5_encoder(model: str, dtype: torch.dtype, seed: int = RANDOM_SEED):
     from transformers import T5Config, T5EncoderModel
 
-    config = T5Config.from_pretrained(RANDOM_MODELS["random-pixart-alpha"] / "text_encoder")
+    subfolder = "text_encoder_3" if model == "random-sd3-medium" else "text_encoder"
+    config = T5Config.from_pretrained(RANDOM_MODELS[model] / subfolder)
     config.num_layers = RANDOM_T5_LAYERS
     model = fill_random_(_on_meta(lambda: T5EncoderModel(config)), seed + 2, dtype)
     model.encoder.embed_tokens.weight = model.shared.weight  # one table, as T5 ties them
