@@ -59,15 +59,16 @@ class _FinalCall:
 
 
 class DiffusionFeatureExtractor(nn.Module):
-    """Frozen Stable Diffusion → dense features of several guided variants.
+    """A frozen diffusion model (SD 1.x/2.x/XL, PixArt-α/Σ, SD3) → dense features of several guided variants.
 
     Args:
-        model: hub id, local diffusers folder, single-file checkpoint, or ``tiny``.
+        model: hub id, local diffusers folder, single-file checkpoint, ``tiny``, or a random
+            real-size model (``random-sd15``, ``random-pixart-alpha``, ``random-sd3-medium``).
         layers: activation names (see ``csdiff layers``) or named sets (``legacy``, ``practical``);
             features come back in this order.
         img_size: side the images are resized to (a multiple of 64 for SD 1.5 topology).
         timestep: the integer diffusion step of extraction (exactly this ``t``; the reference
-            research code silently used ``t+1`` on SD 1.5).
+            research code silently used ``t+1`` on SD 1.5); flow models map it to σ (:meth:`sigma`).
         variants: the guided variants (dataclasses or plain dicts); default one plain variant.
         base_model: configuration folder for single-file checkpoints.
         latent: ``mean`` of the VAE posterior, a ``sample`` drawn with ``vae_seed`` (one for all
