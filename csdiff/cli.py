@@ -75,7 +75,7 @@ def run_layers(argv: list[str]) -> int:
 
     parts = load_sd_components(cfg.model, base_model=cfg.base_model)
     factor = 2 ** (len(parts.vae.config.block_out_channels) - 1)
-    img_size = parts.unet.config.sample_size * factor if cfg.img_size is None else cfg.img_size
+    img_size = parts.family.native_latent_size(parts.unet) * factor if cfg.img_size is None else cfg.img_size
     rows = list_layers(parts, img_size)
     if cfg.format == "json":
         print(json.dumps([dict(name=r.name, shape=list(r.shape), module=r.module) for r in rows], indent=1))

@@ -93,7 +93,8 @@ SD15_RUNS = [
 
 
 # A diffusion-transformer config runs on a tiny model of its family, and at real size on its random model.
-DIT_RANDOM = {"PixArt": "random-pixart-alpha", "stable-diffusion-3": "random-sd3-medium"}
+# (FLUX's is shape-only: meta tensors; its configs run on the tiny FLUX only.)
+DIT_RANDOM = {"PixArt": "random-pixart-alpha", "stable-diffusion-3": "random-sd3-medium", "FLUX": "random-flux1-dev"}
 
 
 def _dit(config: dict) -> str | None:
@@ -108,6 +109,7 @@ def tiny_dits(tmp_path_factory) -> dict[str, str]:
     return {
         "PixArt": str(load_script("make_tiny_pixart").make_tiny_pixart(work / "tiny-pixart", sigma=True)),
         "stable-diffusion-3": str(load_script("make_tiny_sd3").make_tiny_sd3(work / "tiny-sd3")),
+        "FLUX": str(load_script("make_tiny_flux").make_tiny_flux(work / "tiny-flux")),
     }
 
 
@@ -228,7 +230,13 @@ def test_paper_config_instantiates_at_sd15_size_in_its_dtype_without_running_the
     float32: DIFT's setting): the constructor must not extract."""
     import importlib
 
-    from diffusers import ControlNetModel, PixArtTransformer2DModel, SD3Transformer2DModel, UNet2DConditionModel
+    from diffusers import (
+        ControlNetModel,
+        FluxTransformer2DModel,
+        PixArtTransformer2DModel,
+        SD3Transformer2DModel,
+        UNet2DConditionModel,
+    )
     from diffusers.models.autoencoders.vae import Encoder
     from torch._subclasses.fake_tensor import FakeTensor
 
@@ -240,7 +248,7 @@ def test_paper_config_instantiates_at_sd15_size_in_its_dtype_without_running_the
         model, tmp_path, DIT_RANDOM[family] if family else "random-sd15", "random-sd15-controlnet-canny", lora
     )
     dtype = model["backbone"]["dtype"]
-    expected = "bfloat16" if family == "stable-diffusion-3" else "float16"  # bf16: SD3's usual GPU dtype
+    expected = "bfloat16" if family in ("stable-diffusion-3", "FLUX") else "float16"  # bf16: how SD3, FLUX run
     assert (dtype == expected or config.name == "corr_spair_zeroshot_sd21.yaml") and model["backbone"]["img_size"] in (
         512,
         768,
@@ -249,7 +257,14 @@ def test_paper_config_instantiates_at_sd15_size_in_its_dtype_without_running_the
     module, name = text["model"]["class_path"].rsplit(".", 1)
     task_class = getattr(importlib.import_module(module), name)
     # Encoder: the VAE's, which `vae.encode` runs
-    heavy = (UNet2DConditionModel, PixArtTransformer2DModel, SD3Transformer2DModel, ControlNetModel, Encoder)
+    heavy = (
+        UNet2DConditionModel,
+        PixArtTransformer2DModel,
+        SD3Transformer2DModel,
+        FluxTransformer2DModel,
+        ControlNetModel,
+        Encoder,
+    )
     real_calls = []
 
     def count(module, args):  # a pre-hook: a call counts when it starts (the extractor stops the UNet early)

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from csdiff.backbone.names import UP_CROSS, Activation, enumerate_activations, up_cross_maps
+from csdiff.backbone.names import LATENT_GRID, UP_CROSS, Activation, enumerate_activations, up_cross_maps
 
 
 class AttentionMapProcessor:
@@ -93,7 +93,7 @@ def hooked_paths(unet: nn.Module, names: Sequence[str]) -> set[str]:
     for name in names:
         if name != UP_CROSS:
             act = table[name]
-            paths.update(p for p in (act.module, act.spatial) if p is not None)
+            paths.update(p for p in (act.module, act.spatial) if p not in (None, LATENT_GRID))
     return paths
 
 
@@ -145,7 +145,11 @@ class ActivationCapture:
 
     def _track_size(self, spatial: str, patch: int = 1) -> None:
         """Record the H×W entering a transformer (divided by its patch size), to fold its tokens back into a map."""
-        if spatial not in self._sizes:
+        if spatial == LATENT_GRID:  # tokens that arrive packed: their grid is the latent's
+            if self.latent_size is None:
+                raise ValueError("this model's tokens are laid out on the latent grid: pass latent_size")
+            self._sizes[spatial] = tuple(d // patch for d in self.latent_size)
+        elif spatial not in self._sizes:
             self._sizes[spatial] = (0, 0)
             module = self.unet.get_submodule(spatial)
             self._handles.append(module.register_forward_pre_hook(self._size_hook(spatial, patch)))

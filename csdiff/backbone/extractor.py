@@ -92,6 +92,8 @@ class DiffusionFeatureExtractor(nn.Module):
             batch size compile (minutes at SD size); see ``benchmarks/acceleration.py``.
         vae_decoder: load the VAE's decoder too (off: features never decode; ``csdiff assess``
             decodes its img2img reconstructions).
+        guidance: FLUX.1-dev's distilled guidance embedding (default: its pipeline's 3.5; read
+            only by guidance-distilled FLUX models, refused for other families).
     """
 
     def __init__(
@@ -114,6 +116,7 @@ class DiffusionFeatureExtractor(nn.Module):
         channels_last: bool = False,
         compile: bool | str = False,
         vae_decoder: bool = False,
+        guidance: float | None = None,
     ) -> None:
         super().__init__()
         if latent not in LATENTS:
@@ -130,9 +133,12 @@ class DiffusionFeatureExtractor(nn.Module):
         self.text_encoder_2, self.tokenizer_2, self.family = parts.text_encoder_2, parts.tokenizer_2, parts.family
         self.text_encoder_3, self.tokenizer_3 = parts.text_encoder_3, parts.tokenizer_3
         self._refuse_unsupported(model)
+        if guidance is not None and self.family.name != "flux":
+            raise ValueError(f"guidance is FLUX's distilled guidance embedding; {model} is a {self.family.name} model")
+        self.guidance = guidance
         self.layers = resolve_layers(self.unet, layers)
         self.latent_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
-        img_size = self.unet.config.sample_size * self.latent_factor if img_size is None else img_size
+        img_size = self.family.native_latent_size(self.unet) * self.latent_factor if img_size is None else img_size
         check_img_size(img_size, self.vae, self.unet)
         n_steps = self.scheduler.config.num_train_timesteps
         for t in [timestep] + [v.denoise_from for v in self.variants if v.denoise_from is not None]:
@@ -252,6 +258,7 @@ class DiffusionFeatureExtractor(nn.Module):
             timestep=self.timestep,
             noise=self.noise,
             time_ids=self.time_ids,
+            **({"guidance": self.guidance} if self.family.name == "flux" else {}),  # others: unchanged cache keys
             latent=self.latent,
             vae_seed=self.vae_seed,
             dtype=str(self.dtype).removeprefix("torch."),
@@ -325,7 +332,9 @@ class DiffusionFeatureExtractor(nn.Module):
     def added_conditions(self, prompt: str, text_key: tuple, batch: int) -> dict:
         """The family's extra UNet/ControlNet arguments for a prompt (SDXL: pooled embedding, time ids)."""
         pooled = self._prompt(prompt, text_key)[1]
-        return self.family.added_conditions(pooled, self.img_size, batch, self.dtype, self.device, self.time_ids)
+        return self.family.added_conditions(
+            pooled, self.img_size, batch, self.dtype, self.device, self.time_ids, self.guidance
+        )
 
     def _apply(self, fn, *args, **kwargs):
         self._prompt_cache.clear()  # embeddings follow the module's device/dtype
@@ -398,9 +407,23 @@ class DiffusionFeatureExtractor(nn.Module):
     def model_timestep(self, t: int):
         """What the denoiser reads as the timestep of integer step ``t``: ``t`` itself (DDPM
         families), or σ(t)·1000 for flow models (see :meth:`sigma`)."""
-        if self.family.noise == "flow":
-            return float(self.scheduler.timesteps[self._flow_index(t)])
-        return t
+        if self.family.noise != "flow":
+            return t
+        if self.resolution_shift() is not None:
+            return self.sigma(t) * 1000
+        return float(self.scheduler.timesteps[self._flow_index(t)])
+
+    def resolution_shift(self) -> float | None:
+        """FLUX's μ: a shift that grows with the number of image tokens, as its pipeline computes
+        it from the scheduler's configuration (None for schedulers with a fixed shift, as SD3's)."""
+        config = self.scheduler.config
+        if not config.get("use_dynamic_shifting", False):
+            return None
+        tokens = (self.img_size // self.latent_factor // self.family.downsampling(self.unet)) ** 2
+        base_len, max_len = config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096)
+        base, top = config.get("base_shift", 0.5), config.get("max_shift", 1.15)
+        slope = (top - base) / (max_len - base_len)
+        return tokens * slope + base - slope * base_len
 
     def _flow_index(self, t: int) -> int:
         return self.scheduler.config.num_train_timesteps - 1 - t
@@ -408,12 +431,20 @@ class DiffusionFeatureExtractor(nn.Module):
     def sigma(self, t: int) -> float:
         """A flow model's noise level at integer step ``t``: the training schedule's σ, as its
         scheduler holds it before ``set_timesteps`` (SD3: shift 3, σ(t) = 3s / (1 + 2s) with
-        s = (t + 1) / 1000; t = 0 is almost clean, t = 999 pure noise)."""
-        return float(self.scheduler.sigmas[self._flow_index(t)])
+        s = (t + 1) / 1000; t = 0 is almost clean, t = 999 pure noise), shifted for the image's
+        token count as FLUX's pipeline shifts it (σ = e^μ / (e^μ + 1/s − 1))."""
+        sigma = self.scheduler.sigmas[self._flow_index(t)]
+        mu = self.resolution_shift()
+        if mu is not None:
+            sigma = self.scheduler.time_shift(mu, 1.0, sigma)
+        return float(sigma)
 
     def add_noise(self, latents: torch.Tensor, noise: torch.Tensor, t: int) -> torch.Tensor:
         """Forward diffusion to exactly step ``t`` with the scheduler's own ``add_noise`` (DDPM
         families) or ``scale_noise`` (flow models: x_t = (1 − σ)·x_0 + σ·ε)."""
+        if self.family.noise == "flow" and self.resolution_shift() is not None:
+            sigma = self.sigma(t)  # not on the scheduler's unshifted training schedule: scale_noise's formula
+            return ((1 - sigma) * latents.float() + sigma * noise.float()).to(latents.dtype)
         if self.family.noise == "flow":
             step = torch.tensor([self.model_timestep(t)], device=latents.device)
             return self.scheduler.scale_noise(latents, step, noise)
@@ -521,6 +552,11 @@ class DiffusionFeatureExtractor(nn.Module):
         With ``batch_variants``, the final UNet calls of variants that share UNet weights (the
         same UNet LoRAs), prompt length and layers run as one call, stacked along the batch.
         """
+        if self.unet.device.type == "meta":
+            raise ValueError(
+                f"{self.spec.model} holds no weights (meta tensors, shapes only): it lists layers and instantiates "
+                f"configs; extract with real weights"
+            )
         wanted = None if variants is None else set(variants)
         chosen = [v for v in self.variants if wanted is None or v.name in wanted]
         unknown = sorted(set(layers or {}) - {v.name for v in self.variants})
@@ -688,7 +724,7 @@ def comparable_description(description: dict) -> dict:
     """What fixes the features, with every weight named by its fingerprint (not its path or hub id)."""
     out = {
         key: description[key]
-        for key in ("layers", "img_size", "timestep", "noise", "time_ids", "latent")
+        for key in ("layers", "img_size", "timestep", "noise", "time_ids", "guidance", "latent")
         if key in description
     }
     out["backbone weights"] = description["backbone"]["weights_id"]

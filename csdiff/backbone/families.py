@@ -16,12 +16,44 @@ from typing import Any
 import torch
 from torch import nn
 
-from csdiff.backbone.prompts import encode_prompt, encode_prompt_sd3, encode_prompt_sdxl, encode_prompt_t5
+from csdiff.backbone.prompts import (
+    encode_prompt,
+    encode_prompt_flux,
+    encode_prompt_sd3,
+    encode_prompt_sdxl,
+    encode_prompt_t5,
+)
 
 # A prompt → (text embedding (1, tokens, D), a second tensor or None: SDXL's pooled embedding
 # (1, P), a T5 family's attention mask (1, tokens)), given the family's tokenizers and text
 # encoders, in order.
 Encoder = Callable[[tuple, tuple, str], tuple[torch.Tensor, "torch.Tensor | None"]]
+
+
+# FLUX.1-dev's distilled guidance: its pipeline's default ``guidance_scale``.
+FLUX_GUIDANCE = 3.5
+
+
+def _run_flux(model: nn.Module, noisy: torch.Tensor, steps: torch.Tensor, emb: torch.Tensor, added: dict):
+    """FLUX called as its pipeline calls it: the latent packed into 2×2 patches (one token each,
+    row-major), position ids (0, row, column) for image tokens and 0 for text, the timestep
+    σ·1000 given as σ, guidance only to guidance-distilled models; the output unpacked."""
+    b, c, h, w = noisy.shape
+    tokens = noisy.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, (h // 2) * (w // 2), c * 4)
+    rows = torch.arange(h // 2, device=noisy.device)[:, None].expand(h // 2, w // 2)
+    cols = torch.arange(w // 2, device=noisy.device)[None, :].expand(h // 2, w // 2)
+    img_ids = torch.stack([torch.zeros_like(rows), rows, cols], dim=-1).reshape(-1, 3).to(noisy.dtype)
+    txt_ids = torch.zeros(emb.shape[1], 3, device=noisy.device, dtype=noisy.dtype)
+    out = model(
+        tokens,
+        encoder_hidden_states=emb,
+        pooled_projections=added["pooled_projections"],
+        timestep=steps / 1000,
+        img_ids=img_ids,
+        txt_ids=txt_ids,
+        guidance=added["guidance"] if model.config.guidance_embeds else None,
+    ).sample
+    return out.view(b, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w)
 
 
 def _encode_sd(tokenizers: tuple, encoders: tuple, prompt: str) -> tuple[torch.Tensor, None]:
@@ -50,6 +82,8 @@ class Family:
         if self.grammar == "unet":
             return model(noisy, t, encoder_hidden_states=emb, **extra, **added).sample
         steps = torch.full((noisy.shape[0],), float(t), device=noisy.device)
+        if self.name == "flux":
+            return _run_flux(model, noisy, steps, emb, added)
         if self.name == "sd3":
             return model(
                 noisy, encoder_hidden_states=emb, pooled_projections=added["pooled_projections"], timestep=steps
@@ -69,8 +103,14 @@ class Family:
     def shape_inputs(self, model: nn.Module, latent_size: Sequence[int], window: int, dtype: torch.dtype):
         """(latent, text embedding, added conditions) of one image: what a shape-only call needs."""
         config = model.config
-        latent = torch.zeros(1, config.in_channels, *latent_size, dtype=dtype)
+        device = next(model.parameters()).device  # meta for shape-only models
         size = latent_size[0] * 8  # pixels (every family's VAE downsamples 8×); only embeddings read it
+        if self.name == "flux":
+            latent = torch.zeros(1, config.in_channels // 4, *latent_size, dtype=dtype, device=device)
+            emb = torch.zeros(1, window, config.joint_attention_dim, dtype=dtype, device=device)
+            pooled = torch.zeros(1, config.pooled_projection_dim, device=device)
+            return latent, emb, self.added_conditions(pooled, size, 1, dtype, device, guidance=FLUX_GUIDANCE)
+        latent = torch.zeros(1, config.in_channels, *latent_size, dtype=dtype)
         if self.name == "sd3":
             emb = torch.zeros(1, window, config.joint_attention_dim, dtype=dtype)
             return (
@@ -87,8 +127,15 @@ class Family:
         pooled = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
         return latent, emb, self.added_conditions(torch.zeros(1, pooled), size, 1, dtype, "cpu")
 
+    def native_latent_size(self, model: nn.Module) -> int:
+        """The latent side the denoiser was trained at: its config's ``sample_size`` (FLUX's
+        config has none: 128, its native 1024² through the ×8 VAE)."""
+        return model.config.get("sample_size") or 128
+
     def downsampling(self, model: nn.Module) -> int:
         """How many times the denoiser shrinks its input's side: UNet downsamplings or the patch size."""
+        if self.name == "flux":
+            return 2  # its pipeline packs 2×2 latent patches into one token
         if self.grammar == "dit":
             return model.config.patch_size
         return 2 ** (len(model.config.block_out_channels) - 1)
@@ -101,12 +148,17 @@ class Family:
         dtype: torch.dtype,
         device,
         time_ids: Sequence[int] | None = None,
+        guidance: float | None = None,
     ) -> dict:
         """Extra denoiser/ControlNet arguments: none for SD 1.x/2.x; for SDXL the pooled embedding
         and the time ids (original height, width, crop top, left, target height, width), by
         default the image at ``img_size``, uncropped; for SD3 the pooled embedding. For PixArt
         (``pooled`` is then the prompt's attention mask) the mask and the resolution and
-        aspect-ratio conditions of a square ``img_size``."""
+        aspect-ratio conditions of a square ``img_size``. FLUX: the pooled embedding and, for
+        guidance-distilled models, ``guidance`` (FLUX.1-dev's pipeline default: 3.5)."""
+        if self.name == "flux":
+            scale = torch.full((batch,), FLUX_GUIDANCE if guidance is None else guidance, device=device)
+            return {"pooled_projections": pooled.to(device, dtype).expand(batch, -1), "guidance": scale}
         if self.name == "sd3":
             return {"pooled_projections": pooled.to(device, dtype).expand(batch, -1)}
         if self.grammar == "dit":
@@ -180,12 +232,25 @@ SD3 = Family(
     noise="flow",
     unsupported=("ControlNet", "LoRA", "own weights", "up_cross", "attention maps"),
 )
-FAMILIES = {f.name: f for f in (SD, SDXL, PIXART, SD3)}
+FLUX = Family(
+    name="flux",
+    # csdiff's own choice (no paper defines one for FLUX): outputs of double-stream block 12 (of
+    # 19) and of single-stream blocks 9, 19 and 28 (of 38).
+    layer_sets={"practical": ("vit-block12-out", "single-block9-out", "single-block19-out", "single-block28-out")},
+    up_cross_levels=(),
+    encode=encode_prompt_flux,
+    grammar="dit",
+    noise="flow",
+    unsupported=("ControlNet", "LoRA", "own weights", "up_cross", "attention maps"),
+)
+FAMILIES = {f.name: f for f in (SD, SDXL, PIXART, SD3, FLUX)}
 
 
 def family_of_config(unet_config: dict) -> Family:
     """PixArt and SD3 for their transformers; SDXL for UNets conditioned on pooled text and time
     ids; else SD 1.x / 2.x."""
+    if "num_single_layers" in unet_config:
+        return FLUX
     if "caption_projection_dim" in unet_config:
         return SD3
     if "caption_channels" in unet_config:

@@ -11,6 +11,7 @@ technique that suppresses content shift brings the picture closer to the input.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
 
@@ -19,7 +20,7 @@ from csdiff.backbone.variants import Variant
 NO_TECHNIQUE = Variant(name="no technique", prompt="")
 
 
-def chain_timesteps(scheduler, strength: float, steps: int) -> torch.Tensor:
+def chain_timesteps(scheduler, strength: float, steps: int, mu: float | None = None) -> torch.Tensor:
     """The timesteps (DDIM's, or a flow model's Euler schedule) img2img runs at ``strength``: the last ``int(steps · strength)`` of a
     ``steps``-step schedule, as diffusers' img2img pipelines take them (the first is the noise
     level; SD 1.5, 50 steps, strength 0.6: t = 581 … 1)."""
@@ -27,7 +28,10 @@ def chain_timesteps(scheduler, strength: float, steps: int) -> torch.Tensor:
         raise ValueError(f"strength must be in (0, 1], got {strength}")
     if steps < 1:
         raise ValueError(f"steps must be positive, got {steps}")
-    scheduler.set_timesteps(steps)
+    if mu is None:
+        scheduler.set_timesteps(steps)
+    else:  # FLUX: σ from 1 to 1/steps, shifted by μ, as its pipelines set them
+        scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), mu=mu)
     start = steps - min(int(steps * strength), steps)
     timesteps = scheduler.timesteps[start * scheduler.order :]
     if len(timesteps) == 0:
@@ -61,7 +65,7 @@ def reconstruct(
         )
     flow = extractor.family.noise == "flow"
     scheduler = (FlowMatchEulerDiscreteScheduler if flow else DDIMScheduler).from_config(extractor.scheduler.config)
-    timesteps = chain_timesteps(scheduler, strength, steps)
+    timesteps = chain_timesteps(scheduler, strength, steps, extractor.resolution_shift() if flow else None)
     images = extractor.resize(images)
     latents = extractor.encode_images(images, variant)
     batch = latents.shape[0]

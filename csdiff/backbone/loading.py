@@ -40,7 +40,10 @@ SD3_T5_TOKENS = 256
 TRANSFORMER_PIPELINES = {
     "PixArtTransformer2DModel": ("PixArtAlphaPipeline", "PixArtSigmaPipeline"),
     "SD3Transformer2DModel": ("StableDiffusion3Pipeline",),
+    "FluxTransformer2DModel": ("FluxPipeline",),
 }
+# FLUX's T5 prompt length: its pipeline's default ``max_sequence_length``.
+FLUX_T5_TOKENS = 512
 # PixArt's prompt length (its pipelines' ``max_sequence_length``), by pipeline class.
 T5_PROMPT_TOKENS = {"PixArtAlphaPipeline": 120, "PixArtSigmaPipeline": 300}
 # Files that loading never reads when the plain weights are present: precision/EMA variants.
@@ -330,7 +333,8 @@ def load_sd_components(
 
 SUPPORTED_FAMILIES = (
     "SD 1.x, SD 2.x and SDXL (UNet2DConditionModel with CLIP text encoders), PixArt-α/Σ "
-    "(PixArtTransformer2DModel with T5) and SD3 / 3.5 (SD3Transformer2DModel with two CLIPs and T5)"
+    "(PixArtTransformer2DModel with T5), SD3 / 3.5 (SD3Transformer2DModel with two CLIPs and T5) and FLUX.1 "
+    "(FluxTransformer2DModel with CLIP-L and T5)"
 )
 # UNet settings that fix the architecture: a UNet override must match the base model in all.
 _ARCHITECTURE_KEYS = (
@@ -391,6 +395,8 @@ def _load_transformer_folder(folder: Path, spec: BackboneSpec, torch_dtype: torc
     from transformers import T5EncoderModel
 
     pipeline = json.loads((folder / "model_index.json").read_text())["_class_name"]
+    if pipeline == "FluxPipeline":
+        return _load_flux_folder(folder, spec, torch_dtype)
     sd3 = pipeline == "StableDiffusion3Pipeline"
     wanted = (
         (*DIT_SUBFOLDERS, "text_encoder_2", "tokenizer_2", "text_encoder_3", "tokenizer_3") if sd3 else DIT_SUBFOLDERS
@@ -428,6 +434,32 @@ def _load_transformer_folder(folder: Path, spec: BackboneSpec, torch_dtype: torc
         load_t5_tokenizer(folder / "tokenizer", text_encoder.config.vocab_size, T5_PROMPT_TOKENS[pipeline]),
         DDPMScheduler.from_pretrained(folder, subfolder="scheduler"),
         spec,
+    )
+
+
+def _load_flux_folder(folder: Path, spec: BackboneSpec, torch_dtype: torch.dtype) -> SDComponents:
+    """FLUX.1: transformer, 16-channel VAE, CLIP-L (pooled output only), T5, flow-matching scheduler
+    with its resolution-dependent shift."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+    from transformers import T5EncoderModel
+
+    wanted = (*DIT_SUBFOLDERS, "text_encoder_2", "tokenizer_2")
+    missing = [s for s in wanted if not (folder / s).is_dir()]
+    if missing:
+        raise BackboneNotAvailableError(
+            f"{folder} is not a FLUX folder in the diffusers layout: missing {', '.join(missing)}/"
+        )
+    clip = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", dtype=torch_dtype)
+    t5 = T5EncoderModel.from_pretrained(folder, subfolder="text_encoder_2", dtype=torch_dtype)
+    return SDComponents(
+        FluxTransformer2DModel.from_pretrained(folder, subfolder="transformer", torch_dtype=torch_dtype),
+        AutoencoderKL.from_pretrained(folder, subfolder="vae", torch_dtype=torch_dtype),
+        clip,
+        load_tokenizer(folder / "tokenizer", clip.config.vocab_size),
+        FlowMatchEulerDiscreteScheduler.from_pretrained(folder, subfolder="scheduler"),
+        spec,
+        t5,
+        load_t5_tokenizer(folder / "tokenizer_2", t5.config.vocab_size, FLUX_T5_TOKENS),
     )
 
 
@@ -493,11 +525,27 @@ def _plain(value):
 
 def _build_random(model: str, torch_dtype: torch.dtype, load_vae_decoder: bool) -> SDComponents:
     """A real-size pipeline with seeded random weights (see :mod:`csdiff.backbone.random_models`)."""
-    if model not in ("random-sd15", "random-pixart-alpha", "random-sd3-medium"):
+    if model not in ("random-sd15", "random-pixart-alpha", "random-sd3-medium", "random-flux1-dev"):
         raise BackboneNotAvailableError(
             f"{model} is a ControlNet, not a Stable Diffusion model: use it in a variant's `controlnets`"
         )
     spec = BackboneSpec(model, random_models.random_weights_id(model))
+    if model == "random-flux1-dev":  # shape-only: every part on the meta device
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        meta = random_models.meta_flux_parts(torch_dtype)
+        t5_tokenizer = random_models.random_t5_tokenizer()
+        t5_tokenizer.model_max_length = FLUX_T5_TOKENS
+        return SDComponents(
+            meta["transformer"],
+            meta["vae"],
+            meta["text_encoder"],
+            random_models.random_tokenizer(meta["text_encoder"].config.vocab_size),
+            FlowMatchEulerDiscreteScheduler.from_pretrained(random_models.RANDOM_MODELS[model], subfolder="scheduler"),
+            spec,
+            meta["text_encoder_2"],
+            t5_tokenizer,
+        )
     vae = random_models.random_vae(torch_dtype, with_decoder=load_vae_decoder, model=model)
     if model == "random-pixart-alpha":
         from diffusers import DDPMScheduler

@@ -1,9 +1,9 @@
 """Activation names: one grammar per kind of denoiser (DESIGN §2, §7).
 
 UNets: ``{down-level{L} | mid | up-level{L}}[-repeat{R}]-{res|vit}[...]-{suffix}`` plus samplers
-and ``unet-in`` / ``unet-after-conv-in`` / ``unet-out``. Diffusion transformers (PixArt):
-``vit-block{i}-{suffix}`` plus ``dit-in`` / ``dit-after-patch-embed`` / ``dit-out``, image tokens
-on the patch grid. A name resolves to a module path on the stock diffusers model and a *kind*
+and ``unet-in`` / ``unet-after-conv-in`` / ``unet-out``. Diffusion transformers (PixArt, SD3,
+FLUX): ``vit-block{i}-{suffix}``, FLUX's ``single-block{i}-out``, plus ``dit-in`` /
+``dit-after-patch-embed`` / ``dit-out``, image tokens on the patch grid. A name resolves to a module path on the stock diffusers model and a *kind*
 that says how the feature is read.
 """
 
@@ -107,30 +107,43 @@ _DIT_PARTS: dict[str, tuple[tuple[str, str, Kind, int], ...]] = {
         ("ffn-out", ".ff", "tokens", 0),
         ("out", "", "tokens", 1),
     ),
+    # FLUX's double-stream FluxTransformerBlock: as SD3's (its attention returns (image, text)).
+    "flux": (
+        ("self-q", ".attn.to_q", "tokens", 0),
+        ("self-k", ".attn.to_k", "tokens", 0),
+        ("self-v", ".attn.to_v", "tokens", 0),
+        ("self-out", ".attn", "tokens", 0),
+        ("ffn-out", ".ff", "tokens", 0),
+        ("out", "", "tokens", 1),
+    ),
 }
+# The image grid of a model whose input is already tokens (FLUX: packed 2×2 latent patches)
+# comes from the latent's size, not from a module's input.
+LATENT_GRID = "<latent>"
 
 
 def _dit_activations(model: nn.Module) -> dict[str, Activation]:
-    """Every activation name of a diffusion transformer (PixArt, SD3), in network order."""
-    patch = model.config.patch_size
-    parts = _DIT_PARTS[family_of(model).name]
-    acts = [
-        Activation("dit-in", "pos_embed", "input"),
-        Activation("dit-after-patch-embed", "pos_embed", "tokens", spatial="pos_embed", patch=patch),
-    ]
+    """Every activation name of a diffusion transformer (PixArt, SD3, FLUX), in network order."""
+    name = family_of(model).name
+    parts = _DIT_PARTS[name]
+    if name == "flux":  # no patch-embedding module sees the latent: tokens arrive packed
+        spatial, patch = LATENT_GRID, 2
+        acts = [Activation("dit-after-patch-embed", "x_embedder", "tokens", spatial=spatial, patch=patch)]
+    else:
+        spatial, patch = "pos_embed", model.config.patch_size
+        acts = [
+            Activation("dit-in", "pos_embed", "input"),
+            Activation("dit-after-patch-embed", "pos_embed", "tokens", spatial=spatial, patch=patch),
+        ]
     for i in range(len(model.transformer_blocks)):
         acts += [
-            Activation(
-                f"vit-block{i}-{suffix}",
-                f"transformer_blocks.{i}{sub}",
-                kind,
-                spatial="pos_embed",
-                patch=patch,
-                index=index,
-            )
+            Activation(f"vit-block{i}-{suffix}", f"transformer_blocks.{i}{sub}", kind, spatial, patch, index)
             for suffix, sub, kind, index in parts
         ]
-    acts.append(Activation("dit-out", "proj_out", "tokens", spatial="pos_embed", patch=patch))
+    for i in range(len(getattr(model, "single_transformer_blocks", None) or [])):
+        # FLUX's single-stream blocks run on text and image tokens together and return (text, image)
+        acts.append(Activation(f"single-block{i}-out", f"single_transformer_blocks.{i}", "tokens", spatial, patch, 1))
+    acts.append(Activation("dit-out", "proj_out", "tokens", spatial=spatial, patch=patch))
     return {a.name: a for a in acts}
 
 

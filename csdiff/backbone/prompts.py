@@ -1,4 +1,4 @@
-"""Prompt encoding: CLIP without the 77-token limit (SD, SDXL), and as PixArt's and SD3's pipelines encode.
+"""Prompt encoding: CLIP without the 77-token limit (SD, SDXL), and as PixArt's, SD3's and FLUX's pipelines encode.
 
 A fine-grained prompt may exceed CLIP's 77 tokens: it is cut into windows of 75 tokens,
 each wrapped in BOS/EOS (and padded to 77), encoded separately and concatenated along the
@@ -119,3 +119,23 @@ def encode_prompt_sd3(tokenizers: tuple, text_encoders: tuple, prompt: str) -> t
     clip = torch.cat(hidden, dim=-1)
     clip = F.pad(clip, (0, t5_hidden.shape[-1] - clip.shape[-1]))
     return torch.cat([clip, t5_hidden.to(clip.dtype)], dim=-2), torch.cat(pooled, dim=-1)
+
+
+@torch.no_grad()
+def encode_prompt_flux(tokenizers: tuple, text_encoders: tuple, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """FLUX.1's text conditioning: T5's (1, L, D) hidden states and CLIP-L's pooled output (1, P).
+
+    As FLUX's pipeline does: CLIP reads 77 tokens (cut there) for its pooled output only; T5 reads
+    L tokens (the tokenizer's ``model_max_length``: 512, the pipeline's default), unmasked.
+    """
+    (clip_tokenizer, t5_tokenizer), (clip, t5) = tokenizers[:2], text_encoders[:2]
+    _warn_if_cut(clip_tokenizer, prompt, clip_tokenizer.model_max_length, "CLIP")
+    ids = clip_tokenizer(
+        prompt, padding="max_length", max_length=clip_tokenizer.model_max_length, truncation=True
+    ).input_ids
+    pooled = clip(torch.tensor([ids], device=clip.device), output_hidden_states=False).pooler_output
+    _warn_if_cut(t5_tokenizer, prompt, t5_tokenizer.model_max_length, "T5")
+    ids = t5_tokenizer(
+        prompt, padding="max_length", max_length=t5_tokenizer.model_max_length, truncation=True, add_special_tokens=True
+    ).input_ids
+    return t5(torch.tensor([ids], device=t5.device))[0], pooled

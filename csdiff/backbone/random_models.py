@@ -5,7 +5,9 @@
 transformer 610.9 M, SD's VAE, a T5 of T5-XXL's width with 1 of its 24 layers) and
 ``random-sd3-medium`` (SD3-medium's transformer 2,028.3 M, its 16-channel VAE, CLIP-L at full
 size, CLIP-G and T5 cut to one layer) are built from the diffusers configurations shipped in
-``csdiff/backbone/configs/``. They make real-scale behaviour
+``csdiff/backbone/configs/``. ``random-flux1-dev`` (FLUX.1-dev's transformer, 11,901.4 M, its
+VAE, CLIP-L and the whole T5-XXL) lives on the meta device only: shapes without memory, for
+``csdiff layers`` and instantiating configs; it cannot extract. They make real-scale behaviour
 (memory, fp16, 278 M-parameter gates, LoRA at SD widths) testable on any machine and
 measurable on a GPU; their features mean nothing.
 
@@ -36,6 +38,7 @@ RANDOM_MODELS = {
     "random-sd15": CONFIG_DIR / "random-sd15",
     "random-pixart-alpha": CONFIG_DIR / "random-pixart-alpha",
     "random-sd3-medium": CONFIG_DIR / "random-sd3-medium",
+    "random-flux1-dev": CONFIG_DIR / "random-flux1-dev",
     "random-sd15-controlnet-canny": CONFIG_DIR / "random-sd15-controlnet-canny",
 }
 RANDOM_SEED = 0
@@ -269,3 +272,25 @@ def random_t5_tokenizer():
     from csdiff.backbone.tiny import t5_tokenizer
 
     return t5_tokenizer(list(_TOKENIZER_WORDS))
+
+
+def meta_flux_parts(dtype: torch.dtype) -> dict:
+    """FLUX.1-dev's transformer, VAE (encoder), CLIP-L and T5-XXL on the meta device: 17 B
+    parameters that take no memory. Their buffers stay meta too: only shapes are ever read."""
+    from diffusers import FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    folder = RANDOM_MODELS["random-flux1-dev"]
+    vae_config = AutoencoderKL.load_config(folder, subfolder="vae")
+    with torch.device("meta"):
+        parts = dict(
+            transformer=FluxTransformer2DModel.from_config(
+                FluxTransformer2DModel.load_config(folder, subfolder="transformer")
+            ),
+            vae=AutoencoderKL.from_config(vae_config),
+            text_encoder=CLIPTextModel(CLIPTextConfig.from_pretrained(folder / "text_encoder")),
+            text_encoder_2=T5EncoderModel(T5Config.from_pretrained(folder / "text_encoder_2")),
+        )
+    parts["vae"].decoder = None
+    # nn.Module.to: diffusers' own `to` warns about float32-kept modules, of which these have none
+    return {name: nn.Module.to(module, dtype).requires_grad_(False) for name, module in parts.items()}
