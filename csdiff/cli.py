@@ -63,18 +63,20 @@ def _parser(prog: str, description: str) -> ArgumentParser:
 def run_layers(argv: list[str]) -> int:
     """Print every activation name of a model with its (C, H, W) shape at an image size."""
     parser = _parser("layers", "List every valid activation name of a model, with its shape at an image size.")
-    parser.add_argument("--model", type=str, default="tiny", help="hub id, local folder, single file, or `tiny`")
+    parser.add_argument(
+        "--model", type=str, default="tiny", help="hub id, local folder, single file, `tiny`, or a random-* model"
+    )
     parser.add_argument("--base_model", type=str | None, default=None, help="configuration folder for single files")
     parser.add_argument(
         "--img_size", type=int | None, default=None, help="image side (default: the model's native size)"
     )
     parser.add_argument("--format", type=Literal["table", "json"], default="table", help="`json` for scripts")
     cfg = parser.parse_args(argv)
-    from csdiff.backbone.listing import list_layers
+    from csdiff.backbone.listing import list_layers, vae_factor
     from csdiff.backbone.loading import load_sd_components
 
     parts = load_sd_components(cfg.model, base_model=cfg.base_model)
-    factor = 2 ** (len(parts.vae.config.block_out_channels) - 1)
+    factor = vae_factor(parts.vae)
     img_size = parts.family.native_latent_size(parts.unet) * factor if cfg.img_size is None else cfg.img_size
     rows = list_layers(parts, img_size)
     if cfg.format == "json":

@@ -21,7 +21,7 @@ from torch import nn
 from csdiff.backbone.acceleration import channels_last_input, compile_blocks, to_channels_last
 from csdiff.backbone.capture import ActivationCapture, hooked_paths
 from csdiff.backbone.conditions import canny_condition
-from csdiff.backbone.listing import activation_shapes, check_img_size
+from csdiff.backbone.listing import activation_shapes, check_img_size, vae_factor
 from csdiff.backbone.loading import (
     check_controlnet_fits,
     load_controlnet,
@@ -137,7 +137,9 @@ class DiffusionFeatureExtractor(nn.Module):
             raise ValueError(f"guidance is FLUX's distilled guidance embedding; {model} is a {self.family.name} model")
         self.guidance = guidance
         self.layers = resolve_layers(self.unet, layers)
-        self.latent_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        self.latent_factor = vae_factor(self.vae)
+        if self.vae is None and latent != "mean":
+            raise ValueError(f"latent {latent!r} samples a VAE posterior; {model} works on pixels (no VAE): use 'mean'")
         img_size = self.family.native_latent_size(self.unet) * self.latent_factor if img_size is None else img_size
         check_img_size(img_size, self.vae, self.unet)
         n_steps = self.scheduler.config.num_train_timesteps
@@ -202,12 +204,13 @@ class DiffusionFeatureExtractor(nn.Module):
         self.channels_last = channels_last
         unets = [self.unet, *self.weight_unets.values()]
         if channels_last:
-            to_channels_last([*unets, self.vae, *self.controlnets.values()])
+            to_channels_last([*unets, *([self.vae] if self.vae is not None else []), *self.controlnets.values()])
         backend = "inductor" if compile is True else compile
         if backend:
             for unet_ in unets:
                 compile_blocks(unet_, backend, hooked_paths(unet_, self.layers))
-            compile_blocks(self.vae.encoder, backend)
+            if self.vae is not None:
+                compile_blocks(self.vae.encoder, backend)
             for net in self.controlnets.values():
                 compile_blocks(net, backend)
 
@@ -349,6 +352,9 @@ class DiffusionFeatureExtractor(nn.Module):
 
     def _posterior(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(mean, std) of the VAE posterior: one encode serves every variant, whatever its latent."""
+        if self.vae is None:  # pixel space (DeepFloyd IF): the image itself, in [-1, 1]
+            x = self.resize(images).to(self.dtype)
+            return x, torch.zeros_like(x)
         x = self.resize(images).to(self.vae.dtype)
         if self.channels_last:
             x = channels_last_input(x)
@@ -362,6 +368,8 @@ class DiffusionFeatureExtractor(nn.Module):
             z = mean
         else:
             z = mean + std * self._vae_eps(variant, mean.shape[1:], mean.shape[0]).to(mean.dtype)
+        if self.vae is None:
+            return z.to(self.dtype)
         shift = self.vae.config.get("shift_factor") or 0.0  # SD3's VAE centres its latents
         return ((z - shift) * self.vae.config.scaling_factor).to(self.dtype)
 
@@ -473,7 +481,22 @@ class DiffusionFeatureExtractor(nn.Module):
         else:
             x0 = (x - (1 - a_t).sqrt() * out) / a_t.sqrt()
             eps = out
-        return (a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps).to(model_output.dtype)
+        return (a_prev.sqrt() * self._bound_x0(x0) + (1 - a_prev).sqrt() * eps).to(model_output.dtype)
+
+    def _bound_x0(self, x0: torch.Tensor) -> torch.Tensor:
+        """The predicted clean sample as the scheduler's config bounds it (pixel-space IF): dynamic
+        thresholding (each sample clamped at its ``dynamic_thresholding_ratio`` quantile of |x0|,
+        between 1 and ``sample_max_value``, then rescaled) or a plain clip; latent models do neither."""
+        config = self.scheduler.config
+        if config.get("thresholding", False):
+            flat = x0.reshape(x0.shape[0], -1)
+            s = torch.quantile(flat.abs(), config.get("dynamic_thresholding_ratio", 0.995), dim=1)
+            s = s.clamp(min=1, max=config.get("sample_max_value", 1.0))[:, None]
+            return (flat.clamp(-s, s) / s).reshape(x0.shape)
+        if config.get("clip_sample", False):
+            bound = config.get("clip_sample_range", 1.0)
+            return x0.clamp(-bound, bound)
+        return x0
 
     def conditions(
         self, variant: Variant, images: torch.Tensor, provided: dict[str, torch.Tensor] | None, cache: dict

@@ -79,8 +79,8 @@ class Family:
         """One denoiser call at the model's timestep ``t`` (the integer step for DDPM families,
         σ·1000 for flow models); returns its ε, v or flow prediction, without a learned-variance
         half. ``added`` comes from :meth:`added_conditions`, ``extra`` holds ControlNet residuals."""
-        if self.grammar == "unet":
-            return model(noisy, t, encoder_hidden_states=emb, **extra, **added).sample
+        if self.grammar == "unet":  # learned variance (IF): the ε half, as IF's pipeline takes it
+            return model(noisy, t, encoder_hidden_states=emb, **extra, **added).sample[:, : noisy.shape[1]]
         steps = torch.full((noisy.shape[0],), float(t), device=noisy.device)
         if self.name == "flux":
             return _run_flux(model, noisy, steps, emb, added)
@@ -121,7 +121,8 @@ class Family:
         if self.grammar == "dit":
             emb = torch.zeros(1, window, config.caption_channels, dtype=dtype)
             return latent, emb, self.added_conditions(torch.ones(1, window), size, 1, dtype, "cpu")
-        emb = torch.zeros(1, window, config.cross_attention_dim, dtype=dtype)
+        # IF projects T5's states (encoder_hid_dim) to its cross-attention width
+        emb = torch.zeros(1, window, config.encoder_hid_dim or config.cross_attention_dim, dtype=dtype)
         if not self.time_ids:
             return latent, emb, {}
         pooled = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
@@ -243,12 +244,22 @@ FLUX = Family(
     noise="flow",
     unsupported=("ControlNet", "LoRA", "own weights", "up_cross", "attention maps"),
 )
-FAMILIES = {f.name: f for f in (SD, SDXL, PIXART, SD3, FLUX)}
+IF = Family(
+    name="if",
+    # csdiff's own choice: the up-level samplers of IF stage I, as SD's `legacy` (no paper defines one).
+    layer_sets={"legacy": ("up-level0-upsampler-out", "up-level1-upsampler-out", "up-level2-upsampler-out")},
+    up_cross_levels=(),
+    encode=encode_prompt_t5,
+    unsupported=("ControlNet", "LoRA", "own weights"),
+)
+FAMILIES = {f.name: f for f in (SD, SDXL, PIXART, SD3, FLUX, IF)}
 
 
 def family_of_config(unet_config: dict) -> Family:
     """PixArt and SD3 for their transformers; SDXL for UNets conditioned on pooled text and time
     ids; else SD 1.x / 2.x."""
+    if unet_config.get("encoder_hid_dim_type") == "text_proj" and unet_config.get("addition_embed_type") == "text":
+        return IF  # DeepFloyd IF: T5 states projected inside the UNet, pooled text added to the time embedding
     if "num_single_layers" in unet_config:
         return FLUX
     if "caption_projection_dim" in unet_config:

@@ -57,7 +57,7 @@ def reconstruct(
     every variant, so pictures differ by guidance alone. Needs ``vae_decoder=True``.
     """
     vae = extractor.vae
-    if vae.decoder is None:
+    if vae is not None and vae.decoder is None:
         raise ValueError("img2img decodes: build the extractor with vae_decoder=True")
     if "{" in variant.prompt:
         raise ValueError(
@@ -82,6 +82,8 @@ def reconstruct(
         extra = extractor.control_residuals(variant, x, t, emb, conditions, None, None, added)
         prediction = extractor.family.run(unet, x, t, emb, added, extra)
         x = scheduler.step(prediction, t, x).prev_sample
+    if vae is None:  # pixel space: the chain ends on the picture
+        return x.float().clamp(-1, 1)
     shift = vae.config.get("shift_factor") or 0.0
     decoded = vae.decode(x.to(vae.dtype) / vae.config.scaling_factor + shift).sample
     return decoded.float().clamp(-1, 1)

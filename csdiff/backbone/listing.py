@@ -40,10 +40,15 @@ def activation_shapes(
         return {name: tuple(int(d) for d in capture.features[name].shape[1:]) for name in names}
 
 
-def check_img_size(img_size: int, vae: nn.Module, unet: nn.Module) -> None:
+def vae_factor(vae: nn.Module | None) -> int:
+    """How many pixels one latent cell covers per side: the VAE's downsampling (1 in pixel space)."""
+    return 1 if vae is None else 2 ** (len(vae.config.block_out_channels) - 1)
+
+
+def check_img_size(img_size: int, vae: nn.Module | None, unet: nn.Module) -> None:
     """The extractor's rule: an image side must survive the VAE's and the denoiser's downsamplings
     exactly (a positive multiple of their product), or skip connections (or patches) do not line up."""
-    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    factor = vae_factor(vae)
     shrink = family_of(unet).downsampling(unet)
     multiple = factor * shrink
     if img_size <= 0 or img_size % multiple:
@@ -63,7 +68,7 @@ def list_layers(parts: SDComponents, img_size: int) -> list[LayerInfo]:
     (``up_cross`` last, when the model has it)."""
     check_img_size(img_size, parts.vae, parts.unet)
     table = enumerate_activations(parts.unet)
-    factor = 2 ** (len(parts.vae.config.block_out_channels) - 1)
+    factor = vae_factor(parts.vae)
     latent = (img_size // factor, img_size // factor)
     up_cross = [UP_CROSS] if up_cross_problem(parts.unet) is None else []
     shapes = activation_shapes(parts.unet, [*table, *up_cross], latent, parts.tokenizer.model_max_length)

@@ -81,7 +81,7 @@ class SDComponents:
     a third. ``unet`` is the denoiser: a UNet, or a diffusion transformer (PixArt, SD3)."""
 
     unet: UNet2DConditionModel
-    vae: AutoencoderKL
+    vae: AutoencoderKL | None  # None: a pixel-space model (DeepFloyd IF)
     text_encoder: CLIPTextModel
     tokenizer: CLIPTokenizer
     scheduler: SchedulerMixin
@@ -285,7 +285,9 @@ def load_sd_components(
     else:
         folder, weights_id = resolve_model_folder(model)
         check_architecture(folder)
-    if components is None and (folder / "transformer").is_dir():
+    if components is None and _pipeline_class(folder) == "IFPipeline":
+        components = _load_pixel_folder(folder, BackboneSpec(model, weights_id, base_model), torch_dtype)
+    elif components is None and (folder / "transformer").is_dir():
         components = _load_transformer_folder(folder, BackboneSpec(model, weights_id, base_model), torch_dtype)
     elif components is None:
         missing = [s for s in SD_SUBFOLDERS if not (folder / s).is_dir()]
@@ -321,7 +323,7 @@ def load_sd_components(
             components.tokenizer_2 = load_tokenizer(folder / "tokenizer_2", components.text_encoder_2.config.vocab_size)
     if unet is not None:
         _override_unet(components, unet, torch_dtype)
-    if not load_vae_decoder:
+    if not load_vae_decoder and components.vae is not None:
         components.vae.decoder = None
         components.vae.post_quant_conv = None
     encoders = (components.text_encoder, components.text_encoder_2, components.text_encoder_3)
@@ -334,7 +336,7 @@ def load_sd_components(
 SUPPORTED_FAMILIES = (
     "SD 1.x, SD 2.x and SDXL (UNet2DConditionModel with CLIP text encoders), PixArt-α/Σ "
     "(PixArtTransformer2DModel with T5), SD3 / 3.5 (SD3Transformer2DModel with two CLIPs and T5) and FLUX.1 "
-    "(FluxTransformer2DModel with CLIP-L and T5)"
+    "(FluxTransformer2DModel with CLIP-L and T5) and DeepFloyd IF stage I (a pixel-space UNet2DConditionModel with T5)"
 )
 # UNet settings that fix the architecture: a UNet override must match the base model in all.
 _ARCHITECTURE_KEYS = (
@@ -350,10 +352,14 @@ _ARCHITECTURE_KEYS = (
 )
 
 
+def _pipeline_class(folder: Path) -> str:
+    index = folder / "model_index.json"
+    return json.loads(index.read_text()).get("_class_name", "") if index.is_file() else ""
+
+
 def check_architecture(folder: Path) -> None:
     """Refuse, by its configuration (never its name), a model of a family csdiff cannot run yet."""
-    index = folder / "model_index.json"
-    pipeline = json.loads(index.read_text()).get("_class_name", "") if index.is_file() else ""
+    pipeline = _pipeline_class(folder)
     unet_config = folder / "unet" / "config.json"
     unet = json.loads(unet_config.read_text()) if unet_config.is_file() else {}
     transformer_config = folder / "transformer" / "config.json"
@@ -372,6 +378,8 @@ def check_architecture(folder: Path) -> None:
             )
         else:
             why = f"a diffusion transformer of class {denoiser or 'unknown (no transformer/config.json)'}"
+    elif pipeline == "IFPipeline" and unet.get("addition_embed_type") == "text":
+        return  # DeepFloyd IF stage I: a pixel-space UNet with T5
     elif sdxl != (folder / "text_encoder_2").is_dir() or unet.get("addition_embed_type") not in (None, "text_time"):
         why = f"a UNet with addition_embed_type {unet.get('addition_embed_type')!r} and {'two text encoders' if (folder / 'text_encoder_2').is_dir() else 'one text encoder'}"
     elif unet and unet.get("_class_name", "UNet2DConditionModel") != "UNet2DConditionModel":
@@ -432,6 +440,32 @@ def _load_transformer_folder(folder: Path, spec: BackboneSpec, torch_dtype: torc
         vae,
         text_encoder,
         load_t5_tokenizer(folder / "tokenizer", text_encoder.config.vocab_size, T5_PROMPT_TOKENS[pipeline]),
+        DDPMScheduler.from_pretrained(folder, subfolder="scheduler"),
+        spec,
+    )
+
+
+# DeepFloyd IF's prompt length: its pipeline's 77 T5 tokens.
+IF_T5_TOKENS = 77
+
+
+def _load_pixel_folder(folder: Path, spec: BackboneSpec, torch_dtype: torch.dtype) -> SDComponents:
+    """DeepFloyd IF stage I: a UNet on 64² pixels (no VAE), T5 and a DDPM scheduler with learned
+    variance. The safety checker and watermarker of its pipeline are not loaded."""
+    from diffusers import DDPMScheduler
+    from transformers import T5EncoderModel
+
+    missing = [s for s in ("unet", "text_encoder", "tokenizer", "scheduler") if not (folder / s).is_dir()]
+    if missing:
+        raise BackboneNotAvailableError(
+            f"{folder} is not a DeepFloyd IF folder in the diffusers layout: missing {', '.join(missing)}/"
+        )
+    t5 = T5EncoderModel.from_pretrained(folder, subfolder="text_encoder", dtype=torch_dtype)
+    return SDComponents(
+        UNet2DConditionModel.from_pretrained(folder, subfolder="unet", torch_dtype=torch_dtype),
+        None,
+        t5,
+        load_t5_tokenizer(folder / "tokenizer", t5.config.vocab_size, IF_T5_TOKENS),
         DDPMScheduler.from_pretrained(folder, subfolder="scheduler"),
         spec,
     )

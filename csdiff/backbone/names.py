@@ -73,7 +73,8 @@ def _block_activations(prefix: str, path: str, block: nn.Module) -> list[Activat
         if r < len(attentions):
             attn = f"{path}.attentions.{r}"
             acts.append(Activation(f"{prefix}-repeat{r}-vit-out", attn, "output"))
-            for i in range(len(attentions[r].transformer_blocks)):
+            # DeepFloyd IF's levels hold plain Attention modules: their output only
+            for i in range(len(getattr(attentions[r], "transformer_blocks", None) or [])):
                 tb = f"{attn}.transformer_blocks.{i}"
                 for suffix, sub, kind in _TRANSFORMER_PARTS:
                     acts.append(Activation(f"{prefix}-repeat{r}-vit-block{i}-{suffix}", tb + sub, kind, spatial=attn))
@@ -171,6 +172,8 @@ def up_cross_problem(unet: nn.Module) -> str | None:
     """Why this UNet has no ``up_cross`` (an up-level it averages over is missing or has no
     cross-attention, e.g. a UNet built with plain ``UpBlock2D`` there), or None."""
     levels = family_of(unet).up_cross_levels
+    if not levels and family_of(unet).grammar == "unet":
+        return f"up_cross is not available for {family_of(unet).name} models (their attention is not SD's transformer layers)"
     if not levels:
         return (
             f"up_cross averages the cross-attention maps of UNet up-levels, and {family_of(unet).name} is a "
