@@ -154,9 +154,9 @@ def test_timestep_zero_without_noise_sees_the_clean_latent(images):
 @pytest.mark.parametrize(
     "pipeline,parts",
     [
-        ("PixArtAlphaPipeline", ["transformer", "vae", "text_encoder", "tokenizer", "scheduler"]),
+        ("HunyuanDiTPipeline", ["transformer", "vae", "text_encoder", "tokenizer", "scheduler"]),
         (
-            "FluxPipeline",
+            "CogVideoXPipeline",
             ["transformer", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler"],
         ),
     ],

@@ -175,18 +175,20 @@ def test_flux_noise_at_the_shifted_sigma_and_its_euler_chain(flux, parts, images
 def test_flux_guidance_is_read_and_configurable(flux, images):
     plain = DiffusionFeatureExtractor(str(flux), ["vit-block5-out"], img_size=64)
     strong = DiffusionFeatureExtractor(str(flux), ["vit-block5-out"], img_size=64, guidance=7.0)
-    assert plain.describe()["guidance"] is None and strong.describe()["guidance"] == 7.0
+    assert plain.describe()["guidance"] == 3.5 and strong.describe()["guidance"] == 7.0  # the value used
     a, b = plain(images)["plain"]["vit-block5-out"], strong(images)["plain"]["vit-block5-out"]
     assert (a - b).abs().max() > 1e-4
-    with pytest.raises(ValueError, match="guidance is FLUX's distilled guidance embedding"):
+    with pytest.raises(ValueError, match="guidance is FLUX.1-dev's distilled guidance embedding; tiny is a sd model"):
         DiffusionFeatureExtractor("tiny", ["unet-in"], guidance=3.5)
 
 
 def test_flux_without_guidance_embedding_runs(tmp_path, images):
     """FLUX.1-schnell-shaped: no guidance embedding, so guidance is not passed."""
     folder = script.make_tiny_flux(tmp_path / "schnell", guidance=False)
-    feats = DiffusionFeatureExtractor(str(folder), ["single-block3-out"], img_size=64)(images)
-    assert feats["plain"]["single-block3-out"].shape == (2, 32, 4, 4)
+    ex = DiffusionFeatureExtractor(str(folder), ["single-block3-out"], img_size=64)
+    assert ex(images)["plain"]["single-block3-out"].shape == (2, 32, 4, 4) and ex.describe()["guidance"] is None
+    with pytest.raises(ValueError, match="FLUX model without a guidance embedding"):
+        DiffusionFeatureExtractor(str(folder), ["single-block3-out"], img_size=64, guidance=3.5)
 
 
 def test_flux_batched_variants_equal_one_call_each(flux, images):
@@ -222,6 +224,13 @@ def test_flux_reconstruction_equals_the_stock_img2img_pipeline(flux, images):
         output_type="pt",
     ).images
     assert_close_up_to_rounding(ours * 0.5 + 0.5, stock)
+    # steps the flow pipelines keep: int(steps − steps·strength) skipped (SD's img2img: int(steps·strength) kept)
+    from csdiff.backbone.img2img import chain_timesteps
+
+    sched = FlowMatchEulerDiscreteScheduler.from_config(full.scheduler.config)
+    assert len(chain_timesteps(sched, 0.55, 10, ex.resolution_shift(), flow=True)) == 6
+    pipe.scheduler.set_timesteps(sigmas=np.linspace(1.0, 0.1, 10), mu=ex.resolution_shift())
+    assert len(pipe.get_timesteps(10, 0.55, "cpu")[0]) == 6
 
 
 def test_flux_refuses_what_it_does_not_run_yet(flux, tmp_path):

@@ -128,6 +128,10 @@ def test_if_refuses_what_needs_a_vae_or_is_not_available(deepfloyd, images):
         DiffusionFeatureExtractor(str(deepfloyd), ["unet-in"], variants=[Variant("c", controlnets=[ControlNet("x")])])
     with pytest.raises(UnknownLayerError, match="up_cross is not available for if models"):
         DiffusionFeatureExtractor(str(deepfloyd), ["up_cross"])
+    from csdiff.tasks import LoRATrainingTask
+
+    with pytest.raises(ValueError, match="if model, which csdiff cannot train adapters for"):
+        LoRATrainingTask(backbone={"model": str(deepfloyd)})
     picture = reconstruct(DiffusionFeatureExtractor(str(deepfloyd), ["unet-in"]), images[:1], NO_TECHNIQUE, steps=4)
     assert picture.shape == (1, 3, 64, 64) and picture.abs().max() <= 1
 

@@ -92,6 +92,10 @@ def stock_encode(parts, pipeline, prompt, length):
 
 def test_pixart_loads_as_its_family_at_native_size(alpha, sigma):
     a, s = load_sd_components(str(alpha)), load_sd_components(str(sigma))
+    # a latent model: DDPM's default clip of the predicted clean sample is off, as PixArt's DPM-Solver has none
+    assert not a.scheduler.config.clip_sample and not a.scheduler.config.thresholding
+    half = load_sd_components(str(alpha), dtype="float16")  # its VAE's config asks for float32 in float16 runs
+    assert half.vae.dtype == torch.float32 and half.unet.dtype == torch.float16
     assert a.family.name == s.family.name == "pixart"
     assert (a.tokenizer.model_max_length, s.tokenizer.model_max_length) == (120, 300)
     ex = DiffusionFeatureExtractor(str(alpha), ["dit-in"])
@@ -234,12 +238,27 @@ def test_pixart_refuses_what_it_does_not_run_yet(alpha, tmp_path):
             DiffusionFeatureExtractor(str(alpha), ["dit-in"], variants=[variant])
     with pytest.raises(UnknownLayerError, match="diffusion transformer.*vit-block"):
         DiffusionFeatureExtractor(str(alpha), ["up_cross"])
+    with pytest.raises(
+        UnknownLayerError, match="'legacy' is a named layer set of other model families.*pixart's: practical"
+    ):
+        DiffusionFeatureExtractor(str(alpha), ["legacy"])
+    from csdiff.visualize.attention import plan_attention
+
+    parts = load_sd_components(str(alpha))
+    with pytest.raises(ValueError, match="--words: up_cross averages"):
+        plan_attention(parts.unet, parts.tokenizer, [Variant("plain", PROMPT)], ["circle"], [])
     with pytest.raises(UnknownLayerError, match="did you mean 'vit-block1-out'"):
         DiffusionFeatureExtractor(str(alpha), ["vit-blok1-out"])
     with pytest.raises(ValueError, match="multiple of 16 .*patches of 2"):
         DiffusionFeatureExtractor(str(alpha), ["dit-in"], img_size=72)
     with pytest.raises(BackboneNotAvailableError, match="transformer override"):
         load_sd_components(str(alpha), unet=str(alpha / "transformer"))
+    single = tmp_path / "pixart.safetensors"
+    single.write_bytes(b"")
+    with pytest.raises(
+        BackboneNotAvailableError, match="single-file checkpoints are read for SD 1.x, 2.x and SDXL only"
+    ):
+        load_sd_components(str(single), base_model=str(alpha))
 
 
 def test_transformers_csdiff_cannot_place_are_refused_by_class(alpha, tmp_path):
@@ -248,6 +267,10 @@ def test_transformers_csdiff_cannot_place_are_refused_by_class(alpha, tmp_path):
     (other / "transformer" / "config.json").write_text(json.dumps({**config, "_class_name": "HunyuanDiT2DModel"}))
     with pytest.raises(BackboneNotAvailableError, match="class HunyuanDiT2DModel; csdiff supports .*PixArt"):
         load_sd_components(str(other))
+    # PixArt's hub folders name the generic class; diffusers maps it by its adaLN-single norm, so does csdiff
+    generic = shutil.copytree(alpha, tmp_path / "generic")
+    (generic / "transformer" / "config.json").write_text(json.dumps({**config, "_class_name": "Transformer2DModel"}))
+    assert load_sd_components(str(generic)).family.name == "pixart"
     unnamed = shutil.copytree(alpha, tmp_path / "unnamed")
     (unnamed / "model_index.json").unlink()
     with pytest.raises(BackboneNotAvailableError, match="must name PixArtAlphaPipeline or PixArtSigmaPipeline"):
@@ -310,7 +333,7 @@ def test_segmentation_config_runs_with_random_pixart_alpha(tmp_path, two_threads
 def test_lora_training_refuses_pixart(alpha):
     from csdiff.tasks import LoRATrainingTask
 
-    with pytest.raises(ValueError, match="pixart diffusion transformer, which csdiff cannot train adapters for"):
+    with pytest.raises(ValueError, match="pixart model, which csdiff cannot train adapters for"):
         LoRATrainingTask(backbone={"model": str(alpha)})
 
 

@@ -218,11 +218,13 @@ def test_sd3_refuses_what_it_does_not_run_yet(sd3, tmp_path):
     shutil.rmtree(no_t5 / "text_encoder_3")
     with pytest.raises(BackboneNotAvailableError, match="needs all three text encoders.*missing text_encoder_3/"):
         load_sd_components(str(no_t5))
-    flux = shutil.copytree(sd3, tmp_path / "flux")
-    config = json.loads((flux / "transformer" / "config.json").read_text())
-    (flux / "transformer" / "config.json").write_text(json.dumps({**config, "_class_name": "FluxTransformer2DModel"}))
-    with pytest.raises(BackboneNotAvailableError, match="class FluxTransformer2DModel; csdiff supports .*SD3"):
-        load_sd_components(str(flux))
+    other = shutil.copytree(sd3, tmp_path / "other")
+    config = json.loads((other / "transformer" / "config.json").read_text())
+    (other / "transformer" / "config.json").write_text(
+        json.dumps({**config, "_class_name": "CogView4Transformer2DModel"})
+    )
+    with pytest.raises(BackboneNotAvailableError, match="class CogView4Transformer2DModel; csdiff supports .*SD3"):
+        load_sd_components(str(other))
 
 
 def test_layers_verb_lists_sd3_names_and_shapes(sd3, capsys):
@@ -262,3 +264,17 @@ def test_segmentation_config_runs_with_random_sd3_medium(tmp_path, two_threads, 
     assert extractor.text_encoder_2.config.hidden_size == 1280 and cli.model.gate.in_channels == (1536,) * 2
     assert not any(p.requires_grad for p in extractor.parameters())
     _release(cli)
+
+
+def test_compile_reaches_the_transformer_blocks_and_changes_nothing(sd3, images):
+    """`compile` compiles each MMDiT block except one with a hook inside (debug backend: fast)."""
+    from csdiff.backbone.acceleration import CompiledForward
+
+    layers = ["vit-block20-out", "vit-block3-self-k"]
+    eager = DiffusionFeatureExtractor(str(sd3), layers)(images)
+    ex = DiffusionFeatureExtractor(str(sd3), layers, compile="aot_eager")
+    compiled = ex(images)
+    blocks = [b for b in ex.unet.transformer_blocks if isinstance(b.forward, CompiledForward)]
+    assert len(blocks) == 23 and not isinstance(ex.unet.transformer_blocks[3].forward, CompiledForward)
+    for layer in layers:
+        assert_close_up_to_rounding(compiled["plain"][layer], eager["plain"][layer])

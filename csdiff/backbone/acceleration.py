@@ -14,12 +14,23 @@ from collections.abc import Callable, Iterable
 
 import torch
 import torch._dynamo
+from diffusers.models.attention import BasicTransformerBlock, JointTransformerBlock
 from diffusers.models.resnet import Downsample2D, ResnetBlock2D, Upsample2D
 from diffusers.models.transformers.transformer_2d import Transformer2DModel
+from diffusers.models.transformers.transformer_flux import FluxSingleTransformerBlock, FluxTransformerBlock
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensor
 
-COMPILED_BLOCKS = (ResnetBlock2D, Transformer2DModel, Downsample2D, Upsample2D)
+COMPILED_BLOCKS = (
+    ResnetBlock2D,
+    Transformer2DModel,
+    Downsample2D,
+    Upsample2D,
+    BasicTransformerBlock,  # PixArt's blocks
+    JointTransformerBlock,  # SD3's
+    FluxTransformerBlock,
+    FluxSingleTransformerBlock,
+)
 # Blocks of one class share their code, so torch keeps one graph per input shape, dtype and
 # adapter set under a single code object; its default limit (8) would send the rest back to
 # eager without a word. SD 1.5's UNet, ControlNet and VAE encoder give about 30 shapes per

@@ -21,6 +21,7 @@ from torch import nn
 from csdiff.backbone.acceleration import channels_last_input, compile_blocks, to_channels_last
 from csdiff.backbone.capture import ActivationCapture, hooked_paths
 from csdiff.backbone.conditions import canny_condition
+from csdiff.backbone.families import FLUX_GUIDANCE
 from csdiff.backbone.listing import activation_shapes, check_img_size, vae_factor
 from csdiff.backbone.loading import (
     check_controlnet_fits,
@@ -133,9 +134,15 @@ class DiffusionFeatureExtractor(nn.Module):
         self.text_encoder_2, self.tokenizer_2, self.family = parts.text_encoder_2, parts.tokenizer_2, parts.family
         self.text_encoder_3, self.tokenizer_3 = parts.text_encoder_3, parts.tokenizer_3
         self._refuse_unsupported(model)
-        if guidance is not None and self.family.name != "flux":
-            raise ValueError(f"guidance is FLUX's distilled guidance embedding; {model} is a {self.family.name} model")
-        self.guidance = guidance
+        distilled = self.family.name == "flux" and self.unet.config.guidance_embeds
+        if guidance is not None and not distilled:
+            what = (
+                "FLUX model without a guidance embedding (as schnell)"
+                if self.family.name == "flux"
+                else f"{self.family.name} model"
+            )
+            raise ValueError(f"guidance is FLUX.1-dev's distilled guidance embedding; {model} is a {what}")
+        self.guidance = (FLUX_GUIDANCE if guidance is None else float(guidance)) if distilled else None
         self.layers = resolve_layers(self.unet, layers)
         self.latent_factor = vae_factor(self.vae)
         if self.vae is None and latent != "mean":
@@ -488,6 +495,8 @@ class DiffusionFeatureExtractor(nn.Module):
         thresholding (each sample clamped at its ``dynamic_thresholding_ratio`` quantile of |x0|,
         between 1 and ``sample_max_value``, then rescaled) or a plain clip; latent models do neither."""
         config = self.scheduler.config
+        if self.vae is not None:  # latents are never clipped (PixArt's DDPM config would clip them)
+            return x0
         if config.get("thresholding", False):
             flat = x0.reshape(x0.shape[0], -1)
             s = torch.quantile(flat.abs(), config.get("dynamic_thresholding_ratio", 0.995), dim=1)

@@ -101,32 +101,32 @@ class Family:
         return out[:, : noisy.shape[1]]  # learned variance: the mean (ε) half, as PixArt's pipeline takes it
 
     def shape_inputs(self, model: nn.Module, latent_size: Sequence[int], window: int, dtype: torch.dtype):
-        """(latent, text embedding, added conditions) of one image: what a shape-only call needs."""
+        """(latent, text embedding, added conditions) of one image: what a shape-only call needs,
+        on the model's device (meta for shape-only models)."""
         config = model.config
-        device = next(model.parameters()).device  # meta for shape-only models
+        device = next(model.parameters()).device
         size = latent_size[0] * 8  # pixels (every family's VAE downsamples 8×); only embeddings read it
+
+        def zeros(*shape, dtype=dtype):
+            return torch.zeros(*shape, dtype=dtype, device=device)
+
         if self.name == "flux":
-            latent = torch.zeros(1, config.in_channels // 4, *latent_size, dtype=dtype, device=device)
-            emb = torch.zeros(1, window, config.joint_attention_dim, dtype=dtype, device=device)
-            pooled = torch.zeros(1, config.pooled_projection_dim, device=device)
-            return latent, emb, self.added_conditions(pooled, size, 1, dtype, device, guidance=FLUX_GUIDANCE)
-        latent = torch.zeros(1, config.in_channels, *latent_size, dtype=dtype)
+            latent = zeros(1, config.in_channels // 4, *latent_size)
+            added = self.added_conditions(zeros(1, config.pooled_projection_dim), size, 1, dtype, device)
+            return latent, zeros(1, window, config.joint_attention_dim), added
+        latent = zeros(1, config.in_channels, *latent_size)
         if self.name == "sd3":
-            emb = torch.zeros(1, window, config.joint_attention_dim, dtype=dtype)
-            return (
-                latent,
-                emb,
-                self.added_conditions(torch.zeros(1, config.pooled_projection_dim), size, 1, dtype, "cpu"),
-            )
+            added = self.added_conditions(zeros(1, config.pooled_projection_dim), size, 1, dtype, device)
+            return latent, zeros(1, window, config.joint_attention_dim), added
         if self.grammar == "dit":
-            emb = torch.zeros(1, window, config.caption_channels, dtype=dtype)
-            return latent, emb, self.added_conditions(torch.ones(1, window), size, 1, dtype, "cpu")
+            added = self.added_conditions(torch.ones(1, window, device=device), size, 1, dtype, device)
+            return latent, zeros(1, window, config.caption_channels), added
         # IF projects T5's states (encoder_hid_dim) to its cross-attention width
-        emb = torch.zeros(1, window, config.encoder_hid_dim or config.cross_attention_dim, dtype=dtype)
+        emb = zeros(1, window, config.encoder_hid_dim or config.cross_attention_dim)
         if not self.time_ids:
             return latent, emb, {}
         pooled = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
-        return latent, emb, self.added_conditions(torch.zeros(1, pooled), size, 1, dtype, "cpu")
+        return latent, emb, self.added_conditions(zeros(1, pooled), size, 1, dtype, device)
 
     def native_latent_size(self, model: nn.Module) -> int:
         """The latent side the denoiser was trained at: its config's ``sample_size`` (FLUX's

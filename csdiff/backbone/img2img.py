@@ -20,7 +20,9 @@ from csdiff.backbone.variants import Variant
 NO_TECHNIQUE = Variant(name="no technique", prompt="")
 
 
-def chain_timesteps(scheduler, strength: float, steps: int, mu: float | None = None) -> torch.Tensor:
+def chain_timesteps(
+    scheduler, strength: float, steps: int, mu: float | None = None, flow: bool = False
+) -> torch.Tensor:
     """The timesteps (DDIM's, or a flow model's Euler schedule) img2img runs at ``strength``: the last ``int(steps · strength)`` of a
     ``steps``-step schedule, as diffusers' img2img pipelines take them (the first is the noise
     level; SD 1.5, 50 steps, strength 0.6: t = 581 … 1)."""
@@ -32,7 +34,8 @@ def chain_timesteps(scheduler, strength: float, steps: int, mu: float | None = N
         scheduler.set_timesteps(steps)
     else:  # FLUX: σ from 1 to 1/steps, shifted by μ, as its pipelines set them
         scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), mu=mu)
-    start = steps - min(int(steps * strength), steps)
+    # SD's img2img pipelines keep int(steps · strength) steps; SD3's and FLUX's skip int(steps − steps · strength)
+    start = int(max(steps - steps * strength, 0)) if flow else steps - min(int(steps * strength), steps)
     timesteps = scheduler.timesteps[start * scheduler.order :]
     if len(timesteps) == 0:
         raise ValueError(f"strength {strength} with {steps} steps leaves no denoising step; raise either")
@@ -64,8 +67,13 @@ def reconstruct(
             f"variant {variant.name!r}: a prompt with fields ({variant.prompt!r}) needs a task to fill them"
         )
     flow = extractor.family.noise == "flow"
-    scheduler = (FlowMatchEulerDiscreteScheduler if flow else DDIMScheduler).from_config(extractor.scheduler.config)
-    timesteps = chain_timesteps(scheduler, strength, steps, extractor.resolution_shift() if flow else None)
+    if flow:
+        scheduler = FlowMatchEulerDiscreteScheduler.from_config(extractor.scheduler.config)
+    elif extractor.vae is None:  # pixels: bounded as the model's scheduler config says (IF: thresholding)
+        scheduler = DDIMScheduler.from_config(extractor.scheduler.config)
+    else:  # latents are never clipped
+        scheduler = DDIMScheduler.from_config(extractor.scheduler.config, clip_sample=False, thresholding=False)
+    timesteps = chain_timesteps(scheduler, strength, steps, extractor.resolution_shift() if flow else None, flow)
     images = extractor.resize(images)
     latents = extractor.encode_images(images, variant)
     batch = latents.shape[0]

@@ -47,7 +47,7 @@ FLUX_T5_TOKENS = 512
 # PixArt's prompt length (its pipelines' ``max_sequence_length``), by pipeline class.
 T5_PROMPT_TOKENS = {"PixArtAlphaPipeline": 120, "PixArtSigmaPipeline": 300}
 # Files that loading never reads when the plain weights are present: precision/EMA variants.
-_VARIANT_MARKS = (".fp16.", "non_ema", ".ema.")
+_VARIANT_MARKS = (".fp16.", ".fp16-", "non_ema", ".ema.")  # .fp16-: sharded fp16 files
 SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -248,7 +248,7 @@ def _snapshot(repo_id: str, subfolders: tuple[str, ...] | None) -> Path:
         folder = snapshot_download(
             repo_id,
             allow_patterns=patterns,
-            ignore_patterns=["*.fp16.*", "*non_ema*", "*.ema.*"],
+            ignore_patterns=["*.fp16.*", "*.fp16-*", "*non_ema*", "*.ema.*"],
             local_files_only=offline,
             etag_timeout=10,
         )
@@ -335,7 +335,7 @@ def load_sd_components(
 
 SUPPORTED_FAMILIES = (
     "SD 1.x, SD 2.x and SDXL (UNet2DConditionModel with CLIP text encoders), PixArt-α/Σ "
-    "(PixArtTransformer2DModel with T5), SD3 / 3.5 (SD3Transformer2DModel with two CLIPs and T5) and FLUX.1 "
+    "(PixArtTransformer2DModel with T5), SD3 / 3.5 (SD3Transformer2DModel with two CLIPs and T5), FLUX.1 "
     "(FluxTransformer2DModel with CLIP-L and T5) and DeepFloyd IF stage I (a pixel-space UNet2DConditionModel with T5)"
 )
 # UNet settings that fix the architecture: a UNet override must match the base model in all.
@@ -352,6 +352,22 @@ _ARCHITECTURE_KEYS = (
 )
 
 
+def _transformer_class(config: dict) -> str:
+    """A transformer config's class; PixArt's hub folders name the generic Transformer2DModel,
+    which diffusers itself maps to PixArtTransformer2DModel by its adaLN-single norm."""
+    name = config.get("_class_name", "")
+    if name == "Transformer2DModel" and config.get("norm_type") == "ada_norm_single":
+        return "PixArtTransformer2DModel"
+    return name
+
+
+def _upcast_vae_dtype(folder: Path, torch_dtype: torch.dtype) -> torch.dtype:
+    """float32 for a VAE whose config says it overflows in float16 (``force_upcast``: SDXL's, which
+    PixArt-Σ uses, SD3's, FLUX's), as diffusers' pipelines upcast it; else ``torch_dtype``."""
+    upcast = AutoencoderKL.load_config(folder, subfolder="vae").get("force_upcast", False)
+    return torch.float32 if upcast and torch_dtype == torch.float16 else torch_dtype
+
+
 def _pipeline_class(folder: Path) -> str:
     index = folder / "model_index.json"
     return json.loads(index.read_text()).get("_class_name", "") if index.is_file() else ""
@@ -365,9 +381,8 @@ def check_architecture(folder: Path) -> None:
     transformer_config = folder / "transformer" / "config.json"
     sdxl = unet.get("addition_embed_type") == "text_time"
     if (folder / "transformer").is_dir() and not unet:
-        denoiser = (
-            json.loads(transformer_config.read_text()).get("_class_name", "") if transformer_config.is_file() else ""
-        )
+        config = json.loads(transformer_config.read_text()) if transformer_config.is_file() else {}
+        denoiser = _transformer_class(config)
         pipelines = TRANSFORMER_PIPELINES.get(denoiser)
         if pipelines and pipeline in pipelines:
             return
@@ -415,7 +430,7 @@ def _load_transformer_folder(folder: Path, spec: BackboneSpec, torch_dtype: torc
         raise BackboneNotAvailableError(
             f"{folder} is not {what} in the diffusers layout: missing {', '.join(missing)}/"
         )
-    vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", torch_dtype=torch_dtype)
+    vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", torch_dtype=_upcast_vae_dtype(folder, torch_dtype))
     if sd3:
         clips = [
             CLIPTextModelWithProjection.from_pretrained(folder, subfolder=sub, dtype=torch_dtype)
@@ -440,7 +455,8 @@ def _load_transformer_folder(folder: Path, spec: BackboneSpec, torch_dtype: torc
         vae,
         text_encoder,
         load_t5_tokenizer(folder / "tokenizer", text_encoder.config.vocab_size, T5_PROMPT_TOKENS[pipeline]),
-        DDPMScheduler.from_pretrained(folder, subfolder="scheduler"),
+        # DDPM's default clips predicted clean samples to ±1: right for pixels, wrong for latents
+        DDPMScheduler.from_pretrained(folder, subfolder="scheduler", clip_sample=False, thresholding=False),
         spec,
     )
 
@@ -487,7 +503,7 @@ def _load_flux_folder(folder: Path, spec: BackboneSpec, torch_dtype: torch.dtype
     t5 = T5EncoderModel.from_pretrained(folder, subfolder="text_encoder_2", dtype=torch_dtype)
     return SDComponents(
         FluxTransformer2DModel.from_pretrained(folder, subfolder="transformer", torch_dtype=torch_dtype),
-        AutoencoderKL.from_pretrained(folder, subfolder="vae", torch_dtype=torch_dtype),
+        AutoencoderKL.from_pretrained(folder, subfolder="vae", torch_dtype=_upcast_vae_dtype(folder, torch_dtype)),
         clip,
         load_tokenizer(folder / "tokenizer", clip.config.vocab_size),
         FlowMatchEulerDiscreteScheduler.from_pretrained(folder, subfolder="scheduler"),
@@ -587,7 +603,9 @@ def _build_random(model: str, torch_dtype: torch.dtype, load_vae_decoder: bool) 
         tokenizer = random_models.random_t5_tokenizer()
         tokenizer.model_max_length = T5_PROMPT_TOKENS["PixArtAlphaPipeline"]
         transformer = random_models.random_transformer(model, torch_dtype)
-        scheduler = DDPMScheduler.from_pretrained(random_models.RANDOM_MODELS[model], subfolder="scheduler")
+        scheduler = DDPMScheduler.from_pretrained(
+            random_models.RANDOM_MODELS[model], subfolder="scheduler", clip_sample=False, thresholding=False
+        )
         t5 = random_models.random_t5_encoder(model, torch_dtype)
         return SDComponents(transformer, vae, t5, tokenizer, scheduler, spec)
     if model == "random-sd3-medium":
@@ -658,6 +676,11 @@ def _load_single_file(path: Path, base_model: str | None, torch_dtype: torch.dty
         )
     base_folder, _ = resolve_model_folder(base_model)
     check_architecture(base_folder)
+    if (base_folder / "transformer").is_dir() or _pipeline_class(base_folder) == "IFPipeline":
+        raise BackboneNotAvailableError(
+            f"{path}: single-file checkpoints are read for SD 1.x, 2.x and SDXL only, and {base_model} is a "
+            f"{_pipeline_class(base_folder) or 'diffusion-transformer'} folder; use the model's diffusers folder"
+        )
     sdxl = (base_folder / "text_encoder_2").is_dir()
     pipeline = StableDiffusionXLPipeline if sdxl else StableDiffusionPipeline
     extra = {"add_watermarker": False} if sdxl else {"safety_checker": None, "requires_safety_checker": False}

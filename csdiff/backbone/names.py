@@ -15,7 +15,7 @@ from typing import Iterable, Literal
 
 from torch import nn
 
-from csdiff.backbone.families import SD, family_of
+from csdiff.backbone.families import FAMILIES, SD, family_of
 
 Kind = Literal["output", "input", "tokens", "self-map", "cross-map"]
 
@@ -222,7 +222,14 @@ def expand_layers(layers: str | Iterable[str], sets: dict[str, tuple[str, ...]] 
 
 def resolve_layers(unet: nn.Module, layers: str | Iterable[str]) -> list[str]:
     """Validate layer names against a UNet; unknown names fail with the closest valid ones."""
-    names = expand_layers(layers, family_of(unet).layer_sets)
+    family = family_of(unet)
+    names = expand_layers(layers, family.layer_sets)
+    for name in names:  # a set of another family, e.g. SD's `legacy` on a transformer
+        if name != UP_CROSS and name not in family.layer_sets and any(name in f.layer_sets for f in FAMILIES.values()):
+            raise UnknownLayerError(
+                f"{name!r} is a named layer set of other model families, not of {family.name} models; "
+                f"{family.name}'s: {', '.join(family.layer_sets) or 'none'} (or name layers: `csdiff layers --model <model>`)"
+            )
     if not names:
         raise UnknownLayerError("no layers given: name at least one activation (see `csdiff layers`)")
     valid = enumerate_activations(unet)

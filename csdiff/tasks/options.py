@@ -50,6 +50,7 @@ class BackboneOptions(TypedDict, total=False):
     batch_variants: bool
     channels_last: bool
     compile: bool | str
+    guidance: float | None
 
 
 class GateOptions(TypedDict, total=False):

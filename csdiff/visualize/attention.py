@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from csdiff.backbone.names import UP_CROSS, enumerate_activations, resolve_layers
+from csdiff.backbone.names import UP_CROSS, enumerate_activations, resolve_layers, up_cross_problem
 from csdiff.backbone.variants import Variant
 from csdiff.visualize.overlays import image_to_rgb
 
@@ -144,6 +144,8 @@ def plan_attention(
     (None when neither words nor points are asked for)."""
     if not words and not points:
         return None
+    if words and up_cross_problem(unet) is not None:  # word maps read up_cross: say why there is none
+        raise ValueError(f"--words: {up_cross_problem(unet)}")
     by_name = {v.name: v for v in variants}
     name = variant or variants[0].name
     if name not in by_name:
