@@ -241,6 +241,31 @@ def test_flux_refuses_what_it_does_not_run_yet(flux, tmp_path):
     with pytest.raises(ValueError, match="multiple of 16 .*patches of 2"):
         DiffusionFeatureExtractor(str(flux), ["dit-out"], img_size=72)
     assert np.isfinite(DiffusionFeatureExtractor(str(flux), ["dit-out"], img_size=64).sigma(999))
+    from csdiff.backbone import ControlNet
+    from csdiff.backbone.loading import BackboneNotAvailableError
+
+    with pytest.raises(BackboneNotAvailableError, match="is a ControlNetModel, and the backbone .* is a flux model"):
+        DiffusionFeatureExtractor(
+            str(flux), ["dit-out"], variants=[Variant("c", controlnets=[ControlNet("tiny-controlnet-canny")])]
+        )
+    from diffusers import FluxControlNetModel
+
+    union = FluxControlNetModel(
+        in_channels=64,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=32,
+        pooled_projection_dim=16,
+        axes_dims_rope=(4, 6, 6),
+        num_mode=3,
+    )
+    union.save_pretrained(tmp_path / "union")
+    with pytest.raises(BackboneNotAvailableError, match="union \\(several modes\\) FLUX ControlNet"):
+        DiffusionFeatureExtractor(
+            str(flux), ["dit-out"], variants=[Variant("c", controlnets=[ControlNet(str(tmp_path / "union"))])]
+        )
 
 
 def test_random_flux1_dev_is_flux1_dev_in_shapes_only(capsys):
@@ -261,3 +286,45 @@ def test_random_flux1_dev_is_flux1_dev_in_shapes_only(capsys):
 
     rows = {r["name"]: r["shape"] for r in json.loads(capsys.readouterr().out)}
     assert len(rows) == 154 and rows["single-block37-out"] == [3072, 64, 64] and rows["dit-out"] == [64, 64, 64]
+
+
+def test_flux_controlnet_equals_the_stock_controlnet_call(flux, parts, images, tmp_path):
+    """An InstantX-style FLUX ControlNet variant: the condition's VAE latent (posterior mean,
+    shifted and scaled), packed; the stock ControlNet's double- and single-stream samples added by
+    the stock transformer; batched with a plain variant, equal to one call each."""
+    from diffusers import FluxControlNetModel
+
+    from csdiff.backbone import ControlNet
+    from csdiff.backbone.conditions import canny_condition
+
+    net_folder = script.make_tiny_flux_controlnet(tmp_path / "cn")
+    variants = [Variant("plain", PROMPT), Variant("canny", PROMPT, controlnets=[ControlNet(str(net_folder))])]
+    layer = "single-block30-out"
+    got = DiffusionFeatureExtractor(str(flux), [layer], img_size=64, variants=variants)(images)
+    single = DiffusionFeatureExtractor(str(flux), [layer], img_size=64, variants=variants, batch_variants=False)(images)
+    assert_close_up_to_rounding(got["canny"][layer], single["canny"][layer])
+    assert (got["canny"][layer] - got["plain"][layer]).abs().max() > 1e-3
+    ex = DiffusionFeatureExtractor(str(flux), [layer], img_size=64, variants=variants)
+    net = FluxControlNetModel.from_pretrained(net_folder)
+    vae = parts.vae
+    cond = (vae.encode(canny_condition(images, 100, 200) * 2 - 1).latent_dist.mean - 0.1159) * 0.3611
+    pack = lambda x: FluxPipeline._pack_latents(x, 2, 16, 8, 8)  # noqa: E731
+    emb, pooled, text_ids = stock_pipeline(parts).encode_prompt(PROMPT, None, device=torch.device("cpu"))
+    z = ex.encode_images(images)
+    noise = torch.randn((1, 16, 8, 8), generator=torch.Generator().manual_seed(0)).expand(2, -1, -1, -1)
+    sigma = ex.sigma(ex.timestep)
+    x = pack((1 - sigma) * z + sigma * noise)
+    common = dict(
+        timestep=torch.full((2,), sigma),
+        guidance=torch.full((2,), 3.5),
+        pooled_projections=pooled.expand(2, -1),
+        encoder_hidden_states=emb.expand(2, -1, -1),
+        txt_ids=text_ids,
+        img_ids=FluxPipeline._prepare_latent_image_ids(2, 4, 4, x.device, x.dtype),
+    )
+    block, single_block = net(x, controlnet_cond=pack(cond), return_dict=False, **common)
+    seen = []
+    handle = parts.unet.single_transformer_blocks[30].register_forward_hook(lambda m, a, o: seen.append(o[1]))
+    parts.unet(x, controlnet_block_samples=block, controlnet_single_block_samples=single_block, **common)
+    handle.remove()
+    assert_close_up_to_rounding(got["canny"][layer], grid(seen[0]))

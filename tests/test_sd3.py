@@ -18,7 +18,7 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Img2ImgPipeline, StableDiffusion3Pipeline
 from helpers import assert_close_up_to_rounding, load_script, shapes_images
 
-from csdiff.backbone import ControlNet, DiffusionFeatureExtractor, UnknownLayerError, Variant
+from csdiff.backbone import ControlNet, DiffusionFeatureExtractor, LoRA, UnknownLayerError, Variant
 from csdiff.backbone.capture import ActivationCapture
 from csdiff.backbone.listing import list_layers
 from csdiff.backbone.loading import BackboneNotAvailableError, load_sd_components
@@ -208,8 +208,10 @@ def test_sd3_reconstruction_equals_the_stock_img2img_pipeline(sd3, parts, images
 
 
 def test_sd3_refuses_what_it_does_not_run_yet(sd3, tmp_path):
-    with pytest.raises(ValueError, match="uses ControlNet, which csdiff does not run on sd3"):
-        DiffusionFeatureExtractor(str(sd3), ["dit-in"], variants=[Variant("c", controlnets=[ControlNet("x")])])
+    with pytest.raises(ValueError, match="uses LoRA, which csdiff does not run on sd3"):
+        DiffusionFeatureExtractor(
+            str(sd3), ["dit-in"], variants=[Variant("l", loras=[LoRA(str(tmp_path / "x.safetensors"))])]
+        )
     with pytest.raises(UnknownLayerError, match="diffusion transformer"):
         DiffusionFeatureExtractor(str(sd3), ["up_cross"])
     with pytest.raises(ValueError, match="multiple of 16"):
@@ -278,3 +280,59 @@ def test_compile_reaches_the_transformer_blocks_and_changes_nothing(sd3, images)
     assert len(blocks) == 23 and not isinstance(ex.unet.transformer_blocks[3].forward, CompiledForward)
     for layer in layers:
         assert_close_up_to_rounding(compiled["plain"][layer], eager["plain"][layer])
+
+
+@pytest.mark.parametrize("instantx", [False, True], ids=["shifted", "instantx"])
+def test_sd3_controlnet_equals_the_stock_controlnet_call(sd3, parts, images, tmp_path, instantx):
+    """An SD3 ControlNet variant: the condition's VAE latent (posterior mean; shifted unless the
+    ControlNet is InstantX-style, whose pooled projection is zero), the stock ControlNet's block
+    samples added by the stock transformer; batched with a plain variant, equal to one call each."""
+    from diffusers import SD3ControlNetModel
+
+    from csdiff.backbone.conditions import canny_condition
+
+    net_folder = load_script("make_tiny_sd3").make_tiny_sd3_controlnet(tmp_path / "cn", instantx=instantx)
+    variants = [Variant("plain", PROMPT), Variant("canny", PROMPT, controlnets=[ControlNet(str(net_folder))])]
+    layer = "vit-block5-out"
+    got = DiffusionFeatureExtractor(str(sd3), [layer], variants=variants)(images)
+    single = DiffusionFeatureExtractor(str(sd3), [layer], variants=variants, batch_variants=False)(images)
+    assert_close_up_to_rounding(got["canny"][layer], single["canny"][layer])
+    assert (got["canny"][layer] - got["plain"][layer]).abs().max() > 1e-3
+    # the reference, from diffusers' modules only
+    ex = DiffusionFeatureExtractor(str(sd3), [layer], variants=variants)
+    net = SD3ControlNetModel.from_pretrained(net_folder)
+    vae = parts.vae
+    cond = vae.encode(canny_condition(images, 100, 200) * 2 - 1).latent_dist.mean
+    cond = (cond - (0.0 if instantx else vae.config.shift_factor)) * vae.config.scaling_factor
+    emb, pooled = stock_encode(parts, PROMPT)
+    z = ex.encode_images(images)
+    noise = torch.randn((1, 16, 8, 8), generator=torch.Generator().manual_seed(0)).expand(2, -1, -1, -1)
+    sigma, t = ex.sigma(ex.timestep), ex.model_timestep(ex.timestep)
+    x = (1 - sigma) * z + sigma * noise
+    (samples,) = net(
+        x,
+        controlnet_cond=cond,
+        encoder_hidden_states=emb.expand(2, -1, -1),
+        pooled_projections=(torch.zeros_like(pooled) if instantx else pooled).expand(2, -1),
+        timestep=torch.tensor([t]).expand(2),
+        return_dict=False,
+    )
+    seen = []
+    handle = parts.unet.transformer_blocks[5].register_forward_hook(lambda m, a, o: seen.append(o[1]))
+    parts.unet(
+        hidden_states=x,
+        timestep=torch.tensor([t]).expand(2),
+        encoder_hidden_states=emb.expand(2, -1, -1),
+        pooled_projections=pooled.expand(2, -1),
+        block_controlnet_hidden_states=samples,
+    )
+    handle.remove()
+    assert_close_up_to_rounding(got["canny"][layer], seen[0].transpose(1, 2).reshape(2, -1, 4, 4))
+    assert all(not p.requires_grad for p in ex.parameters())
+
+
+def test_a_unet_controlnet_on_sd3_is_refused(sd3):
+    with pytest.raises(BackboneNotAvailableError, match="is a ControlNetModel, and the backbone .* is a sd3 model"):
+        DiffusionFeatureExtractor(
+            str(sd3), ["dit-in"], variants=[Variant("c", controlnets=[ControlNet("tiny-controlnet-canny")])]
+        )

@@ -529,38 +529,41 @@ class DiffusionFeatureExtractor(nn.Module):
                 key = ("canny", cn.low, cn.high)
                 if key not in cache:
                     cache[key] = canny_condition(images, cn.low, cn.high)
+            if self.family.grammar == "dit":  # SD3's and FLUX's ControlNets read the condition's VAE latent
+                pixels, key = cache[key], (*key, "latent", cn.model)
+                if key not in cache:
+                    cache[key] = self._condition_latent(pixels, self.controlnets[self._controlnet_keys[cn.model]])
             cond = cache[key].to(self.device, self.dtype)
             out.append((key, channels_last_input(cond) if self.channels_last else cond))
         return out
 
+    def _condition_latent(self, condition: torch.Tensor, net: nn.Module) -> torch.Tensor:
+        """A condition map in [0, 1] as SD3's and FLUX's ControlNet pipelines feed it: VAE-encoded
+        from [−1, 1], shifted (except for InstantX's SD3 ControlNets, trained without the shift)
+        and scaled. The posterior mean, where the pipelines draw a sample: features stay deterministic."""
+        x = (condition.to(self.device, self.vae.dtype) * 2 - 1).expand(-1, 3, -1, -1)
+        mean = self.vae.encode(x).latent_dist.mean
+        shift = 0.0 if net.config.get("force_zeros_for_pooled_projection", False) else self.vae.config.shift_factor
+        return (mean - shift) * self.vae.config.scaling_factor
+
     def control_residuals(
         self, variant, noisy, t, emb, conds, cache: dict | None, share_key: tuple | None, added: dict | None = None
     ) -> dict:
-        """Summed ControlNet residuals. With a ``share_key`` (what fixes the noisy latent and the
-        embedding), an identical call made for an earlier variant is reused, not repeated."""
-        down, mid = None, None
+        """Summed ControlNet residuals at the model's timestep ``t`` (see :meth:`model_timestep`),
+        as the denoiser's keyword arguments. With a ``share_key`` (what fixes the noisy latent and
+        the embedding), an identical call made for an earlier variant is reused, not repeated."""
+        total: dict = {}
         for cn, (cond_key, cond) in zip(variant.controlnets, conds):
             key = None if share_key is None else (cn.model, cond_key, cn.scale, t, share_key)
             if key is not None and key in cache:
-                d, m = cache[key]
+                residuals = cache[key]
             else:
                 net = self.controlnets[self._controlnet_keys[cn.model]]
-                d, m = net(
-                    noisy,
-                    t,
-                    encoder_hidden_states=emb,
-                    controlnet_cond=cond,
-                    conditioning_scale=cn.scale,
-                    return_dict=False,
-                    **(added or {}),
-                )
+                residuals = self.family.control(net, noisy, t, emb, cond, cn.scale, added or {})
                 if key is not None:
-                    cache[key] = (d, m)
-            down = list(d) if down is None else [a + b for a, b in zip(down, d)]
-            mid = m if mid is None else mid + m
-        if down is None:
-            return {}
-        return dict(down_block_additional_residuals=down, mid_block_additional_residual=mid)
+                    cache[key] = residuals
+            total = residuals if not total else _map_residuals(lambda a, b: a + b, total, residuals)
+        return total
 
     @torch.no_grad()
     def forward(
@@ -650,11 +653,13 @@ class DiffusionFeatureExtractor(nn.Module):
                 )
             noisy = self.add_noise(latents, noise, variant.denoise_from)
             for t in range(variant.denoise_from, self.timestep, -1):
-                extra = self.control_residuals(variant, noisy, t, emb, conds, None, None, added)
+                extra = self.control_residuals(variant, noisy, self.model_timestep(t), emb, conds, None, None, added)
                 prediction = self.family.run(unet, noisy, self.model_timestep(t), emb, added, extra)
                 noisy = self.chain_step(noisy, prediction, t)
             share_key = None  # the chain depends on every guidance setting: never shared
-        extra = self.control_residuals(variant, noisy, self.timestep, emb, conds, control_cache, share_key, added)
+        extra = self.control_residuals(
+            variant, noisy, self.model_timestep(self.timestep), emb, conds, control_cache, share_key, added
+        )
         names = [n for n in self.layers if n in (layers or {}).get(variant.name, self.layers)]
         unet_key = self.loras.unet_key(list(variant.loras)) + (
             (("weights", self._weights_key(variant)),) if variant.weights else ()
@@ -681,19 +686,9 @@ class DiffusionFeatureExtractor(nn.Module):
         extra = {}
         if any(c.extra for c in group):
             like = next(c.extra for c in group if c.extra)
-            zeros = {
-                "down_block_additional_residuals": [
-                    torch.zeros_like(r) for r in like["down_block_additional_residuals"]
-                ],
-                "mid_block_additional_residual": torch.zeros_like(like["mid_block_additional_residual"]),
-            }
+            zeros = _map_residuals(torch.zeros_like, like)
             parts = [c.extra or zeros for c in group]
-            extra = {
-                "down_block_additional_residuals": [
-                    torch.cat(rs) for rs in zip(*(p["down_block_additional_residuals"] for p in parts))
-                ],
-                "mid_block_additional_residual": torch.cat([p["mid_block_additional_residual"] for p in parts]),
-            }
+            extra = {key: _map_residuals(lambda *xs: torch.cat(xs), *(p[key] for p in parts)) for key in like}
         names, unet = group[0].names, group[0].unet
         with ActivationCapture(
             unet, names, tuple(shape[-2:]), self.tokenizer.model_max_length, stop_early=True
@@ -731,6 +726,18 @@ def _prompt_groups(
     out: list[tuple[torch.Tensor | None, list[Variant]]] = [(None, plain)] if plain else []
     whole = len(groups) == 1  # one category in the batch: no need to split it
     return out + [(None if whole else torch.tensor(index), filled) for index, filled in groups.values()]
+
+
+def _map_residuals(fn, *residuals):
+    """``fn`` applied elementwise across residual structures: dicts, lists of tensors or tensors."""
+    first = residuals[0]
+    if first is None:  # a ControlNet without single-stream samples
+        return None
+    if isinstance(first, dict):
+        return {key: _map_residuals(fn, *(r[key] for r in residuals)) for key in first}
+    if isinstance(first, (list, tuple)):
+        return [_map_residuals(fn, *items) for items in zip(*residuals)]
+    return fn(*residuals)
 
 
 def _take(conditions: dict[str, torch.Tensor] | None, index: torch.Tensor) -> dict[str, torch.Tensor] | None:

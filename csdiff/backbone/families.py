@@ -34,24 +34,34 @@ Encoder = Callable[[tuple, tuple, str], tuple[torch.Tensor, "torch.Tensor | None
 FLUX_GUIDANCE = 3.5
 
 
-def _run_flux(model: nn.Module, noisy: torch.Tensor, steps: torch.Tensor, emb: torch.Tensor, added: dict):
-    """FLUX called as its pipeline calls it: the latent packed into 2×2 patches (one token each,
-    row-major), position ids (0, row, column) for image tokens and 0 for text, the timestep
-    σ·1000 given as σ, guidance only to guidance-distilled models; the output unpacked."""
+def _pack(latent: torch.Tensor) -> torch.Tensor:
+    """(B, C, h, w) → (B, h/2 · w/2, 4C): one token per 2×2 patch, row-major, as FLUX's pipelines pack."""
+    b, c, h, w = latent.shape
+    return latent.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, (h // 2) * (w // 2), c * 4)
+
+
+def _flux_ids(latent: torch.Tensor, text_tokens: int) -> dict:
+    """FLUX's rotary position ids: (0, row, column) per image token, 0 for text."""
+    h, w = latent.shape[-2] // 2, latent.shape[-1] // 2
+    rows = torch.arange(h, device=latent.device)[:, None].expand(h, w)
+    cols = torch.arange(w, device=latent.device)[None, :].expand(h, w)
+    img_ids = torch.stack([torch.zeros_like(rows), rows, cols], dim=-1).reshape(-1, 3).to(latent.dtype)
+    return {"img_ids": img_ids, "txt_ids": torch.zeros(text_tokens, 3, device=latent.device, dtype=latent.dtype)}
+
+
+def _run_flux(model: nn.Module, noisy: torch.Tensor, steps: torch.Tensor, emb: torch.Tensor, added: dict, extra: dict):
+    """FLUX called as its pipeline calls it: the latent packed into 2×2 patches, position ids,
+    the timestep σ·1000 given as σ, guidance only to guidance-distilled models, ControlNet samples
+    in ``extra``; the output unpacked."""
     b, c, h, w = noisy.shape
-    tokens = noisy.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, (h // 2) * (w // 2), c * 4)
-    rows = torch.arange(h // 2, device=noisy.device)[:, None].expand(h // 2, w // 2)
-    cols = torch.arange(w // 2, device=noisy.device)[None, :].expand(h // 2, w // 2)
-    img_ids = torch.stack([torch.zeros_like(rows), rows, cols], dim=-1).reshape(-1, 3).to(noisy.dtype)
-    txt_ids = torch.zeros(emb.shape[1], 3, device=noisy.device, dtype=noisy.dtype)
     out = model(
-        tokens,
+        _pack(noisy),
         encoder_hidden_states=emb,
         pooled_projections=added["pooled_projections"],
         timestep=steps / 1000,
-        img_ids=img_ids,
-        txt_ids=txt_ids,
         guidance=added["guidance"] if model.config.guidance_embeds else None,
+        **_flux_ids(noisy, emb.shape[1]),
+        **extra,
     ).sample
     return out.view(b, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w)
 
@@ -83,11 +93,10 @@ class Family:
             return model(noisy, t, encoder_hidden_states=emb, **extra, **added).sample[:, : noisy.shape[1]]
         steps = torch.full((noisy.shape[0],), float(t), device=noisy.device)
         if self.name == "flux":
-            return _run_flux(model, noisy, steps, emb, added)
+            return _run_flux(model, noisy, steps, emb, added, extra)
         if self.name == "sd3":
-            return model(
-                noisy, encoder_hidden_states=emb, pooled_projections=added["pooled_projections"], timestep=steps
-            ).sample
+            pooled = added["pooled_projections"]
+            return model(noisy, encoder_hidden_states=emb, pooled_projections=pooled, timestep=steps, **extra).sample
         sizes = {"resolution": added["resolution"], "aspect_ratio": added["aspect_ratio"]}
         if not model.use_additional_conditions:
             sizes = {"resolution": None, "aspect_ratio": None}
@@ -99,6 +108,52 @@ class Family:
             encoder_attention_mask=added["encoder_attention_mask"],
         ).sample
         return out[:, : noisy.shape[1]]  # learned variance: the mean (ε) half, as PixArt's pipeline takes it
+
+    def control(self, net: nn.Module, noisy, t, emb, cond, scale: float, added: dict) -> dict:
+        """One ControlNet's residuals at the model's timestep ``t``, as the denoiser's keyword
+        arguments, called as the family's ControlNet pipeline calls it (``cond``: the condition
+        map for UNets, its VAE latent for SD3 and FLUX)."""
+        if self.grammar == "unet":
+            down, mid = net(
+                noisy,
+                t,
+                encoder_hidden_states=emb,
+                controlnet_cond=cond,
+                conditioning_scale=scale,
+                return_dict=False,
+                **added,
+            )
+            return {"down_block_additional_residuals": list(down), "mid_block_additional_residual": mid}
+        steps = torch.full((noisy.shape[0],), float(t), device=noisy.device)
+        if self.name == "flux":  # InstantX-style FLUX ControlNets: the packed condition latent
+            block, single = net(
+                _pack(noisy),
+                controlnet_cond=_pack(cond),
+                conditioning_scale=scale,
+                encoder_hidden_states=emb,
+                pooled_projections=added["pooled_projections"],
+                timestep=steps / 1000,
+                guidance=added["guidance"] if net.config.guidance_embeds else None,
+                return_dict=False,
+                **_flux_ids(noisy, emb.shape[1]),
+            )
+            return {
+                "controlnet_block_samples": None if block is None else list(block),
+                "controlnet_single_block_samples": None if single is None else list(single),
+            }
+        pooled = added["pooled_projections"]
+        if net.config.force_zeros_for_pooled_projection:  # InstantX's SD3 ControlNets: zero pooled projection
+            pooled = torch.zeros_like(pooled)
+        (samples,) = net(
+            noisy,
+            controlnet_cond=cond,
+            conditioning_scale=scale,
+            encoder_hidden_states=emb if net.config.joint_attention_dim is not None else None,
+            pooled_projections=pooled,
+            timestep=steps,
+            return_dict=False,
+        )
+        return {"block_controlnet_hidden_states": list(samples)}
 
     def shape_inputs(self, model: nn.Module, latent_size: Sequence[int], window: int, dtype: torch.dtype):
         """(latent, text embedding, added conditions) of one image: what a shape-only call needs,
@@ -231,7 +286,7 @@ SD3 = Family(
     encode=encode_prompt_sd3,
     grammar="dit",
     noise="flow",
-    unsupported=("ControlNet", "LoRA", "own weights", "up_cross", "attention maps"),
+    unsupported=("LoRA", "own weights", "up_cross", "attention maps"),
 )
 FLUX = Family(
     name="flux",
@@ -242,7 +297,7 @@ FLUX = Family(
     encode=encode_prompt_flux,
     grammar="dit",
     noise="flow",
-    unsupported=("ControlNet", "LoRA", "own weights", "up_cross", "attention maps"),
+    unsupported=("LoRA", "own weights", "up_cross", "attention maps"),
 )
 IF = Family(
     name="if",

@@ -175,7 +175,8 @@ def folder_kind(folder: Path) -> str:
             name = json.loads(config.read_text()).get("_class_name", "")
         except (OSError, ValueError):
             return "unknown"
-        return {"ControlNetModel": "controlnet", "UNet2DConditionModel": "unet"}.get(name, "unknown")
+        kinds = {"UNet2DConditionModel": "unet", **dict.fromkeys(CONTROLNET_CLASSES, "controlnet")}
+        return kinds.get(name, "unknown")
     if any(p.name.startswith("pytorch_lora_weights") for p in folder.iterdir()):
         return "lora"
     return "unknown"
@@ -734,7 +735,11 @@ def load_controlnet(model: str, dtype: str | torch.dtype = "float32") -> tuple[C
                 else "no ControlNet configuration (config.json of a ControlNetModel)"
             )
             raise BackboneNotAvailableError(f"ControlNet {model}: {folder} is not a ControlNet folder: {what}")
-        controlnet = ControlNetModel.from_pretrained(folder, torch_dtype=parse_dtype(dtype))
+        import diffusers
+
+        name = json.loads((folder / "config.json").read_text()).get("_class_name")
+        cls = getattr(diffusers, name) if name in CONTROLNET_CLASSES else ControlNetModel
+        controlnet = cls.from_pretrained(folder, torch_dtype=parse_dtype(dtype))
     return controlnet.requires_grad_(False).eval(), weights_id
 
 
@@ -750,10 +755,42 @@ _CONTROLNET_KEYS = (
 )
 
 
+# ControlNet classes by the family they serve.
+CONTROLNET_CLASSES = {"ControlNetModel": "sd", "SD3ControlNetModel": "sd3", "FluxControlNetModel": "flux"}
+# Transformer ControlNet settings that must equal the transformer's: samples are added to its tokens.
+_DIT_CONTROLNET_KEYS = (
+    "in_channels",
+    "patch_size",
+    "num_attention_heads",
+    "attention_head_dim",
+    "pooled_projection_dim",
+)
+
+
 def check_controlnet_fits(controlnet: ControlNetModel, unet: UNet2DConditionModel, model: str, backbone: str) -> None:
     """Refuse, at load time, a ControlNet built for another family or width (it would fail
     mid-run with a bare shape error)."""
-    differ = [k for k in _CONTROLNET_KEYS if _plain(controlnet.config.get(k)) != _plain(unet.config.get(k))]
+    family = family_of(unet).name
+    wanted = {"sdxl": "sd"}.get(family, family)
+    serves = CONTROLNET_CLASSES.get(type(controlnet).__name__)
+    if serves != wanted:
+        right = next((name for name, f in CONTROLNET_CLASSES.items() if f == wanted), "none")
+        raise BackboneNotAvailableError(
+            f"ControlNet {model} is a {type(controlnet).__name__}, and the backbone {backbone} is a {family} "
+            f"model: use a ControlNet trained for this model's family ({right})"
+        )
+    if family == "sd3" and not controlnet.config.get("use_pos_embed", True):
+        raise BackboneNotAvailableError(
+            f"ControlNet {model} embeds no positions of its own (as SD3.5's official ControlNets): csdiff runs SD3 "
+            f"ControlNets with their own patch embedding (as InstantX's for SD3-medium)"
+        )
+    if family == "flux" and (controlnet.input_hint_block is not None or controlnet.config.get("num_mode")):
+        raise BackboneNotAvailableError(
+            f"ControlNet {model} is an XLabs-style (pixel hint) or union (several modes) FLUX ControlNet: csdiff runs "
+            f"single-mode FLUX ControlNets that read the condition's latent (as InstantX's)"
+        )
+    keys = _DIT_CONTROLNET_KEYS if family in ("sd3", "flux") else _CONTROLNET_KEYS
+    differ = [k for k in keys if _plain(controlnet.config.get(k)) != _plain(unet.config.get(k))]
     if differ:
         details = "; ".join(f"{k}: {controlnet.config.get(k)} vs {unet.config.get(k)}" for k in differ)
         raise BackboneNotAvailableError(

@@ -87,6 +87,33 @@ def make_tiny_flux(root: Path, seed: int = 0, guidance: bool = True) -> Path:
     return root
 
 
+def make_tiny_flux_controlnet(out: Path, seed: int = 1) -> Path:
+    """An InstantX-style FluxControlNetModel for the tiny FLUX (2 + 2 blocks, the condition read as
+    a packed latent), every weight random: its zero-initialised projections too, so that it
+    changes features."""
+    from diffusers import FluxControlNetModel
+
+    torch.manual_seed(seed)
+    net = FluxControlNetModel(
+        patch_size=1,
+        in_channels=64,
+        num_layers=2,
+        num_single_layers=2,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=32,
+        pooled_projection_dim=16,
+        guidance_embeds=True,
+        axes_dims_rope=(4, 6, 6),
+    )
+    with torch.no_grad():
+        zeroed = [net.controlnet_blocks, net.controlnet_single_blocks, net.controlnet_x_embedder]
+        for p in (p for module in zeroed for p in module.parameters()):
+            p.normal_(0, 0.05)
+    net.save_pretrained(out)
+    return out
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out", type=Path)

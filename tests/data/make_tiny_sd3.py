@@ -84,6 +84,34 @@ def make_tiny_sd3(root: Path, seed: int = 0) -> Path:
     return root
 
 
+def make_tiny_sd3_controlnet(out: Path, seed: int = 1, instantx: bool = False) -> Path:
+    """An SD3ControlNetModel for the tiny SD3 (2 blocks), every weight random: its zero-initialised
+    output projections too, so that it changes features. ``instantx``: trained with zero pooled
+    projections and an unshifted condition latent, as InstantX's SD3 ControlNets."""
+    from diffusers import SD3ControlNetModel
+
+    torch.manual_seed(seed)
+    net = SD3ControlNetModel(
+        sample_size=8,
+        patch_size=2,
+        in_channels=16,
+        num_layers=2,
+        attention_head_dim=8,
+        num_attention_heads=4,
+        joint_attention_dim=32,
+        caption_projection_dim=32,
+        pooled_projection_dim=48,
+        out_channels=16,
+        pos_embed_max_size=16,
+        force_zeros_for_pooled_projection=instantx,
+    )
+    with torch.no_grad():
+        for p in [*net.controlnet_blocks.parameters(), *net.pos_embed_input.parameters()]:
+            p.normal_(0, 0.05)
+    net.save_pretrained(out)
+    return out
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out", type=Path)
