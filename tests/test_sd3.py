@@ -329,6 +329,12 @@ def test_sd3_controlnet_equals_the_stock_controlnet_call(sd3, parts, images, tmp
     handle.remove()
     assert_close_up_to_rounding(got["canny"][layer], seen[0].transpose(1, 2).reshape(2, -1, 4, 4))
     assert all(not p.requires_grad for p in ex.parameters())
+    # a provided condition (the same canny map, passed in) takes the same path through the VAE
+    provided = [Variant("given", PROMPT, controlnets=[ControlNet(str(net_folder), condition="provided")])]
+    given = DiffusionFeatureExtractor(str(sd3), [layer], variants=provided)(
+        images, conditions={"given": canny_condition(images, 100, 200)}
+    )
+    assert_close_up_to_rounding(given["given"][layer], got["canny"][layer])
 
 
 def test_a_unet_controlnet_on_sd3_is_refused(sd3):
