@@ -298,6 +298,24 @@ def test_paper_config_instantiates_at_sd15_size_in_its_dtype_without_running_the
     assert bool(trainable) == _trains(text) and not any(id(p) in backbone for p in trainable)
 
 
+def at_real_size(config: dict) -> dict:
+    """A substituted config made fit for a run at a real model's widths: denoising chains cut to
+    one guided step (``denoise_from`` = t + 1: the chain's code path is the same, each step is a
+    denoiser call at real size), no checkpoint files (gate + AdamW state: gigabytes), no sanity
+    validation."""
+    model = config["model"]["init_args"]
+    for variant in [
+        *model.get("variants", []),
+        *([model["attention_variant"]] if model.get("attention_variant") else []),
+    ]:
+        if variant.get("denoise_from") is not None:
+            variant["denoise_from"] = model["backbone"]["timestep"] + 1
+    trainer = config["trainer"]
+    trainer["callbacks"] = [c for c in trainer["callbacks"] if not c["class_path"].endswith("ModelCheckpoint")]
+    trainer.update(enable_checkpointing=False, num_sanity_val_steps=0)
+    return config
+
+
 def _frozen_parameters(task) -> list:
     """The frozen backbone's parameters: the extractor's, or a LoRA task's model less its adapters."""
     if hasattr(task, "extractor"):
@@ -326,17 +344,7 @@ def test_paper_config_runs_with_random_sd15(config, tmp_path, sd15_lora_unet, tw
     """
     text = yaml.safe_load(config.read_text())
     lora = lambda path, seed: str(write_random_lora(path, sd15_lora_unet, seed=seed))  # noqa: E731
-    config_dict = _substitute_tiny(text, tmp_path, "random-sd15", "random-sd15-controlnet-canny", lora)
-    model = config_dict["model"]["init_args"]
-    for variant in [
-        *model.get("variants", []),
-        *([model["attention_variant"]] if model.get("attention_variant") else []),
-    ]:
-        if variant.get("denoise_from") is not None:
-            variant["denoise_from"] = model["backbone"]["timestep"] + 1
-    trainer = config_dict["trainer"]
-    trainer["callbacks"] = [c for c in trainer["callbacks"] if not c["class_path"].endswith("ModelCheckpoint")]
-    trainer.update(enable_checkpointing=False, num_sanity_val_steps=0)
+    config_dict = at_real_size(_substitute_tiny(text, tmp_path, "random-sd15", "random-sd15-controlnet-canny", lora))
     # label-scarce: extract -> 2 training steps; testing one 256² image at SD widths (65536 pixels ×
     # 3674 channels × 4 variants through 10 MLPs) is the tiny run's plumbing at minutes of CPU time
     cli, score = _run(config_dict, tmp_path / config.name, test=False)

@@ -310,19 +310,12 @@ def test_segmentation_config_runs_with_random_pixart_alpha(tmp_path, two_threads
     """The PixArt segmentation config for 2 steps and a validation through the CLI at PixArt-α's
     real widths (64² images, float32; the chain cut to one guided step, as for random-sd15)."""
     import yaml
-    from test_configs import _release, _run, _substitute_tiny
+    from test_configs import _release, _run, _substitute_tiny, at_real_size
 
     config = yaml.safe_load(
         (Path(__file__).resolve().parents[1] / "configs" / "seg_ade20k_pixart_sigma_public.yaml").read_text()
     )
-    config = _substitute_tiny(config, tmp_path, "random-pixart-alpha")
-    model = config["model"]["init_args"]
-    for variant in model["variants"]:
-        if variant.get("denoise_from") is not None:
-            variant["denoise_from"] = model["backbone"]["timestep"] + 1
-    trainer = config["trainer"]
-    trainer["callbacks"] = [c for c in trainer["callbacks"] if not c["class_path"].endswith("ModelCheckpoint")]
-    trainer.update(enable_checkpointing=False, num_sanity_val_steps=0)
+    config = at_real_size(_substitute_tiny(config, tmp_path, "random-pixart-alpha"))
     cli, score = _run(config, tmp_path / "pixart.yaml")
     assert score in cli.trainer.callback_metrics
     assert cli.model.gate.in_channels == (1152,) * 4

@@ -81,6 +81,14 @@ def _block_activations(prefix: str, path: str, block: nn.Module) -> list[Activat
     return acts
 
 
+_JOINT_PARTS: tuple[tuple[str, str, Kind, int], ...] = (
+    ("self-q", ".attn.to_q", "tokens", 0),
+    ("self-k", ".attn.to_k", "tokens", 0),
+    ("self-v", ".attn.to_v", "tokens", 0),
+    ("self-out", ".attn", "tokens", 0),
+    ("ffn-out", ".ff", "tokens", 0),
+    ("out", "", "tokens", 1),
+)
 # A diffusion transformer block's parts, in network order: (suffix, module below the block, kind,
 # index of the image in a tuple output). The research code's names.
 _DIT_PARTS: dict[str, tuple[tuple[str, str, Kind, int], ...]] = {
@@ -97,26 +105,11 @@ _DIT_PARTS: dict[str, tuple[tuple[str, str, Kind, int], ...]] = {
         ("ffn-out", ".ff", "tokens", 0),
         ("out", "", "tokens", 0),
     ),
-    # SD3's JointTransformerBlock: one joint attention over image and text tokens (its image
-    # stream's q, k, v and output are the image's), then the image stream's feed-forward; the
-    # block returns (text, image).
-    "sd3": (
-        ("self-q", ".attn.to_q", "tokens", 0),
-        ("self-k", ".attn.to_k", "tokens", 0),
-        ("self-v", ".attn.to_v", "tokens", 0),
-        ("self-out", ".attn", "tokens", 0),
-        ("ffn-out", ".ff", "tokens", 0),
-        ("out", "", "tokens", 1),
-    ),
-    # FLUX's double-stream FluxTransformerBlock: as SD3's (its attention returns (image, text)).
-    "flux": (
-        ("self-q", ".attn.to_q", "tokens", 0),
-        ("self-k", ".attn.to_k", "tokens", 0),
-        ("self-v", ".attn.to_v", "tokens", 0),
-        ("self-out", ".attn", "tokens", 0),
-        ("ffn-out", ".ff", "tokens", 0),
-        ("out", "", "tokens", 1),
-    ),
+    # SD3's JointTransformerBlock and FLUX's double-stream FluxTransformerBlock: one joint attention
+    # over image and text tokens (its image stream's q, k, v and output, (image, text) out), then
+    # the image stream's feed-forward; the block returns (text, image).
+    "sd3": _JOINT_PARTS,
+    "flux": _JOINT_PARTS,
 }
 # The image grid of a model whose input is already tokens (FLUX: packed 2×2 latent patches)
 # comes from the latent's size, not from a module's input.
