@@ -37,7 +37,7 @@ from csdiff.backbone.loading import _VARIANT_MARKS, SNAPSHOT_SUBFOLDERS, WEIGHT_
 
 Kind = Literal["pipeline", "controlnet", "lora"]
 CONTROLNET_FILES = ("config.json", "diffusion_pytorch_model.safetensors")
-PIPELINE_SUFFIXES = (".json", ".txt", ".safetensors")
+PIPELINE_SUFFIXES = (".json", ".txt", ".safetensors", ".model")  # .model: T5's SentencePiece vocabulary
 PROBE_TIMEOUT_S = 10.0
 
 

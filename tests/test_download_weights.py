@@ -98,6 +98,34 @@ def test_pipeline_fetches_the_components_csdiff_loads_without_duplicates():
     }
 
 
+def test_transformer_pipelines_fetch_their_transformer_and_t5_files():
+    """A PixArt/SD3-style repository: transformer/, T5 sharded in two precisions, SentencePiece."""
+    files = [
+        "model_index.json",
+        "scheduler/scheduler_config.json",
+        "transformer/config.json",
+        "transformer/diffusion_pytorch_model.safetensors",
+        "vae/config.json",
+        "vae/diffusion_pytorch_model.safetensors",
+        "text_encoder_3/config.json",
+        "text_encoder_3/model.safetensors.index.json",
+        "text_encoder_3/model-00001-of-00002.safetensors",
+        "text_encoder_3/model-00002-of-00002.safetensors",
+        "text_encoder_3/model.fp16-00001-of-00002.safetensors",
+        "text_encoder_3/model.fp16-00002-of-00002.safetensors",
+        "tokenizer_3/spiece.model",
+        "tokenizer_3/tokenizer_config.json",
+        "safety_checker/model.safetensors",
+    ]
+    kind, chosen = dw.select_files("sd3", files)
+    assert kind == "pipeline"
+    assert set(files) - set(chosen) == {
+        "text_encoder_3/model.fp16-00001-of-00002.safetensors",
+        "text_encoder_3/model.fp16-00002-of-00002.safetensors",
+        "safety_checker/model.safetensors",
+    }
+
+
 def test_pipeline_without_safetensors_weights_is_refused():
     files = [f for f in SD15 if f != "unet/diffusion_pytorch_model.safetensors"]
     with pytest.raises(dw.DownloadError, match="unet has no .safetensors weights"):
