@@ -163,3 +163,14 @@ def t5_tokenizer(words: list[str]):
     pieces += [(f"\u2581{c}", -4.0) for c in "abcdefghijklmnopqrstuvwxyz"]
     pieces += [(c, -5.0) for c in "abcdefghijklmnopqrstuvwxyz0123456789.,"]
     return T5Tokenizer(vocab=pieces, extra_ids=0)
+
+
+def write_tiny_t5(encoder_dir: Path, tokenizer_dir: Path, words: list[str], width: int, **config) -> None:
+    """A random two-layer T5 encoder ``width`` wide (8-wide heads) and its tokenizer over
+    ``words``, saved in the diffusers layout: the T5 of every tiny test model of a T5 family."""
+    from transformers import T5Config, T5EncoderModel
+
+    tokenizer = t5_tokenizer(words)
+    tokenizer.save_pretrained(tokenizer_dir)
+    shape = dict(d_model=width, d_kv=8, d_ff=2 * width, num_layers=2, num_heads=width // 8)
+    T5EncoderModel(T5Config(vocab_size=len(tokenizer), **shape, **config)).save_pretrained(encoder_dir)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from csdiff.backbone import tiny
 
@@ -57,11 +57,7 @@ def make_tiny_flux(root: Path, seed: int = 0, guidance: bool = True) -> Path:
         )
     )
     tiny.save_text_encoder(clip, root / "text_encoder")
-    t5_tokenizer = tiny.t5_tokenizer(WORDS)
-    t5_tokenizer.save_pretrained(root / "tokenizer_2")
-    T5EncoderModel(
-        T5Config(vocab_size=len(t5_tokenizer), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4)
-    ).save_pretrained(root / "text_encoder_2")
+    tiny.write_tiny_t5(root / "text_encoder_2", root / "tokenizer_2", WORDS, 32)
     FlowMatchEulerDiscreteScheduler(
         shift=3.0,
         use_dynamic_shifting=True,

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import torch
 from diffusers import DDPMScheduler, UNet2DConditionModel
-from transformers import T5Config, T5EncoderModel
 
 from csdiff.backbone import tiny
 
@@ -44,11 +43,7 @@ def make_tiny_if(root: Path, seed: int = 0) -> Path:
         act_fn="gelu",
         norm_num_groups=8,
     ).save_pretrained(root / "unet")
-    tokenizer = tiny.t5_tokenizer(WORDS)
-    tokenizer.save_pretrained(root / "tokenizer")
-    T5EncoderModel(
-        T5Config(vocab_size=len(tokenizer), d_model=24, d_kv=8, d_ff=48, num_layers=2, num_heads=3)
-    ).save_pretrained(root / "text_encoder")
+    tiny.write_tiny_t5(root / "text_encoder", root / "tokenizer", WORDS, 24)
     DDPMScheduler(
         beta_schedule="squaredcos_cap_v2",
         variance_type="learned_range",

@@ -17,7 +17,6 @@ from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, PixArtTransformer2DModel
-from transformers import T5Config, T5EncoderModel
 
 from csdiff.backbone import tiny
 
@@ -41,17 +40,9 @@ def make_tiny_pixart(root: Path, seed: int = 0, sigma: bool = False, conditions:
         use_additional_conditions=conditions,
     )
     vae = AutoencoderKL(**tiny.VAE_CONFIG)
-    tokenizer = tiny.t5_tokenizer(WORDS)
-    tokenizer.save_pretrained(root / "tokenizer")
-    vocab = len(tokenizer)
-    text_encoder = T5EncoderModel(
-        T5Config(
-            vocab_size=vocab, d_model=24, d_kv=8, d_ff=48, num_layers=2, num_heads=3, feed_forward_proj="gated-gelu"
-        )
-    )
+    tiny.write_tiny_t5(root / "text_encoder", root / "tokenizer", WORDS, 24, feed_forward_proj="gated-gelu")
     transformer.save_pretrained(root / "transformer")
     vae.save_pretrained(root / "vae")
-    text_encoder.save_pretrained(root / "text_encoder")
     # PixArt's stock scheduler; its betas (DiT's linear schedule) fix the noise.
     DPMSolverMultistepScheduler(
         beta_start=0.0001, beta_end=0.02, beta_schedule="linear", variance_type="learned_range"

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
-from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer, T5Config, T5EncoderModel
+from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
 
 from csdiff.backbone import tiny
 
@@ -59,11 +59,7 @@ def make_tiny_sd3(root: Path, seed: int = 0) -> Path:
             )
         )
         clip.save_pretrained(root / f"text_encoder{sub}")
-    t5_tokenizer = tiny.t5_tokenizer(WORDS)
-    t5_tokenizer.save_pretrained(root / "tokenizer_3")
-    T5EncoderModel(
-        T5Config(vocab_size=len(t5_tokenizer), d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4)
-    ).save_pretrained(root / "text_encoder_3")
+    tiny.write_tiny_t5(root / "text_encoder_3", root / "tokenizer_3", WORDS, 32)
     FlowMatchEulerDiscreteScheduler(shift=3.0).save_pretrained(root / "scheduler")
     (root / "model_index.json").write_text(
         json.dumps(
