@@ -74,6 +74,7 @@ def run_layers(argv: list[str]) -> int:
     cfg = parser.parse_args(argv)
     from csdiff.backbone.listing import list_layers, vae_factor
     from csdiff.backbone.loading import load_sd_components
+    from csdiff.backbone.names import AGGREGATES
 
     parts = load_sd_components(cfg.model, base_model=cfg.base_model)
     factor = vae_factor(parts.vae)
@@ -86,12 +87,10 @@ def run_layers(argv: list[str]) -> int:
     print(f"{'name':<{width}}  {'C x H x W':>18}  module")
     for r in rows:
         print(f"{r.name:<{width}}  {' x '.join(map(str, r.shape)):>18}  {r.module}")
-    count = (
-        f"{len(rows) - 1} activation names (+ up_cross)"
-        if rows[-1].name == "up_cross"
-        else f"{len(rows)} activation names"
-    )
-    print(f"{count} for {cfg.model} at img_size {img_size}; named sets: legacy, practical")
+    aggregate = rows[-1].name if rows[-1].name in AGGREGATES else None
+    count = f"{len(rows) - 1} activation names (+ {aggregate})" if aggregate else f"{len(rows)} activation names"
+    sets = ", ".join(parts.family.layer_sets) or "none"
+    print(f"{count} for {cfg.model} at img_size {img_size}; named sets: {sets}")
     return 0
 
 

@@ -85,7 +85,7 @@ def grid(tokens, side=4):
 def test_flux_loads_as_its_family_at_native_1024(flux, parts):
     assert parts.family.name == "flux" and parts.family.noise == "flow"
     assert parts.tokenizer_2.model_max_length == 512
-    assert len(enumerate_activations(parts.unet)) == 19 * 6 + 38 + 2
+    assert len(enumerate_activations(parts.unet)) == 19 * 8 + 38 + 2
     assert DiffusionFeatureExtractor(str(flux), ["dit-out"]).img_size == 1024  # FLUX's config has no sample_size
     rows = {r.name: r.shape for r in list_layers(parts, 64)}
     assert rows["single-block37-out"] == (32, 4, 4) and rows["dit-after-patch-embed"] == (32, 4, 4)
@@ -285,7 +285,8 @@ def test_random_flux1_dev_is_flux1_dev_in_shapes_only(capsys):
     import json
 
     rows = {r["name"]: r["shape"] for r in json.loads(capsys.readouterr().out)}
-    assert len(rows) == 154 and rows["single-block37-out"] == [3072, 64, 64] and rows["dit-out"] == [64, 64, 64]
+    assert len(rows) == 19 * 8 + 38 + 2 + 1 and rows["cross_maps"] == [512, 64, 64]
+    assert rows["single-block37-out"] == [3072, 64, 64] and rows["dit-out"] == [64, 64, 64]
 
 
 def test_flux_controlnet_equals_the_stock_controlnet_call(flux, parts, images, tmp_path):

@@ -282,7 +282,7 @@ def test_layers_verb_lists_pixart_names_and_shapes(alpha, capsys):
 
     assert main(["layers", "--model", str(alpha), "--format", "json"]) == 0
     rows = {r["name"]: r["shape"] for r in json.loads(capsys.readouterr().out)}
-    assert len(rows) == 28 * 10 + 3 and "up_cross" not in rows
+    assert len(rows) == 28 * 10 + 3 + 1 and "up_cross" not in rows and rows["cross_maps"] == [120, 4, 4]
     assert rows["vit-block27-out"] == [48, 4, 4] and rows["vit-block5-cross-map"] == [120, 4, 4]
     assert rows["dit-in"] == [4, 8, 8]
 

@@ -88,10 +88,11 @@ def stock_call(transformer, latent, timestep, emb, pooled):
 def test_sd3_loads_as_its_family_with_three_text_encoders(parts):
     assert parts.family.name == "sd3" and parts.family.noise == "flow"
     assert parts.tokenizer_3.model_max_length == 256 and parts.text_encoder_3 is not None
-    assert len(enumerate_activations(parts.unet)) == 24 * 6 + 3
+    assert len(enumerate_activations(parts.unet)) == 24 * 8 + 3
     rows = {r.name: r.shape for r in list_layers(parts, 64)}
     assert rows["vit-block23-out"] == (32, 4, 4) and rows["dit-in"] == (16, 8, 8)
-    assert not any(name.endswith("-map") for name in rows) and "up_cross" not in rows
+    assert rows["vit-block0-self-map"] == (16, 4, 4) and rows["vit-block0-cross-map"] == (77 + 256, 4, 4)
+    assert "up_cross" not in rows and list(rows)[-1] == "cross_maps"
 
 
 def test_every_sd3_name_equals_an_independent_hook(parts):
@@ -234,7 +235,7 @@ def test_layers_verb_lists_sd3_names_and_shapes(sd3, capsys):
 
     assert main(["layers", "--model", str(sd3), "--format", "json"]) == 0
     rows = {r["name"]: r["shape"] for r in json.loads(capsys.readouterr().out)}
-    assert len(rows) == 24 * 6 + 3 and rows["vit-block23-out"] == [32, 4, 4]
+    assert len(rows) == 24 * 8 + 3 + 1 and rows["vit-block23-out"] == [32, 4, 4]  # + cross_maps
 
 
 def test_segmentation_config_runs_with_random_sd3_medium(tmp_path, two_threads, free_after):

@@ -22,7 +22,7 @@ from csdiff.backbone.acceleration import channels_last_input, compile_blocks, to
 from csdiff.backbone.capture import ActivationCapture, hooked_paths
 from csdiff.backbone.conditions import canny_condition
 from csdiff.backbone.families import FLUX_GUIDANCE
-from csdiff.backbone.listing import activation_shapes, check_img_size, vae_factor
+from csdiff.backbone.listing import activation_shapes, check_img_size, prompt_window, vae_factor
 from csdiff.backbone.loading import (
     check_controlnet_fits,
     load_controlnet,
@@ -133,6 +133,7 @@ class DiffusionFeatureExtractor(nn.Module):
         self.tokenizer, self.scheduler, self.spec = parts.tokenizer, parts.scheduler, parts.spec
         self.text_encoder_2, self.tokenizer_2, self.family = parts.text_encoder_2, parts.tokenizer_2, parts.family
         self.text_encoder_3, self.tokenizer_3 = parts.text_encoder_3, parts.tokenizer_3
+        self.prompt_window = prompt_window(parts)
         self._refuse_unsupported(model)
         distilled = self.family.name == "flux" and self.unet.config.guidance_embeds
         if guidance is not None and not distilled:
@@ -282,7 +283,7 @@ class DiffusionFeatureExtractor(nn.Module):
         call it on a float16 SD-size model on a CPU.
         """
         size = self.img_size // self.latent_factor
-        return activation_shapes(self.unet, self.layers, (size, size), self.tokenizer.model_max_length)
+        return activation_shapes(self.unet, self.layers, (size, size), self.prompt_window)
 
     # --- pieces ---
     @contextmanager
@@ -690,9 +691,7 @@ class DiffusionFeatureExtractor(nn.Module):
             parts = [c.extra or zeros for c in group]
             extra = {key: _map_residuals(lambda *xs: torch.cat(xs), *(p[key] for p in parts)) for key in like}
         names, unet = group[0].names, group[0].unet
-        with ActivationCapture(
-            unet, names, tuple(shape[-2:]), self.tokenizer.model_max_length, stop_early=True
-        ) as capture:
+        with ActivationCapture(unet, names, tuple(shape[-2:]), self.prompt_window, stop_early=True) as capture:
             self.family.run(unet, noisy, self.model_timestep(self.timestep), emb, added, extra)
         return {
             c.variant.name: {

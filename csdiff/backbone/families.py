@@ -84,6 +84,16 @@ class Family:
     noise: str = "ddpm"  # "ddpm": x_t = √ᾱ_t·x_0 + √(1−ᾱ_t)·ε, DDIM chains; "flow": x_t = (1−σ)·x_0 + σ·ε, Euler chains
     # What csdiff does not run on this family yet (each refused with one line when asked for).
     unsupported: tuple[str, ...] = ()
+    # Diffusion transformers: the blocks whose image-to-text attention maps ``cross_maps`` averages.
+    cross_map_blocks: tuple[int, ...] = ()
+
+    def prompt_window(self, tokenizers: Sequence) -> int:
+        """How many text tokens the denoiser attends to per prompt window: CLIP's 77 (longer
+        prompts are encoded in several windows, DESIGN §2), T5's whole prompt length, and for SD3
+        CLIP's 77 followed by T5's tokens (its joint attention sees both)."""
+        if self.name == "sd3":
+            return tokenizers[0].model_max_length + tokenizers[-1].model_max_length
+        return tokenizers[-1].model_max_length if self.name == "flux" else tokenizers[0].model_max_length
 
     def run(self, model: nn.Module, noisy: torch.Tensor, t, emb: torch.Tensor, added: dict, extra: dict):
         """One denoiser call at the model's timestep ``t`` (the integer step for DDPM families,
@@ -275,6 +285,7 @@ PIXART = Family(
     up_cross_levels=(),
     encode=encode_prompt_t5,
     grammar="dit",
+    cross_map_blocks=(8, 12, 16, 20),
     unsupported=("ControlNet", "LoRA", "own weights", "up_cross"),
 )
 SD3 = Family(
@@ -286,6 +297,7 @@ SD3 = Family(
     encode=encode_prompt_sd3,
     grammar="dit",
     noise="flow",
+    cross_map_blocks=(6, 9, 12, 15),
     unsupported=("LoRA", "own weights", "up_cross", "attention maps"),
 )
 FLUX = Family(
@@ -297,6 +309,7 @@ FLUX = Family(
     encode=encode_prompt_flux,
     grammar="dit",
     noise="flow",
+    cross_map_blocks=(6, 9, 12, 15),
     unsupported=("LoRA", "own weights", "up_cross", "attention maps"),
 )
 IF = Family(

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from csdiff.backbone.capture import ActivationCapture, AttentionMapProcessor
+from csdiff.backbone.families import family_of
 from csdiff.backbone.names import resolve_layers
 
 _MISSING = object()
@@ -30,7 +31,7 @@ class _SideMapProcessor:
     within float rounding).
     """
 
-    def __init__(self, original: Any, store: dict[str, torch.Tensor], key: str) -> None:
+    def __init__(self, original: Any, store: dict[tuple[str, str], torch.Tensor], key: str) -> None:
         self.original = original
         self.maps = AttentionMapProcessor(store, key)
 
@@ -88,8 +89,8 @@ class GenerationCapture:
             )
         if self.steps and self.steps[0] < 0:
             raise ValueError(f"step indices count from 0; got {self.steps[0]}")
-        tokenizer = getattr(pipe, "tokenizer", None)
-        self.prompt_window = int(getattr(tokenizer, "model_max_length", 77))
+        tokenizers = [getattr(pipe, n, None) for n in ("tokenizer", "tokenizer_2", "tokenizer_3")]
+        self.prompt_window = family_of(unet).prompt_window([t for t in tokenizers if t is not None])
         self.features: dict[int, dict[str, torch.Tensor]] = {}
         self.timesteps_seen: dict[int, float] = {}
         self._step = 0

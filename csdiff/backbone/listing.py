@@ -17,7 +17,13 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from csdiff.backbone.capture import ActivationCapture
 from csdiff.backbone.families import family_of
 from csdiff.backbone.loading import SDComponents
-from csdiff.backbone.names import UP_CROSS, enumerate_activations, up_cross_maps, up_cross_problem
+from csdiff.backbone.names import (
+    AGGREGATES,
+    UP_CROSS,
+    aggregate_problem,
+    enumerate_activations,
+    up_cross_maps,
+)
 
 
 @dataclass(frozen=True)
@@ -65,15 +71,25 @@ def check_img_size(img_size: int, vae: nn.Module | None, unet: nn.Module) -> Non
 
 def list_layers(parts: SDComponents, img_size: int) -> list[LayerInfo]:
     """Every activation name of a model with its shape at ``img_size`` and its module path
-    (``up_cross`` last, when the model has it)."""
+    (``up_cross`` or ``cross_maps`` last, when the model has it)."""
     check_img_size(img_size, parts.vae, parts.unet)
     table = enumerate_activations(parts.unet)
     factor = vae_factor(parts.vae)
     latent = (img_size // factor, img_size // factor)
-    up_cross = [UP_CROSS] if up_cross_problem(parts.unet) is None else []
-    shapes = activation_shapes(parts.unet, [*table, *up_cross], latent, parts.tokenizer.model_max_length)
+    aggregates = [name for name in AGGREGATES if aggregate_problem(parts.unet, name) is None]
+    shapes = activation_shapes(parts.unet, [*table, *aggregates], latent, prompt_window(parts))
     rows = [LayerInfo(name, shapes[name], act.module) for name, act in table.items()]
-    if up_cross:
-        levels = " and ".join(f"up-level{level}" for level in up_cross_maps(parts.unet))
-        rows.append(LayerInfo(UP_CROSS, shapes[UP_CROSS], f"cross-attention maps of {levels}"))
+    for name in aggregates:
+        if name == UP_CROSS:
+            where = "cross-attention maps of " + " and ".join(f"up-level{level}" for level in up_cross_maps(parts.unet))
+        else:
+            blocks = ", ".join(map(str, parts.family.cross_map_blocks))
+            where = f"image-to-text attention of blocks {blocks}, averaged"
+        rows.append(LayerInfo(name, shapes[name], where))
     return rows
+
+
+def prompt_window(parts: SDComponents) -> int:
+    """Text tokens per prompt window of a loaded model (see :meth:`Family.prompt_window`)."""
+    tokenizers = [t for t in (parts.tokenizer, parts.tokenizer_2, parts.tokenizer_3) if t is not None]
+    return parts.family.prompt_window(tokenizers)

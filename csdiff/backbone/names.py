@@ -19,8 +19,11 @@ from csdiff.backbone.families import FAMILIES, SD, family_of
 
 Kind = Literal["output", "input", "tokens", "self-map", "cross-map"]
 
-# Aggregated attention feature: cross-attention maps of two up-levels per family (DESIGN §2).
+# Aggregated attention features: cross-attention maps of two up-levels per UNet family (DESIGN §2),
+# and their diffusion-transformer analogue, image-to-text attention averaged over chosen blocks.
 UP_CROSS = "up_cross"
+CROSS_MAPS = "cross_maps"
+AGGREGATES = (UP_CROSS, CROSS_MAPS)
 # SD 1.x / 2.x named sets (each family's, including SDXL's, are in csdiff.backbone.families).
 LAYER_SETS = SD.layer_sets
 
@@ -86,6 +89,9 @@ _JOINT_PARTS: tuple[tuple[str, str, Kind, int], ...] = (
     ("self-k", ".attn.to_k", "tokens", 0),
     ("self-v", ".attn.to_v", "tokens", 0),
     ("self-out", ".attn", "tokens", 0),
+    # the joint softmax of the image queries, split at the text keys, each part renormalised
+    ("self-map", ".attn", "self-map", 0),
+    ("cross-map", ".attn", "cross-map", 0),
     ("ffn-out", ".ff", "tokens", 0),
     ("out", "", "tokens", 1),
 )
@@ -106,8 +112,8 @@ _DIT_PARTS: dict[str, tuple[tuple[str, str, Kind, int], ...]] = {
         ("out", "", "tokens", 0),
     ),
     # SD3's JointTransformerBlock and FLUX's double-stream FluxTransformerBlock: one joint attention
-    # over image and text tokens (its image stream's q, k, v and output, (image, text) out), then
-    # the image stream's feed-forward; the block returns (text, image).
+    # over image and text tokens (its image stream's q, k, v, output and maps; (image, text) out),
+    # then the image stream's feed-forward; the block returns (text, image).
     "sd3": _JOINT_PARTS,
     "flux": _JOINT_PARTS,
 }
@@ -170,7 +176,8 @@ def up_cross_problem(unet: nn.Module) -> str | None:
     if not levels:
         return (
             f"up_cross averages the cross-attention maps of UNet up-levels, and {family_of(unet).name} is a "
-            f"diffusion transformer: ask for its blocks' maps by name instead (`vit-block{{i}}-cross-map`)"
+            f"diffusion transformer: use `cross_maps` (its blocks' image-to-text maps, averaged) or "
+            f"`vit-block{{i}}-cross-map`"
         )
     for level in levels:
         block = unet.up_blocks[level] if level < len(unet.up_blocks) else None
@@ -201,6 +208,34 @@ def up_cross_maps(unet: nn.Module) -> dict[int, list[str]]:
     return out
 
 
+def cross_maps_problem(unet: nn.Module) -> str | None:
+    """Why this denoiser has no ``cross_maps`` (a UNet, or a transformer shallower than the
+    family's chosen blocks), or None."""
+    family = family_of(unet)
+    if family.grammar != "dit":
+        what = "use up_cross" if family.up_cross_levels else "name its cross-attention maps (`…-cross-map`)"
+        return f"cross_maps averages a diffusion transformer's blocks; {family.name} is a UNet: {what}"
+    missing = [i for i in family.cross_map_blocks if i >= len(unet.transformer_blocks)]
+    if missing:
+        return (
+            f"cross_maps averages blocks {', '.join(map(str, family.cross_map_blocks))} of {family.name} models, but "
+            f"this one has {len(unet.transformer_blocks)}: name its maps instead (`vit-block{{i}}-cross-map`)"
+        )
+    return None
+
+
+def cross_maps_activations(unet: nn.Module) -> list[Activation]:
+    """The block maps (``vit-block{i}-cross-map``) that ``cross_maps`` averages (call only when
+    :func:`cross_maps_problem` finds none)."""
+    table = enumerate_activations(unet)
+    return [table[f"vit-block{i}-cross-map"] for i in family_of(unet).cross_map_blocks]
+
+
+def aggregate_problem(unet: nn.Module, name: str) -> str | None:
+    """Why ``name`` (``up_cross`` or ``cross_maps``) is not available on this denoiser, or None."""
+    return up_cross_problem(unet) if name == UP_CROSS else cross_maps_problem(unet)
+
+
 def expand_layers(layers: str | Iterable[str], sets: dict[str, tuple[str, ...]] = LAYER_SETS) -> list[str]:
     """Expand named sets (``legacy``, ``practical``; a family's own ``sets``) in place, keeping the user's order."""
     if isinstance(layers, str):
@@ -218,7 +253,11 @@ def resolve_layers(unet: nn.Module, layers: str | Iterable[str]) -> list[str]:
     family = family_of(unet)
     names = expand_layers(layers, family.layer_sets)
     for name in names:  # a set of another family, e.g. SD's `legacy` on a transformer
-        if name != UP_CROSS and name not in family.layer_sets and any(name in f.layer_sets for f in FAMILIES.values()):
+        if (
+            name not in AGGREGATES
+            and name not in family.layer_sets
+            and any(name in f.layer_sets for f in FAMILIES.values())
+        ):
             raise UnknownLayerError(
                 f"{name!r} is a named layer set of other model families, not of {family.name} models; "
                 f"{family.name}'s: {', '.join(family.layer_sets) or 'none'} (or name layers: `csdiff layers --model <model>`)"
@@ -226,13 +265,13 @@ def resolve_layers(unet: nn.Module, layers: str | Iterable[str]) -> list[str]:
     if not names:
         raise UnknownLayerError("no layers given: name at least one activation (see `csdiff layers`)")
     valid = enumerate_activations(unet)
-    problem = up_cross_problem(unet) if UP_CROSS in names else None
-    if problem is not None:  # checked here: capturing would fail deep inside, on an empty stack of maps
-        raise UnknownLayerError(problem)
+    for name in AGGREGATES:  # checked here: capturing would fail deep inside, on an empty stack of maps
+        if name in names and (problem := aggregate_problem(unet, name)) is not None:
+            raise UnknownLayerError(problem)
     for name in names:
-        if name != UP_CROSS and name not in valid:
+        if name not in AGGREGATES and name not in valid:
             sets = family_of(unet).layer_sets
-            close = difflib.get_close_matches(name, list(valid) + [UP_CROSS, *sets], n=3, cutoff=0.6)
+            close = difflib.get_close_matches(name, list(valid) + [*AGGREGATES, *sets], n=3, cutoff=0.6)
             hint = f" (did you mean {', '.join(repr(c) for c in close)}?)" if close else ""
             raise UnknownLayerError(
                 f"unknown layer name {name!r}{hint}. Run `csdiff layers --model <model>` to list all valid names."
