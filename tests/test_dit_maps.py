@@ -170,3 +170,49 @@ def test_cross_maps_through_the_extractor_and_its_refusals(models, parts):
     with pytest.raises(UnknownLayerError, match="sd is a UNet: use up_cross"):
         resolve_layers(sd.unet, ["cross_maps"])
     assert family_of(parts["flux"].unet).cross_map_blocks == (6, 9, 12, 15)
+
+
+def test_word_channels_of_t5_and_of_sd3s_two_encoders(parts):
+    from csdiff.visualize.attention import dit_word_channels, t5_word_channels
+
+    t5 = parts["pixart"].tokenizer
+    pieces = t5.convert_ids_to_tokens(t5(PROMPT, add_special_tokens=False).input_ids)
+    assert t5_word_channels(t5, PROMPT, "circle") == [pieces.index("\u2581circle")]
+    assert t5_word_channels(t5, PROMPT, "a") == [i for i, p in enumerate(pieces) if p == "\u2581a"]
+    with pytest.raises(ValueError, match="the word 'a' is not in the prompt 'zebra'"):
+        t5_word_channels(t5, "zebra", "a")  # its last piece 'a' opens no word
+    with pytest.raises(ValueError, match="past the 120 tokens"):
+        t5_word_channels(t5, " ".join(["photo"] * 130 + ["circle"]), "circle")
+    p = parts["sd3"]
+    clip, t5_sd3 = p.tokenizer, p.tokenizer_3
+    got = dit_word_channels("sd3", (clip, p.tokenizer_2, t5_sd3), PROMPT, "circle")
+    clip_pos = clip(PROMPT).input_ids.index(clip("circle", add_special_tokens=False).input_ids[0])
+    t5_pos = t5_sd3(PROMPT).input_ids.index(t5_sd3("circle", add_special_tokens=False).input_ids[0])
+    assert got == [clip_pos, 77 + t5_pos]
+
+
+@pytest.mark.parametrize("family", ["pixart", "flux"])
+def test_visualize_draws_words_and_points_on_a_transformer(models, tmp_path, family):
+    import cv2
+    import numpy as np
+
+    from csdiff.visualize.features import HEADER, PAD, run_visualize
+
+    (tmp_path / "in").mkdir()
+    cv2.imwrite(str(tmp_path / "in" / "img0.png"), np.random.default_rng(0).integers(0, 255, (48, 56, 3), np.uint8))
+    (tmp_path / "cfg.yaml").write_text(
+        f"""\
+model:
+  class_path: csdiff.tasks.SegmentationTask
+  init_args:
+    num_classes: 4
+    backbone: {{model: {models[family]}, img_size: 64, timestep: 50}}
+    variants: [{{name: a, prompt: "{PROMPT}"}}]
+    layers: [vit-block12-out]
+"""
+    )
+    base = ["--config", str(tmp_path / "cfg.yaml"), "--images", str(tmp_path / "in"), "--cell", "64"]
+    args = ["--output", str(tmp_path / "out"), "--words", "[circle, square]", "--points", "[[0.25, 0.75]]"]
+    assert run_visualize([*base, *args]) == 0
+    pictures = cv2.imread(str(tmp_path / "out" / "img0.attention.png"))
+    assert pictures.shape[:2] == (HEADER + 64 + PAD, 4 * (64 + PAD) + PAD)  # input | 2 words | 1 point

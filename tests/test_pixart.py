@@ -242,11 +242,6 @@ def test_pixart_refuses_what_it_does_not_run_yet(alpha, tmp_path):
         UnknownLayerError, match="'legacy' is a named layer set of other model families.*pixart's: practical"
     ):
         DiffusionFeatureExtractor(str(alpha), ["legacy"])
-    from csdiff.visualize.attention import plan_attention
-
-    parts = load_sd_components(str(alpha))
-    with pytest.raises(ValueError, match="--words: up_cross averages"):
-        plan_attention(parts.unet, parts.tokenizer, [Variant("plain", PROMPT)], ["circle"], [])
     with pytest.raises(UnknownLayerError, match="did you mean 'vit-block1-out'"):
         DiffusionFeatureExtractor(str(alpha), ["vit-blok1-out"])
     with pytest.raises(ValueError, match="multiple of 16 .*patches of 2"):

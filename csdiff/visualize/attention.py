@@ -1,10 +1,12 @@
-"""Where attention lands: heat maps of a prompt's words (cross-attention, from ``up_cross``)
-and of chosen image points (self-attention, from a ``…-self-map`` layer).
+"""Where attention lands: heat maps of a prompt's words (cross-attention, from ``up_cross``,
+or ``cross_maps`` on diffusion transformers) and of chosen image points (self-attention, from a
+``…-self-map`` layer).
 
 ``up_cross`` folds a long prompt's 75-token windows onto 77 channels per level (channel k =
 position k of every window, see ``csdiff.backbone.capture.fold_prompt_windows``), so a word
 is found by its token positions in the windowed prompt, and a word split into sub-word
-tokens is the sum of their channels.
+tokens is the sum of their channels. ``cross_maps`` has one channel per text token (T5's
+prompt; SD3: CLIP's 77, then T5's), so a word is found in each encoder's tokens.
 """
 
 from __future__ import annotations
@@ -17,7 +19,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from csdiff.backbone.names import UP_CROSS, enumerate_activations, resolve_layers, up_cross_problem
+from csdiff.backbone.families import family_of
+from csdiff.backbone.names import (
+    CROSS_MAPS,
+    UP_CROSS,
+    cross_maps_problem,
+    enumerate_activations,
+    resolve_layers,
+    up_cross_problem,
+)
 from csdiff.backbone.variants import Variant
 from csdiff.visualize.overlays import image_to_rgb
 
@@ -26,25 +36,66 @@ def _tokens(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False, truncation=False, verbose=False).input_ids
 
 
-def word_channels(tokenizer, prompt: str, word: str) -> list[int]:
-    """The folded cross-attention channels of every occurrence of ``word`` in ``prompt``.
+def _word_starts(tokenizer, prompt: str, word: str) -> tuple[list[int], int]:
+    """Token positions where ``word`` starts in ``prompt`` (special tokens not counted), and its length.
 
-    A match must start at a word boundary (CLIP's byte-pair tokens end a word with ``</w>``), so
-    "a" is not found inside "zebra"'s last token. Raises a ValueError if the word is absent.
+    A match must start at a word boundary: CLIP's byte-pair tokens end a word with ``</w>``, so
+    "a" is not found inside "zebra"'s last token; T5's SentencePiece pieces open a word with
+    ``▁``, which the word tokenized alone carries too. Raises a ValueError if the word is absent.
     """
     word_ids = _tokens(tokenizer, word.strip())
     ids = _tokens(tokenizer, prompt)
     pieces = tokenizer.convert_ids_to_tokens(ids)
-    body = tokenizer.model_max_length - 2  # tokens per window, between BOS and EOS
     n = len(word_ids)
     starts = [
         j
         for j in range(len(ids) - n + 1)
-        if word_ids and ids[j : j + n] == word_ids and (j == 0 or pieces[j - 1].endswith("</w>"))
+        if word_ids
+        and ids[j : j + n] == word_ids
+        and (j == 0 or pieces[j - 1].endswith("</w>") or pieces[j].startswith("\u2581"))
     ]
     if not starts:
         raise ValueError(f"the word {word!r} is not in the prompt {prompt!r}; choose a word of that prompt")
+    return starts, n
+
+
+def word_channels(tokenizer, prompt: str, word: str) -> list[int]:
+    """The folded cross-attention channels of every occurrence of ``word`` in a CLIP-encoded ``prompt``."""
+    starts, n = _word_starts(tokenizer, prompt, word)
+    body = tokenizer.model_max_length - 2  # tokens per window, between BOS and EOS
     return [1 + (j + i) % body for j in starts for i in range(n)]  # +1: each window opens with BOS
+
+
+def t5_word_channels(tokenizer, prompt: str, word: str, offset: int = 0) -> list[int]:
+    """The channels of every occurrence of ``word`` in a T5-encoded ``prompt`` (no BOS; the prompt
+    is cut at ``model_max_length`` tokens, its EOS included), shifted by ``offset``."""
+    starts, n = _word_starts(tokenizer, prompt, word)
+    kept = [offset + j + i for j in starts for i in range(n) if j + i < tokenizer.model_max_length - 1]
+    if not kept:
+        raise ValueError(
+            f"the word {word!r} lies past the {tokenizer.model_max_length} tokens the model reads of {prompt!r}"
+        )
+    return kept
+
+
+def dit_word_channels(family: str, tokenizers: Sequence, prompt: str, word: str) -> list[int]:
+    """A word's ``cross_maps`` channels: T5's token positions (PixArt, FLUX); for SD3, CLIP-L's
+    77 positions (one window: SD3 cuts CLIP at 77) then T5's, the word found in either."""
+    if family != "sd3":
+        return t5_word_channels(tokenizers[-1], prompt, word)
+    clip, t5 = tokenizers[0], tokenizers[-1]
+    found = []
+    for find in (
+        lambda: [c for c in word_channels(clip, prompt, word) if c < clip.model_max_length - 1],
+        lambda: t5_word_channels(t5, prompt, word, offset=clip.model_max_length),
+    ):
+        try:
+            found += find()
+        except ValueError:
+            pass
+    if not found:
+        raise ValueError(f"the word {word!r} is not in the prompt {prompt!r}; choose a word of that prompt")
+    return found
 
 
 def word_map(up_cross: torch.Tensor, channels: list[int], window: int = 77) -> torch.Tensor:
@@ -100,11 +151,12 @@ class AttentionPlan:
     points: list[tuple[float, float]]
     self_layer: str | None
     window: int
+    words_layer: str = UP_CROSS  # cross_maps on diffusion transformers
 
     @property
     def layers(self) -> list[str]:
         """The layers the variant must capture for these maps."""
-        return ([UP_CROSS] if self.words else []) + ([self.self_layer] if self.points else [])
+        return ([self.words_layer] if self.words else []) + ([self.self_layer] if self.points else [])
 
     def pictures(
         self, image: torch.Tensor, features: dict[str, torch.Tensor], cell: int
@@ -113,7 +165,10 @@ class AttentionPlan:
         out = [(f"input ({self.variant})", image_to_rgb(image, (cell, cell)))]
         for word, channels in self.words.items():
             out.append(
-                (repr(word), heat_overlay(image, word_map(features[UP_CROSS][None], channels, self.window)[0], cell))
+                (
+                    repr(word),
+                    heat_overlay(image, word_map(features[self.words_layer][None], channels, self.window)[0], cell),
+                )
             )
         for point in self.points:
             heat = heat_overlay(image, query_map(features[self.self_layer][None], point)[0], cell)
@@ -122,7 +177,11 @@ class AttentionPlan:
 
 
 def finest_self_map(unet: nn.Module) -> str:
-    """The default self-attention layer for query points: the last (finest) one of the up-levels."""
+    """The default self-attention layer for query points: the last (finest) one of the up-levels;
+    on a diffusion transformer, that of the deepest block ``cross_maps`` reads."""
+    family = family_of(unet)
+    if family.grammar == "dit" and family.cross_map_blocks:
+        return f"vit-block{family.cross_map_blocks[-1]}-self-map"
     names = [n for n in enumerate_activations(unet) if n.startswith("up-level") and n.endswith("-self-map")]
     if not names:
         raise ValueError(
@@ -133,7 +192,7 @@ def finest_self_map(unet: nn.Module) -> str:
 
 def plan_attention(
     unet: nn.Module,
-    tokenizer,
+    tokenizers: Sequence,
     variants: Sequence[Variant],
     words: Sequence[str],
     points: Sequence[Sequence[float]],
@@ -141,11 +200,14 @@ def plan_attention(
     self_layer: str | None = None,
 ) -> AttentionPlan | None:
     """Check the request against the model and the variant's prompt before anything is computed
-    (None when neither words nor points are asked for)."""
+    (None when neither words nor points are asked for). ``tokenizers``: the model's, in order."""
     if not words and not points:
         return None
-    if words and up_cross_problem(unet) is not None:  # word maps read up_cross: say why there is none
-        raise ValueError(f"--words: {up_cross_problem(unet)}")
+    family = family_of(unet)
+    words_layer = CROSS_MAPS if family.grammar == "dit" else UP_CROSS
+    problem = cross_maps_problem(unet) if words_layer == CROSS_MAPS else up_cross_problem(unet)
+    if words and problem is not None:  # word maps read up_cross / cross_maps: say why there is none
+        raise ValueError(f"--words: {problem}")
     by_name = {v.name: v for v in variants}
     name = variant or variants[0].name
     if name not in by_name:
@@ -159,5 +221,9 @@ def plan_attention(
         layer = resolve_layers(unet, [self_layer])[0] if self_layer else finest_self_map(unet)
         if not layer.endswith("-self-map"):
             raise ValueError(f"query points need a self-attention map layer (`…-self-map`), not {layer!r}")
-    channels = {word: word_channels(tokenizer, by_name[name].prompt, word) for word in words}
-    return AttentionPlan(name, channels, pairs, layer, tokenizer.model_max_length)
+    prompt = by_name[name].prompt
+    if words_layer == CROSS_MAPS:
+        channels = {word: dit_word_channels(family.name, tokenizers, prompt, word) for word in words}
+    else:
+        channels = {word: word_channels(tokenizers[0], prompt, word) for word in words}
+    return AttentionPlan(name, channels, pairs, layer, family.prompt_window(tokenizers), words_layer)
