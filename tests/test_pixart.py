@@ -231,11 +231,12 @@ def test_pixart_batched_variants_equal_one_call_each(alpha, images):
 def test_pixart_refuses_what_it_does_not_run_yet(alpha, tmp_path):
     for variant, what in (
         (Variant("c", controlnets=[ControlNet("tiny-controlnet-canny")]), "ControlNet"),
-        (Variant("l", loras=[LoRA(str(tmp_path / "x.safetensors"))]), "LoRA"),
         (Variant("w", weights="tiny"), "own weights"),
     ):
         with pytest.raises(ValueError, match=f"uses {what}, which csdiff does not run on pixart"):
             DiffusionFeatureExtractor(str(alpha), ["dit-in"], variants=[variant])
+    with pytest.raises(ValueError, match="LoRA file not found"):  # LoRA runs on PixArt (test_lora_dit.py)
+        DiffusionFeatureExtractor(str(alpha), ["dit-in"], variants=[Variant("l", loras=[LoRA(str(tmp_path / "x"))])])
     with pytest.raises(UnknownLayerError, match="diffusion transformer.*vit-block"):
         DiffusionFeatureExtractor(str(alpha), ["up_cross"])
     with pytest.raises(

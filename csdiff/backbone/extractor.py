@@ -178,7 +178,7 @@ class DiffusionFeatureExtractor(nn.Module):
         self.dtype = parse_dtype(dtype)
         self.feature_dtype = parse_dtype(feature_dtype)
         encoders = {"text_encoder": self.text_encoder, "text_encoder_2": self.text_encoder_2}
-        self.loras = LoRARegistry(self.unet, {k: v for k, v in encoders.items() if v is not None})
+        self.loras = LoRARegistry(self.unet, {k: v for k, v in encoders.items() if v is not None}, self.family.name)
         self.controlnets = nn.ModuleDict()
         self.controlnet_ids: dict[str, str] = {}
         self._controlnet_keys: dict[str, str] = {}

@@ -286,7 +286,7 @@ PIXART = Family(
     encode=encode_prompt_t5,
     grammar="dit",
     cross_map_blocks=(8, 12, 16, 20),
-    unsupported=("ControlNet", "LoRA", "own weights", "up_cross"),
+    unsupported=("ControlNet", "LoRA training", "own weights", "up_cross"),
 )
 SD3 = Family(
     name="sd3",
@@ -298,7 +298,7 @@ SD3 = Family(
     grammar="dit",
     noise="flow",
     cross_map_blocks=(6, 9, 12, 15),
-    unsupported=("LoRA", "own weights", "up_cross", "attention maps"),
+    unsupported=("LoRA training", "own weights", "up_cross"),
 )
 FLUX = Family(
     name="flux",
@@ -310,7 +310,7 @@ FLUX = Family(
     grammar="dit",
     noise="flow",
     cross_map_blocks=(6, 9, 12, 15),
-    unsupported=("LoRA", "own weights", "up_cross", "attention maps"),
+    unsupported=("LoRA training", "own weights", "up_cross"),
 )
 IF = Family(
     name="if",
@@ -318,7 +318,7 @@ IF = Family(
     layer_sets={"legacy": ("up-level0-upsampler-out", "up-level1-upsampler-out", "up-level2-upsampler-out")},
     up_cross_levels=(),
     encode=encode_prompt_t5,
-    unsupported=("ControlNet", "LoRA", "own weights"),
+    unsupported=("ControlNet", "LoRA training", "own weights"),
 )
 FAMILIES = {f.name: f for f in (SD, SDXL, PIXART, SD3, FLUX, IF)}
 

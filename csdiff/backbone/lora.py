@@ -16,11 +16,20 @@ name is looked up in tables built from the models themselves (diffusers and LDM 
 handed to diffusers under names its converter maps right; after loading, every adapted layer is
 compared with the file (kohya) or counted (diffusers formats), and a mismatch unloads the
 adapter and raises.
+
+PixArt, SD3, FLUX and DeepFloyd IF (:data:`FAMILY_LORAS`) take diffusers-format files (keys
+``transformer.…``, ``unet.…``, ``text_encoder.…`` with ``lora_A``/``lora_B``, alphas from ``.alpha``
+keys or the file's peft metadata), peft adapter folders, and for FLUX kohya files through
+diffusers' FLUX converter. csdiff reads each file into modules itself, folds the alphas into the
+down weights, and hands diffusers' loader (peft itself where diffusers has none) exactly those
+modules; every adapted layer is then compared with them, as for kohya files above.
 """
 
 from __future__ import annotations
 
 import hashlib
+import inspect
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,22 +46,36 @@ from safetensors.torch import load_file
 from torch import nn
 
 from csdiff.backbone.loading import component_weight_files, fingerprint_files
+from csdiff.backbone.lora_families import (
+    FAMILY_LORAS,
+    PEFT_PREFIX,
+    family_modules,
+    flux_kohya_state,
+    folded_state,
+    load_with_peft,
+    lora_configs,
+    one_line,
+    placed,
+    switch_adapters,
+    unwrap_empty,
+)
 from csdiff.backbone.lora_files import (
     KOHYA_PREFIXES,
     KOHYA_SUFFIXES,
-    LoRAPair,
+    LoRAError,
+    LoRAModules,
+    adaptable_shapes,
     kohya_name,
     kohya_names,
     ldm_unet_blocks,
     ldm_unet_path,
     other_adapter_kind,
+    some,
 )
 
+__all__ = ["LoRA", "LoRAError", "LoRARegistry"]
+
 LORA_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".bin")
-
-
-class LoRAError(ValueError):
-    """A LoRA file that is missing, unreadable or adapts nothing."""
 
 
 @dataclass(frozen=True)
@@ -106,9 +129,13 @@ def _unit_scaling(adapter: str, *models: nn.Module) -> None:
                 layer.scaling[adapter] = 1.0
 
 
-def _lora_fingerprint(file: Path) -> str:
-    """By content: a single file's name does not count (a copy elsewhere is the same LoRA)."""
-    return fingerprint_files([file] if file.is_file() else component_weight_files(file), file)
+def _lora_fingerprint(file: Path, configs: list[Path] | None = None) -> str:
+    """By content: a single file's name does not count (a copy elsewhere is the same LoRA); a peft
+    folder's adapter_config.json (its alphas) counts too."""
+    weights = fingerprint_files([file] if file.is_file() else component_weight_files(file), file)
+    if not configs:
+        return weights
+    return hashlib.sha256(f"{weights}:{fingerprint_files(configs, configs[0].parent)}".encode()).hexdigest()[:16]
 
 
 def _adapted_modules(model: nn.Module, adapter: str) -> int:
@@ -132,14 +159,6 @@ _DIFFUSERS_SUFFIXES = (
     "_lora.up.weight",
 )
 _DIFFUSERS_DOWN = (".lora_A.weight", ".lora.down.weight", ".lora_linear_layer.down.weight", "_lora.down.weight")
-LoRAModules = dict[str, dict[str, LoRAPair]]  # component -> module path -> (down, up, alpha)
-
-
-def _some(items, n: int = 4, noun: str = "key") -> str:
-    """The first few of ``items`` and how many there are, for one-line messages."""
-    items = sorted(items)
-    more = ", …" if len(items) > n else ""
-    return f"{', '.join(items[:n])}{more} ({len(items)} {noun}{'s' if len(items) != 1 else ''})"
 
 
 def _read_lora_file(file: Path, given: str) -> dict[str, torch.Tensor]:
@@ -167,7 +186,7 @@ def _refuse_other_adapters(raw: dict[str, torch.Tensor], given: str) -> None:
             kinds.setdefault(kind, []).append(key)
     if kinds:
         raise LoRAError(
-            f"LoRA {given} is a {' and '.join(sorted(kinds))} file ({_some([k for ks in kinds.values() for k in ks])}); "
+            f"LoRA {given} is a {' and '.join(sorted(kinds))} file ({some([k for ks in kinds.values() for k in ks])}); "
             f"csdiff applies LoRA/LoCon weights only (kohya lora_down/lora_up/alpha, diffusers lora_A/lora_B), never "
             f"part of a file: merge it into the model with the tool that made it, then use that checkpoint as the model "
             f"or factor it into a LoRA with checkpoints_scripts/lora_from_merged.py"
@@ -183,29 +202,16 @@ def _diffusers_modules_named(raw: dict[str, torch.Tensor], given: str, component
     unknown = [k for k in raw if not k.endswith(_DIFFUSERS_SUFFIXES) or k.split(".", 1)[0] not in components]
     if unknown:
         raise LoRAError(
-            f"LoRA {given} has keys csdiff does not apply ({_some(unknown)}): a diffusers LoRA key starts with "
+            f"LoRA {given} has keys csdiff does not apply ({some(unknown)}): a diffusers LoRA key starts with "
             f"{' / '.join(c + '.' for c in components)} and ends with a LoRA weight (lora_A/lora_B, lora.down/lora.up)"
         )
     return {c: sum(1 for k in raw if k.startswith(f"{c}.") and k.endswith(_DIFFUSERS_DOWN)) for c in components}
 
 
-def _adaptable_shapes(model: nn.Module, prefix: str = "") -> dict[str, torch.Size]:
-    """Weight shape of every Linear / Conv2d by its own path, also where peft has wrapped it."""
-    out: dict[str, torch.Size] = {}
-    for name, child in model.named_children():
-        path = f"{prefix}{name}"
-        layer = child.get_base_layer() if isinstance(child, BaseTunerLayer) else child
-        if isinstance(layer, (nn.Linear, nn.Conv2d)):
-            out[path] = layer.weight.shape
-        elif not isinstance(child, BaseTunerLayer):
-            out.update(_adaptable_shapes(child, f"{path}."))
-    return out
-
-
 def _kohya_modules(raw: dict[str, torch.Tensor], given: str, models: dict[str, nn.Module]) -> LoRAModules:
     """A kohya file's modules by component and path; a key that names no layer, an unknown suffix,
     a missing half or a shape that does not fit is refused (all of them named, first few shown)."""
-    shapes = {component: _adaptable_shapes(model) for component, model in models.items()}
+    shapes = {component: adaptable_shapes(model) for component, model in models.items()}
     table = kohya_names({c: list(s) for c, s in shapes.items()}, models["unet"])
     groups: dict[str, dict[str, torch.Tensor]] = {}
     odd = []
@@ -217,7 +223,7 @@ def _kohya_modules(raw: dict[str, torch.Tensor], given: str, models: dict[str, n
             odd.append(key)
     if odd:
         raise LoRAError(
-            f"LoRA {given} has keys csdiff does not apply ({_some(odd)}): a kohya LoRA/LoCon module has only "
+            f"LoRA {given} has keys csdiff does not apply ({some(odd)}): a kohya LoRA/LoCon module has only "
             f"{', '.join('.' + s for s in KOHYA_SUFFIXES)}"
         )
     unknown = [k for k in raw if k.partition(".")[0] not in table]
@@ -228,7 +234,7 @@ def _kohya_modules(raw: dict[str, torch.Tensor], given: str, models: dict[str, n
             else "names modules this backbone does not have"
         )
         raise LoRAError(
-            f"LoRA {given} {what} (keys matching no UNet or text-encoder layer: {_some(unknown)}): "
+            f"LoRA {given} {what} (keys matching no UNet or text-encoder layer: {some(unknown)}): "
             f"is it a LoRA for another model family?"
         )
     out: LoRAModules = {}
@@ -312,20 +318,28 @@ def _misloaded(adapter: str, modules: LoRAModules, models: dict[str, nn.Module])
 
 
 class LoRARegistry:
-    """Loads LoRA files into a shared UNet and text encoder(s) and activates them per variant.
+    """Loads LoRA files into a shared denoiser and text encoder(s) and activates them per variant.
 
-    ``text_encoders`` maps diffusers' key prefixes to the encoders: ``text_encoder`` (SD 1.x /
-    2.x), plus ``text_encoder_2`` for SDXL, whose files (kohya ``lora_te1_…``/``lora_te2_…``
-    or diffusers) are read with the SDXL pipeline's converter.
+    ``unet`` is the family's denoiser, a UNet or a transformer. ``text_encoders`` maps diffusers'
+    key prefixes to the encoders: ``text_encoder`` (SD 1.x/2.x), plus ``text_encoder_2`` for
+    SDXL, whose files (kohya ``lora_te1_…``/``lora_te2_…`` or diffusers) are read with the SDXL
+    pipeline's converter. For the families of :data:`FAMILY_LORAS` (``family``), only the text
+    encoders its loader adapts are kept (SD3: both CLIPs; FLUX: CLIP-L; IF: T5; PixArt: none).
     """
 
-    def __init__(self, unet: nn.Module, text_encoders: dict[str, nn.Module]) -> None:
+    def __init__(self, unet: nn.Module, text_encoders: dict[str, nn.Module], family: str | None = None) -> None:
+        if family not in (None, "sd", "sdxl", *FAMILY_LORAS):
+            raise ValueError(f"csdiff has no LoRA loader for {family} models")
         self.unet = unet
+        self.family = family
+        self.spec = FAMILY_LORAS.get(family)  # None: SD 1.x/2.x/SDXL, through the kohya tables
+        if self.spec is not None:
+            text_encoders = {k: v for k, v in text_encoders.items() if k in self.spec.text_encoders}
         self.text_encoders = text_encoders
         self.pipeline = StableDiffusionXLPipeline if "text_encoder_2" in text_encoders else StableDiffusionPipeline
         self.adapters: dict[str, str] = {}  # resolved path -> adapter name
         self._given: dict[str, str] = {}  # path as written -> adapter name (no filesystem call per batch)
-        self.in_unet: set[str] = set()
+        self.in_unet: set[str] = set()  # adapters that reach the denoiser (UNet or transformer)
         self.in_text: dict[str, set[str]] = {prefix: set() for prefix in text_encoders}
         self.fingerprints: dict[str, str] = {}  # adapter name -> fingerprint of its file(s)
 
@@ -354,27 +368,46 @@ class LoRARegistry:
             raise LoRAError(
                 f"LoRA folder {path} must hold exactly one weight file (*.safetensors or *.bin); found {found}"
             )
-        models = {"unet": self.unet, **self.text_encoders}
         raw = _read_lora_file(weights[0], path)
         _refuse_other_adapters(raw, path)
+        read: list[Path] = []
+        if self.spec is None:
+            self._load_sd(name, path, weights[0], raw)
+        else:
+            read = self._load_family(name, path, weights[0], raw)
+        n_unet = _adapted_modules(self.unet, name)
+        if n_unet:
+            self.in_unet.add(name)
+        for prefix, encoder in self.text_encoders.items():
+            if _adapted_modules(encoder, name):
+                self.in_text[prefix].add(name)
+        self.adapters[resolved] = name
+        self._given[path] = name
+        self.fingerprints[name] = _lora_fingerprint(file, read)
+        self._freeze()
+        return name
+
+    def _load_sd(self, name: str, path: str, weight_file: Path, raw: dict[str, torch.Tensor]) -> None:
+        """SD 1.x/2.x/SDXL: kohya files through csdiff's tables, others as diffusers reads them."""
+        models = {"unet": self.unet, **self.text_encoders}
         kohya = _kohya_modules(raw, path, models) if _is_kohya(raw) else None
         named = None if kohya is not None else _diffusers_modules_named(raw, path, tuple(models))
         # kohya: the checked modules under names diffusers maps right; other formats: the file itself
         # (diffusers reads their adapter metadata from it). diffusers ignores weight_name for a dict;
         # it is passed all the same, so that each call names its file.
         source = (
-            str(weights[0].parent)
+            str(weight_file.parent)
             if kohya is None
             else _diffusers_readable(kohya, self.unet, len(self.text_encoders) > 1)
         )
         try:
             state_dict, alphas, metadata = self.pipeline.lora_state_dict(
                 source,
-                weight_name=weights[0].name,
+                weight_name=weight_file.name,
                 unet_config=self.unet.config,
                 return_lora_metadata=True,
                 local_files_only=True,
-                use_safetensors=None if weights[0].suffix != ".safetensors" else True,
+                use_safetensors=None if weight_file.suffix != ".safetensors" else True,
             )
         except Exception as err:
             raise LoRAError(f"cannot read LoRA {path}: {err}") from None
@@ -414,18 +447,77 @@ class LoRARegistry:
         if problems:
             self._remove(name)
             raise LoRAError(
-                f"LoRA {path} did not load as written, so none of it is applied: {_some(problems, 3, 'module')}"
+                f"LoRA {path} did not load as written, so none of it is applied: {some(problems, 3, 'module')}"
             )
-        if n_unet:
-            self.in_unet.add(name)
-        for prefix, n in n_text.items():
-            if n:
-                self.in_text[prefix].add(name)
-        self.adapters[resolved] = name
-        self._given[path] = name
-        self.fingerprints[name] = _lora_fingerprint(file)
-        self._freeze()
-        return name
+
+    @property
+    def _models(self) -> dict[str, nn.Module]:
+        """Every model a file may adapt, by its key prefix (the denoiser's: ``unet`` or ``transformer``)."""
+        return {"unet" if self.spec is None else self.spec.denoiser: self.unet, **self.text_encoders}
+
+    def _load_family(self, name: str, path: str, weight_file: Path, raw: dict[str, torch.Tensor]) -> list[Path]:
+        """PixArt, SD3, FLUX, IF: the file read into modules by csdiff, loaded by the family's
+        diffusers loader (peft where it has none), then checked layer by layer; returns the
+        files besides the weights that fixed it (a peft folder's adapter_config.json)."""
+        spec, family, models = self.spec, self.family, self._models
+        expected, read = None, []
+        if _is_kohya(raw):
+            if not spec.kohya:
+                raise LoRAError(
+                    f"LoRA {path} is a kohya file ({some(raw)}); csdiff reads kohya files for SD 1.x/2.x/XL and "
+                    f"FLUX only: for {family} use a diffusers-format LoRA (keys "
+                    f"{' / '.join(c + '.' for c in models)}…), or is it a LoRA for another model family?"
+                )
+            state, expected = flux_kohya_state(raw, path)
+            modules = family_modules(state, path, family, spec, {})
+        else:
+            peft_keys = bool(raw) and all(k.startswith(PEFT_PREFIX) for k in raw)
+            try:
+                configs, read = lora_configs(weight_file, peft_keys, tuple(models))
+            except (OSError, ValueError) as err:
+                raise LoRAError(f"cannot read the LoRA configuration of {path}: {one_line(err)}") from None
+            modules = family_modules(raw, path, family, spec, configs)
+        modules = placed(modules, path, family, models)
+        if not modules:
+            raise LoRAError(f"LoRA {path} adapts zero modules of this {family} backbone: it holds no LoRA weights")
+        try:
+            self._load_modules(name, modules)
+        except Exception as err:
+            self._remove(name)
+            raise LoRAError(f"LoRA {path} does not fit this backbone: {type(err).__name__}: {one_line(err)}") from None
+        _unit_scaling(name, *models.values())  # alphas are folded into the down weights
+        problems = _misloaded(name, modules, models)
+        n = sum(len(pairs) for pairs in modules.values())
+        if expected is not None and n != expected:
+            problems.append(f"diffusers' FLUX converter gave {n} modules where the file's make {expected}")
+        if problems:
+            self._remove(name)
+            raise LoRAError(
+                f"LoRA {path} did not load as written, so none of it is applied: {some(problems, 3, 'module')}"
+            )
+        return read
+
+    def _load_modules(self, name: str, modules: LoRAModules) -> None:
+        """Each component's modules through the family's diffusers loader, or peft where it has none."""
+        spec, models = self.spec, self._models
+        with warnings.catch_warnings():
+            # peft compares diffusers' suffix-matched target names with the layers it adapted (FLUX's
+            # proj_out also ends each single block's path): csdiff compares every layer afterwards
+            warnings.filterwarnings("ignore", "While injecting the PEFT adapters, an inconsistency", RuntimeWarning)
+            for component, pairs in modules.items():
+                model = models[component]
+                if component in spec.peft:
+                    load_with_peft(model, pairs, name)
+                elif component == spec.denoiser:
+                    load = getattr(spec.loader, f"load_lora_into_{component}")
+                    alphas = {"network_alphas": None} if "network_alphas" in inspect.signature(load).parameters else {}
+                    state = folded_state(pairs, f"{component}.", "lora_A.weight", "lora_B.weight")
+                    load(state, **{component: model}, adapter_name=name, **alphas)
+                else:  # diffusers' text-encoder loader reads these suffixes for any layer name
+                    state = folded_state(
+                        pairs, f"{component}.", "lora_linear_layer.down.weight", "lora_linear_layer.up.weight"
+                    )
+                    spec.loader.load_lora_into_text_encoder(state, None, model, prefix=component, adapter_name=name)
 
     def fingerprint(self, path: str) -> str:
         """Fingerprint of the LoRA file(s) loaded for ``path`` (the same file anywhere, the same id)."""
@@ -436,24 +528,31 @@ class LoRARegistry:
             model.requires_grad_(False)
 
     def _remove(self, adapter: str) -> None:
-        """Unload a half-loaded adapter from every model, so that a refused file leaves no trace."""
+        """Unload a half-loaded adapter from every model, so that a refused file leaves no trace:
+        peft's wrappers left empty give their layers back, an emptied peft config goes."""
         for model in (self.unet, *self.text_encoders.values()):
             for layer in _adapted_layers(model, adapter).values():
                 layer.delete_adapter(adapter)
+            unwrap_empty(model)
             config = getattr(model, "peft_config", None)
             if isinstance(config, dict):
                 config.pop(adapter, None)
+                if not config and "peft_config" in vars(model):
+                    del model.peft_config
+                    vars(model).pop("_hf_peft_config_loaded", None)  # back to the class's False
         self._freeze()
 
     def unet_key(self, loras: list[LoRA]) -> tuple[tuple[str, float], ...]:
-        """The UNet adapters (name, scale) these LoRAs switch on: equal keys, equal UNet weights."""
+        """The denoiser adapters (name, scale) these LoRAs switch on: equal keys, equal denoiser weights."""
         return tuple((name, lora.scale) for lora in loras if (name := self.load(lora.path)) in self.in_unet)
 
     def activate(self, loras: list[LoRA]) -> tuple[tuple[str, float], ...]:
         """Switch to exactly these LoRAs; returns the text-encoder adapter key (for prompt caching)."""
         names = [(self.load(lora.path), lora.scale) for lora in loras]
         unet_sel = [(n, s) for n, s in names if n in self.in_unet]
-        if self.in_unet:
+        if self.in_unet and self.spec is not None:
+            switch_adapters(self.unet, unet_sel)
+        elif self.in_unet:
             if unet_sel:
                 self.unet.enable_adapters()
                 self.unet.set_adapters([n for n, _ in unet_sel], weights=[s for _, s in unet_sel])

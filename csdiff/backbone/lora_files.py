@@ -1,4 +1,5 @@
-"""Writing LoRA files in kohya's layout, the format the paper's LoRAs and most tools use.
+"""LoRA files in kohya's layout, the format the paper's LoRAs and most tools use (writing them,
+naming their modules), and what every reader of LoRA files shares (its error, module shapes).
 
 One module, three tensors: ``{name}.lora_down.weight`` (r, in) for a linear layer or
 (r, in, k, k) for a convolution (LoCon), ``{name}.lora_up.weight`` (out, r) or (out, r, 1, 1),
@@ -12,6 +13,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from peft.tuners.tuners_utils import BaseTunerLayer
+from torch import nn
 
 from csdiff.io import save_tensors
 
@@ -20,6 +23,31 @@ KOHYA_PREFIXES = {"unet": "lora_unet", "text_encoder": "lora_te", "text_encoder_
 SDXL_KOHYA_PREFIXES = {"unet": "lora_unet", "text_encoder": "lora_te1", "text_encoder_2": "lora_te2"}
 
 LoRAPair = tuple[torch.Tensor, torch.Tensor, float]  # down, up, alpha
+LoRAModules = dict[str, dict[str, LoRAPair]]  # component -> module path -> (down, up, alpha)
+
+
+class LoRAError(ValueError):
+    """A LoRA file that is missing, unreadable or adapts nothing."""
+
+
+def some(items, n: int = 4, noun: str = "key") -> str:
+    """The first few of ``items`` and how many there are, for one-line messages."""
+    items = sorted(items)
+    more = ", …" if len(items) > n else ""
+    return f"{', '.join(items[:n])}{more} ({len(items)} {noun}{'s' if len(items) != 1 else ''})"
+
+
+def adaptable_shapes(model: nn.Module, prefix: str = "") -> dict[str, torch.Size]:
+    """Weight shape of every Linear / Conv2d by its own path, also where peft has wrapped it."""
+    out: dict[str, torch.Size] = {}
+    for name, child in model.named_children():
+        path = f"{prefix}{name}"
+        layer = child.get_base_layer() if isinstance(child, BaseTunerLayer) else child
+        if isinstance(layer, (nn.Linear, nn.Conv2d)):
+            out[path] = layer.weight.shape
+        elif not isinstance(child, BaseTunerLayer):
+            out.update(adaptable_shapes(child, f"{path}."))
+    return out
 
 
 def kohya_name(component: str, module_path: str, sdxl: bool = False) -> str:

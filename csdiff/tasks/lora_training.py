@@ -201,7 +201,7 @@ class LoRATrainingTask(StepSeededMixin, LightningModule):
         options = dict(backbone or {})
         img_size = options.pop("img_size", None)
         parts = load_sd_components(load_vae_decoder=sample_every_n_steps > 0, **options)
-        if "LoRA" in parts.family.unsupported:
+        if "LoRA training" in parts.family.unsupported:
             raise ValueError(
                 f"LoRA training adapts SD 1.x/2.x/XL UNets; {parts.spec.model} is a {parts.family.name} model, which "
                 f"csdiff cannot train adapters for yet"
