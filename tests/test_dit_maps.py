@@ -139,11 +139,13 @@ def test_cross_maps_average_the_familys_blocks(parts, family):
     p = parts[family]
     torch.manual_seed(1)
     latent = torch.randn(1, p.unet.config.in_channels // (4 if family == "flux" else 1), 8, 8)
-    blocks = [f"vit-block{i}-cross-map" for i in p.family.cross_map_blocks]
-    names = resolve_layers(p.unet, ["cross_maps", *blocks])
-    with ActivationCapture(p.unet, names, latent_size=(8, 8), prompt_window=prompt_window(p)) as capture:
+    chosen = {"pixart": (8, 12, 16, 20), "sd3": (6, 9, 12, 15), "flux": (6, 9, 12, 15)}[family]  # as documented
+    blocks = [f"vit-block{i}-cross-map" for i in chosen]
+    with ActivationCapture(p.unet, ["cross_maps"], latent_size=(8, 8), prompt_window=prompt_window(p)) as capture:
         _call(family, p, latent)
-    mean = torch.stack([capture.features[b] for b in blocks]).mean(0)
+    with ActivationCapture(p.unet, blocks, latent_size=(8, 8), prompt_window=prompt_window(p)) as separate:
+        _call(family, p, latent)
+    mean = torch.stack([separate.features[b] for b in blocks]).mean(0)
     torch.testing.assert_close(capture.features["cross_maps"], mean, rtol=0, atol=0)
     rows = {r.name: r for r in list_layers(p, 64)}
     assert list(rows)[-1] == "cross_maps" and rows["cross_maps"].shape == tuple(mean.shape[1:])
@@ -170,6 +172,12 @@ def test_cross_maps_through_the_extractor_and_its_refusals(models, parts):
     with pytest.raises(UnknownLayerError, match="sd is a UNet: use up_cross"):
         resolve_layers(sd.unet, ["cross_maps"])
     assert family_of(parts["flux"].unet).cross_map_blocks == (6, 9, 12, 15)
+    from csdiff.tasks import CorrespondenceTask
+
+    with pytest.raises(UnknownLayerError, match="drop attention_variant and add `cross_maps` to `layers`"):
+        CorrespondenceTask(
+            backbone={"model": models["sd3"], "img_size": 64}, layers=["vit-block6-out"], attention_variant={}
+        )
 
 
 def test_word_channels_of_t5_and_of_sd3s_two_encoders(parts):
@@ -189,6 +197,11 @@ def test_word_channels_of_t5_and_of_sd3s_two_encoders(parts):
     clip_pos = clip(PROMPT).input_ids.index(clip("circle", add_special_tokens=False).input_ids[0])
     t5_pos = t5_sd3(PROMPT).input_ids.index(t5_sd3("circle", add_special_tokens=False).input_ids[0])
     assert got == [clip_pos, 77 + t5_pos]
+    # past CLIP's 75 tokens SD3 reads the word in T5 only (CLIP is cut, not windowed)
+    long = " ".join(["photo"] * 80 + ["circle"])
+    assert dit_word_channels("sd3", (clip, p.tokenizer_2, t5_sd3), long, "circle") == [77 + 80]
+    with pytest.raises(ValueError, match="past the 256 tokens"):
+        dit_word_channels("sd3", (clip, p.tokenizer_2, t5_sd3), " ".join(["photo"] * 300 + ["circle"]), "circle")
 
 
 @pytest.mark.parametrize("family", ["pixart", "flux"])

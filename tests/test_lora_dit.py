@@ -546,6 +546,9 @@ def test_each_file_loads_once_fingerprinted_by_content(folders, loras, tmp_path)
     config = json.loads((other / "adapter_config.json").read_text())
     (other / "adapter_config.json").write_text(json.dumps({**config, "lora_alpha": 1.0}))
     assert registry.fingerprint(str(other)) != registry.fingerprint(str(files["peft"]))  # its alphas count
+    alone = shutil.copy(files["peft"] / "adapter_model.safetensors", tmp_path / "peft_weights.safetensors")
+    with pytest.raises(LoRAError, match="peft adapter weights .* without their adapter_config.json"):
+        registry.load(str(alone))  # peft's weights alone do not say their alphas
     assert len(registry.adapters) == 4 and registry.in_unet == set(registry.adapters.values())
 
 

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from diffusers.models.embeddings import apply_rotary_emb
 from torch import nn
 
+from csdiff.backbone.families import family_of
 from csdiff.backbone.names import (
     CROSS_MAPS,
     LATENT_GRID,
@@ -119,18 +120,24 @@ class JointAttentionMapProcessor:
     maps a separate self- and cross-attention would give: every query's row sums to 1).
 
     The attention itself still runs in the model's own processor, so the block's output is
-    unchanged; the maps cost one more pair of projections and O(N_img·N) memory per head.
+    unchanged; the maps cost the image queries' and the keys' projections (norms and rotary
+    included) once more, and the float32 logits of one head at a time. Only the ``kinds`` asked
+    for are computed (FLUX's image→image map at 1024² is 4096² per head).
     """
 
-    def __init__(self, processor: Any, store: dict[tuple[str, str], torch.Tensor], key: str) -> None:
+    def __init__(
+        self, processor: Any, store: dict[tuple[str, str], torch.Tensor], key: str, kinds: Sequence[str]
+    ) -> None:
         self.processor = processor
         self.store = store
         self.key = key
+        self.kinds = set(kinds)
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
         query, image_keys, text_keys = _joint_queries_keys(attn, hidden_states, encoder_hidden_states, image_rotary_emb)
         for kind, keys in (("self-map", image_keys), ("cross-map", text_keys)):
-            self.store[(self.key, kind)] = _head_mean_softmax(query, keys).to(query.dtype)
+            if kind in self.kinds:
+                self.store[(self.key, kind)] = _head_mean_softmax(query, keys).to(query.dtype)
         rotary = {} if image_rotary_emb is None else {"image_rotary_emb": image_rotary_emb}
         return self.processor(attn, hidden_states, encoder_hidden_states, attention_mask, **rotary)
 
@@ -180,9 +187,10 @@ class ActivationCapture:
     """Context manager: hooks for the given names during one UNet call; results in ``features``.
 
     ``latent_size`` (h, w) is needed only for ``up_cross``, whose maps are resized to it, and
-    for FLUX's packed tokens. Cross-attention maps are folded to ``prompt_window`` channels when
-    it is given (see :func:`fold_prompt_windows`; the extractor gives its family's window); ``cross_maps`` averages a transformer's chosen blocks' image-to-text
-    maps on its patch grid.
+    for FLUX's packed tokens. Cross-attention maps are folded to ``prompt_window`` channels (see
+    :func:`fold_prompt_windows`; by default CLIP's 77 on UNets, none on transformers: the
+    extractor gives its family's window); ``cross_maps`` averages a transformer's chosen blocks'
+    image-to-text maps on its patch grid.
     With ``stop_early`` the UNet call ends right after the last requested activation (in
     network order): the paper's segmentation layers end in ``up_blocks[2]``, and
     ``up_blocks[3]`` alone is about a quarter of the UNet's work at 512². The call then
@@ -200,7 +208,8 @@ class ActivationCapture:
         self.unet = unet
         self.names = names
         self.latent_size = latent_size
-        self.prompt_window = prompt_window
+        self.family = family_of(unet)
+        self.prompt_window = prompt_window or (77 if self.family.grammar == "unet" else None)
         self.stop_early = stop_early
         self.table = enumerate_activations(unet)
         self.acts: list[Activation] = [self.table[n] for n in names if n not in (UP_CROSS, CROSS_MAPS)]
@@ -213,19 +222,16 @@ class ActivationCapture:
         self._processors: dict[str, Any] = {}
         self._map_spatial: dict[str, str] = {}
 
-    def _install_map(self, path: str, spatial: str, patch: int = 1) -> None:
+    def _install_map(self, path: str, spatial: str, patch: int = 1, kinds: Sequence[str] = ("cross-map",)) -> None:
         if path not in self._processors:
+            self._track_size(spatial, patch)  # first: it may refuse, and nothing is installed then
             attn = self.unet.get_submodule(path)
             self._processors[path] = attn.processor
-            joint = getattr(attn, "add_k_proj", None) is not None  # SD3's and FLUX's image + text attention
-            map_processor = (
-                JointAttentionMapProcessor(attn.processor, self._maps, path)
-                if joint
-                else AttentionMapProcessor(self._maps, path)
-            )
-            attn.set_processor(map_processor)
+            if self.family.name in ("sd3", "flux"):  # one joint attention over image and text tokens
+                attn.set_processor(JointAttentionMapProcessor(attn.processor, self._maps, path, kinds))
+            else:
+                attn.set_processor(AttentionMapProcessor(self._maps, path))
             self._map_spatial[path] = spatial
-            self._track_size(spatial, patch)
 
     def _track_size(self, spatial: str, patch: int = 1) -> None:
         """Record the H×W entering a transformer (divided by its patch size), to fold its tokens back into a map."""
@@ -239,9 +245,22 @@ class ActivationCapture:
             self._handles.append(module.register_forward_pre_hook(self._size_hook(spatial, patch)))
 
     def __enter__(self) -> "ActivationCapture":
+        try:
+            self._attach()
+        except BaseException:  # a refused request leaves the model as it was
+            self.__exit__(None, None, None)
+            raise
+        return self
+
+    def _attach(self) -> None:
+        """Register every hook and map processor the names need."""
+        kinds: dict[str, set[str]] = {}  # the maps each attention module must keep
+        for act in self.acts + self.cross_maps:
+            if act.kind in ("self-map", "cross-map"):
+                kinds.setdefault(act.module, set()).add(act.kind)
         for act in self.acts:
             if act.kind in ("self-map", "cross-map"):
-                self._install_map(act.module, act.spatial, act.patch)
+                self._install_map(act.module, act.spatial, act.patch, sorted(kinds[act.module]))
                 continue
             module = self.unet.get_submodule(act.module)
             if act.kind == "input":
@@ -254,12 +273,11 @@ class ActivationCapture:
             for path in paths:
                 self._install_map(path, path.rsplit(".transformer_blocks", 1)[0])
         for act in self.cross_maps:
-            self._install_map(act.module, act.spatial, act.patch)
+            self._install_map(act.module, act.spatial, act.patch, sorted(kinds[act.module]))
         if self.stop_early and (
             self.acts or self.up_cross or self.cross_maps
         ):  # registered last: the module's own capture hook runs first
             self._handles.append(self.unet.get_submodule(self.last_module()).register_forward_hook(self._stop))
-        return self
 
     def last_module(self) -> str:
         """The module, in network order, after which no requested activation is left to compute."""

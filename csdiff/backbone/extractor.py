@@ -133,7 +133,7 @@ class DiffusionFeatureExtractor(nn.Module):
         self.tokenizer, self.scheduler, self.spec = parts.tokenizer, parts.scheduler, parts.spec
         self.text_encoder_2, self.tokenizer_2, self.family = parts.text_encoder_2, parts.tokenizer_2, parts.family
         self.text_encoder_3, self.tokenizer_3 = parts.text_encoder_3, parts.tokenizer_3
-        self.prompt_window = prompt_window(parts)
+        self.tokenizers, self.prompt_window = parts.tokenizers, prompt_window(parts)
         self._refuse_unsupported(model)
         distilled = self.family.name == "flux" and self.unet.config.guidance_embeds
         if guidance is not None and not distilled:
@@ -336,8 +336,7 @@ class DiffusionFeatureExtractor(nn.Module):
     def _prompt(self, prompt: str, text_key: tuple) -> tuple[torch.Tensor, torch.Tensor | None]:
         key = (prompt, text_key)
         if key not in self._prompt_cache:
-            tokenizers = tuple(t for t in (self.tokenizer, self.tokenizer_2, self.tokenizer_3) if t is not None)
-            self._prompt_cache[key] = self.family.encode(tokenizers, self._encoders(text_key), prompt)
+            self._prompt_cache[key] = self.family.encode(self.tokenizers, self._encoders(text_key), prompt)
         return self._prompt_cache[key]
 
     def added_conditions(self, prompt: str, text_key: tuple, batch: int) -> dict:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
@@ -45,9 +45,9 @@ class _SideMapProcessor:
 class _StepCapture(ActivationCapture):
     """One UNet call's capture whose attention maps never change the call's output."""
 
-    def _install_map(self, path: str, spatial: str, patch: int = 1) -> None:
+    def _install_map(self, path: str, spatial: str, patch: int = 1, kinds: Sequence[str] = ("cross-map",)) -> None:
         if path not in self._processors:
-            super()._install_map(path, spatial, patch)
+            super()._install_map(path, spatial, patch, kinds)
             self.unet.get_submodule(path).set_processor(_SideMapProcessor(self._processors[path], self._maps, path))
 
 

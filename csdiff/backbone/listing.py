@@ -91,5 +91,4 @@ def list_layers(parts: SDComponents, img_size: int) -> list[LayerInfo]:
 
 def prompt_window(parts: SDComponents) -> int:
     """Text tokens per prompt window of a loaded model (see :meth:`Family.prompt_window`)."""
-    tokenizers = [t for t in (parts.tokenizer, parts.tokenizer_2, parts.tokenizer_3) if t is not None]
-    return parts.family.prompt_window(tokenizers)
+    return parts.family.prompt_window(parts.tokenizers)

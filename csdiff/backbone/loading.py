@@ -95,6 +95,11 @@ class SDComponents:
     def family(self) -> Family:
         return family_of(self.unet)
 
+    @property
+    def tokenizers(self) -> tuple:
+        """The model's tokenizers, in its text encoders' order."""
+        return tuple(t for t in (self.tokenizer, self.tokenizer_2, self.tokenizer_3) if t is not None)
+
 
 @contextmanager
 def quiet_transformers() -> Iterator[None]:

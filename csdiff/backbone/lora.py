@@ -474,6 +474,8 @@ class LoRARegistry:
             peft_keys = bool(raw) and all(k.startswith(PEFT_PREFIX) for k in raw)
             try:
                 configs, read = lora_configs(weight_file, peft_keys, tuple(models))
+            except LoRAError:
+                raise
             except (OSError, ValueError) as err:
                 raise LoRAError(f"cannot read the LoRA configuration of {path}: {one_line(err)}") from None
             modules = family_modules(raw, path, family, spec, configs)

@@ -81,11 +81,16 @@ def one_line(err: Exception, limit: int = 300) -> str:
 
 def lora_configs(raw_file: Path, peft_keys: bool, components: tuple[str, ...]) -> tuple[dict[str, dict], list[Path]]:
     """peft's LoRA configuration per component, and the files it came from: a diffusers file's
-    metadata (``transformer.lora_alpha``, …), or for peft's keys its ``adapter_config.json`` (the denoiser's)."""
+    metadata (``transformer.lora_alpha``, …), or for peft's keys the ``adapter_config.json`` saved
+    beside its ``adapter_model.*`` (the denoiser's): peft's weights alone do not say their alphas."""
     if peft_keys:
         config_file = raw_file.parent / "adapter_config.json"
-        if not config_file.is_file():
-            return {}, []
+        if raw_file.stem != "adapter_model" or not config_file.is_file():
+            raise LoRAError(
+                f"LoRA {raw_file} holds peft adapter weights (base_model.model.…) without their "
+                f"adapter_config.json, which holds their alphas: give the adapter's folder (adapter_config.json + "
+                f"adapter_model.safetensors, as peft's save_pretrained writes it)"
+            )
         return {components[0]: json.loads(config_file.read_text())}, [config_file]
     if raw_file.suffix != ".safetensors":
         return {}, []

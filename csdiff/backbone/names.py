@@ -213,7 +213,7 @@ def cross_maps_problem(unet: nn.Module) -> str | None:
     family's chosen blocks), or None."""
     family = family_of(unet)
     if family.grammar != "dit":
-        what = "use up_cross" if family.up_cross_levels else "name its cross-attention maps (`…-cross-map`)"
+        what = "use up_cross" if family.up_cross_levels else "it has no cross-attention maps to average"
         return f"cross_maps averages a diffusion transformer's blocks; {family.name} is a UNet: {what}"
     missing = [i for i in family.cross_map_blocks if i >= len(unet.transformer_blocks)]
     if missing:

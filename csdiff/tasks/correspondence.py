@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from lightning.pytorch import LightningModule
 from torch import Tensor
 
-from csdiff.backbone import UP_CROSS, DiffusionFeatureExtractor, FeatureCache
+from csdiff.backbone import UP_CROSS, DiffusionFeatureExtractor, FeatureCache, UnknownLayerError
 from csdiff.backbone.variants import prompt_fields
 from csdiff.io import save_text
 from csdiff.metrics import PCK, format_pck_table
@@ -104,7 +104,15 @@ class CorrespondenceTask(StepSeededMixin, FrozenBackboneCheckpointMixin, Lightni
             requested.append(UP_CROSS)
         _check_prompt_fields(variants, feature_cache, dict(backbone or {}).get("fresh_noise", False))
         self.templated = [v.get("name") for v in variants if prompt_fields(v.get("prompt", ""))]
-        self.extractor = DiffusionFeatureExtractor(layers=requested, variants=variants, **dict(backbone or {}))
+        try:
+            self.extractor = DiffusionFeatureExtractor(layers=requested, variants=variants, **dict(backbone or {}))
+        except UnknownLayerError as err:
+            if self.attention_name is None or not str(err).startswith("up_cross"):
+                raise
+            raise UnknownLayerError(
+                f"attention_variant adds up_cross, which this backbone lacks ({err}); on a diffusion transformer "
+                f"drop attention_variant and add `cross_maps` to `layers` (its image-to-text maps as descriptors)"
+            ) from None
         self.layer_names = [
             name for name in self.extractor.layers if name != UP_CROSS
         ]  # named sets expanded for the family

@@ -80,22 +80,19 @@ def t5_word_channels(tokenizer, prompt: str, word: str, offset: int = 0) -> list
 
 def dit_word_channels(family: str, tokenizers: Sequence, prompt: str, word: str) -> list[int]:
     """A word's ``cross_maps`` channels: T5's token positions (PixArt, FLUX); for SD3, CLIP-L's
-    77 positions (one window: SD3 cuts CLIP at 77) then T5's, the word found in either."""
+    77 positions (one window: SD3 cuts CLIP at 77, BOS first) then T5's."""
     if family != "sd3":
         return t5_word_channels(tokenizers[-1], prompt, word)
     clip, t5 = tokenizers[0], tokenizers[-1]
-    found = []
-    for find in (
-        lambda: [c for c in word_channels(clip, prompt, word) if c < clip.model_max_length - 1],
-        lambda: t5_word_channels(t5, prompt, word, offset=clip.model_max_length),
-    ):
-        try:
-            found += find()
-        except ValueError:
-            pass
-    if not found:
-        raise ValueError(f"the word {word!r} is not in the prompt {prompt!r}; choose a word of that prompt")
-    return found
+    starts, n = _word_starts(clip, prompt, word)
+    in_clip = [1 + j + i for j in starts for i in range(n) if j + i < clip.model_max_length - 2]
+    try:
+        in_t5 = t5_word_channels(t5, prompt, word, offset=clip.model_max_length)
+    except ValueError:  # past T5's tokens too: the message says so
+        if not in_clip:
+            raise
+        in_t5 = []
+    return in_clip + in_t5
 
 
 def word_map(up_cross: torch.Tensor, channels: list[int], window: int = 77) -> torch.Tensor:
@@ -181,7 +178,7 @@ def finest_self_map(unet: nn.Module) -> str:
     on a diffusion transformer, that of the deepest block ``cross_maps`` reads."""
     family = family_of(unet)
     if family.grammar == "dit" and family.cross_map_blocks:
-        return f"vit-block{family.cross_map_blocks[-1]}-self-map"
+        return f"vit-block{min(family.cross_map_blocks[-1], len(unet.transformer_blocks) - 1)}-self-map"
     names = [n for n in enumerate_activations(unet) if n.startswith("up-level") and n.endswith("-self-map")]
     if not names:
         raise ValueError(

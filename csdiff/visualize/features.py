@@ -197,9 +197,8 @@ def run_visualize(argv: list[str]) -> int:
         **dict(options, timestep=0, noise=False, variants=[{"name": REFERENCE, "prompt": ""}])
     )
     variants = [as_variant(v) for v in options["variants"]]
-    tokenizers = [t for t in (reference.tokenizer, reference.tokenizer_2, reference.tokenizer_3) if t is not None]
     plan = plan_attention(
-        reference.unet, tokenizers, variants, cfg.words, cfg.points, cfg.attention_variant, cfg.self_layer
+        reference.unet, reference.tokenizers, variants, cfg.words, cfg.points, cfg.attention_variant, cfg.self_layer
     )
     extractor = DiffusionFeatureExtractor(**dict(options, layers=[*options["layers"], *(plan.layers if plan else [])]))
     module = VisualizationModule(
