@@ -35,11 +35,6 @@ from pathlib import Path
 
 import torch
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-from diffusers.loaders.lora_base import (
-    disable_lora_for_text_encoder,
-    enable_lora_for_text_encoder,
-    set_adapters_for_text_encoder,
-)
 from diffusers.utils.state_dict_utils import DIFFUSERS_OLD_TO_DIFFUSERS, convert_state_dict
 from peft.tuners.tuners_utils import BaseTunerLayer
 from safetensors.torch import load_file
@@ -563,12 +558,7 @@ class LoRARegistry:
         for prefix, encoder in self.text_encoders.items():
             if not self.in_text[prefix]:
                 continue
-            sel = [(n, s) for n, s in names if n in self.in_text[prefix]]
-            if sel:
-                enable_lora_for_text_encoder(encoder)
-                set_adapters_for_text_encoder([n for n, _ in sel], encoder, [s for _, s in sel])
-            else:
-                disable_lora_for_text_encoder(encoder)
+            switch_adapters(encoder, [(n, s) for n, s in names if n in self.in_text[prefix]])
         if self.in_unet or self.in_text_encoder:
             self._freeze()  # peft's set_adapter turned requires_grad back on for the active adapters
         return tuple((n, s) for n, s in names if n in self.in_text_encoder)
