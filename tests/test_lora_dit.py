@@ -462,6 +462,20 @@ REFUSED = {
         )[1],
         ["keys csdiff does not apply", "lora_te2_", "does not adapt T5"],
     ),
+    "bfl_layout_on_flux": (
+        "flux",
+        lambda p: (
+            save_file(
+                {
+                    "diffusion_model.double_blocks.0.img_attn.qkv.lora_A.weight": torch.randn(2, 32),
+                    "diffusion_model.double_blocks.0.img_attn.qkv.lora_B.weight": torch.randn(96, 2),
+                },
+                str(p),
+            ),
+            p,
+        )[1],
+        ["adapts zero modules of this flux backbone", "BFL's, ComfyUI's or XLabs' layout", "save_lora_weights"],
+    ),
     "kohya_on_if": ("if", _sd_kohya, ["kohya file", "SD 1.x/2.x/XL and FLUX only", "another model family"]),
     "bias_key": (
         "sd3",

@@ -142,9 +142,16 @@ def family_modules(
             groups.setdefault((component, rest.removesuffix(suffix)), {})[_PAIR_SUFFIXES[suffix]] = value
     prefixes = " / ".join(f"{c}." for c in components)
     if odd and len(odd) == len(state) and not any(k.partition(".")[0] in components for k in odd):
+        bfl = family == "flux" and any("double_blocks" in k or "single_blocks" in k for k in odd)
+        why = (
+            "a FLUX LoRA in BFL's, ComfyUI's or XLabs' layout, which csdiff does not read: convert it to diffusers' "
+            "format (FluxPipeline.load_lora_weights, then save_lora_weights) or to kohya's"
+            if bfl
+            else "is it a LoRA for another model family?"
+        )
         raise LoRAError(
             f"LoRA {given} adapts zero modules of this {family} backbone (no key starts with {prefixes}: "
-            f"{some(odd)}): is it a LoRA for another model family?"
+            f"{some(odd)}): {why}"
         )
     if odd:
         raise LoRAError(
