@@ -187,3 +187,17 @@ def stock_img2img(extractor, images: torch.Tensor, strength: float, steps: int, 
             for i in range(len(images))
         ]
     )
+
+
+def assert_refused_in_one_line(registry, path: Path, words) -> None:
+    """Loading ``path`` into a LoRA registry fails with one line naming the file and each of ``words``."""
+    import pytest
+
+    from csdiff.backbone.lora import LoRAError
+
+    with pytest.raises(LoRAError) as err:
+        registry.load(str(path))
+    message = str(err.value)
+    assert "\n" not in message and str(path) in message
+    for word in words:
+        assert word in message, (word, message)
