@@ -45,7 +45,7 @@ class FamilyLoRA:
     kohya: bool = False  # kohya files too, through the loader's converter
 
 
-# SD 1.x/2.x/SDXL have no entry: their files go through the kohya tables above.
+# SD 1.x/2.x/SDXL have no entry: their files go through the kohya tables of csdiff.backbone.lora_files.
 FAMILY_LORAS = {
     # no PixArt LoRA loader in diffusers, and no PeftAdapterMixin on its transformer
     "pixart": FamilyLoRA(None, "transformer", peft=("transformer",)),
@@ -75,6 +75,7 @@ _FLUX_KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_")  # transformer, C
 
 
 def one_line(err: Exception, limit: int = 300) -> str:
+    """An error's text on one line, cut at ``limit`` characters (diffusers' and peft's run long)."""
     text = " ".join(str(err).split())
     return text if len(text) <= limit else text[:limit] + " …"
 
