@@ -250,17 +250,7 @@ def test_flux_refuses_what_it_does_not_run_yet(flux, tmp_path):
         )
     from diffusers import FluxControlNetModel
 
-    union = FluxControlNetModel(
-        in_channels=64,
-        num_layers=1,
-        num_single_layers=1,
-        attention_head_dim=16,
-        num_attention_heads=2,
-        joint_attention_dim=32,
-        pooled_projection_dim=16,
-        axes_dims_rope=(4, 6, 6),
-        num_mode=3,
-    )
+    union = FluxControlNetModel(**script.WIDTHS, num_layers=1, num_single_layers=1, num_mode=3)
     union.save_pretrained(tmp_path / "union")
     with pytest.raises(BackboneNotAvailableError, match="union \\(several modes\\) FLUX ControlNet"):
         DiffusionFeatureExtractor(

@@ -20,24 +20,24 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from csdiff.backbone import tiny
 
+# The widths the transformer and its ControlNets share (a ControlNet must match its transformer).
+WIDTHS = dict(
+    patch_size=1,
+    in_channels=64,  # 16 latent channels × one 2×2 patch per token
+    attention_head_dim=16,
+    num_attention_heads=2,
+    joint_attention_dim=32,
+    pooled_projection_dim=16,
+    axes_dims_rope=(4, 6, 6),
+)
 WORDS = "a photo of shapes on striped background red circle blue square green triangle the and with".split()
 
 
 def make_tiny_flux(root: Path, seed: int = 0, guidance: bool = True) -> Path:
     """Create ``root`` (transformer, vae, CLIP and T5 with tokenizers, scheduler); returns it."""
     torch.manual_seed(seed)
-    transformer = FluxTransformer2DModel(
-        patch_size=1,
-        in_channels=64,  # 16 latent channels × one 2×2 patch per token
-        num_layers=19,  # FLUX.1's depths: every block name of the real model is valid here
-        num_single_layers=38,
-        attention_head_dim=16,
-        num_attention_heads=2,
-        joint_attention_dim=32,
-        pooled_projection_dim=16,
-        guidance_embeds=guidance,
-        axes_dims_rope=(4, 6, 6),
-    )
+    # FLUX.1's depths: every block name of the real model is valid here
+    transformer = FluxTransformer2DModel(**WIDTHS, num_layers=19, num_single_layers=38, guidance_embeds=guidance)
     vae = AutoencoderKL(**{**tiny.VAE_CONFIG, "latent_channels": 16}, scaling_factor=0.3611, shift_factor=0.1159)
     transformer.save_pretrained(root / "transformer")
     vae.save_pretrained(root / "vae")
@@ -90,18 +90,7 @@ def make_tiny_flux_controlnet(out: Path, seed: int = 1) -> Path:
     from diffusers import FluxControlNetModel
 
     torch.manual_seed(seed)
-    net = FluxControlNetModel(
-        patch_size=1,
-        in_channels=64,
-        num_layers=2,
-        num_single_layers=2,
-        attention_head_dim=16,
-        num_attention_heads=2,
-        joint_attention_dim=32,
-        pooled_projection_dim=16,
-        guidance_embeds=True,
-        axes_dims_rope=(4, 6, 6),
-    )
+    net = FluxControlNetModel(**WIDTHS, num_layers=2, num_single_layers=2, guidance_embeds=True)
     with torch.no_grad():
         zeroed = [net.controlnet_blocks, net.controlnet_single_blocks, net.controlnet_x_embedder]
         for p in (p for module in zeroed for p in module.parameters()):

@@ -19,25 +19,27 @@ from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokeni
 
 from csdiff.backbone import tiny
 
+# The widths the transformer and its ControlNets share (a ControlNet must match its transformer).
+WIDTHS = dict(
+    sample_size=8,
+    patch_size=2,
+    in_channels=16,
+    attention_head_dim=8,
+    num_attention_heads=4,
+    joint_attention_dim=32,
+    caption_projection_dim=32,
+    pooled_projection_dim=48,
+    out_channels=16,
+    pos_embed_max_size=16,
+)
 WORDS = "a photo of shapes on striped background red circle blue square green triangle the and with".split()
 
 
 def make_tiny_sd3(root: Path, seed: int = 0) -> Path:
     """Create ``root`` (transformer, vae, three text encoders and tokenizers, scheduler); returns it."""
     torch.manual_seed(seed)
-    transformer = SD3Transformer2DModel(
-        sample_size=8,
-        patch_size=2,
-        in_channels=16,
-        num_layers=24,  # SD3-medium's depth: every block name of the real model is valid here
-        attention_head_dim=8,
-        num_attention_heads=4,
-        joint_attention_dim=32,
-        caption_projection_dim=32,
-        pooled_projection_dim=48,
-        out_channels=16,
-        pos_embed_max_size=16,
-    )
+    # SD3-medium's depth: every block name of the real model is valid here
+    transformer = SD3Transformer2DModel(**WIDTHS, num_layers=24)
     vae = AutoencoderKL(**{**tiny.VAE_CONFIG, "latent_channels": 16}, scaling_factor=1.5305, shift_factor=0.0609)
     transformer.save_pretrained(root / "transformer")
     vae.save_pretrained(root / "vae")
@@ -88,17 +90,8 @@ def make_tiny_sd3_controlnet(out: Path, seed: int = 1, instantx: bool = False) -
 
     torch.manual_seed(seed)
     net = SD3ControlNetModel(
-        sample_size=8,
-        patch_size=2,
-        in_channels=16,
+        **WIDTHS,
         num_layers=2,
-        attention_head_dim=8,
-        num_attention_heads=4,
-        joint_attention_dim=32,
-        caption_projection_dim=32,
-        pooled_projection_dim=48,
-        out_channels=16,
-        pos_embed_max_size=16,
         force_zeros_for_pooled_projection=instantx,
     )
     with torch.no_grad():
